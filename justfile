@@ -1,0 +1,25 @@
+# Pufferfish-JAX commands. `just --list` shows them; README.md explains each.
+set positional-arguments
+
+# The budget covers the whole command, so the clock starts when `just` does.
+export PUFFERFISH_T0 := `date +%s.%N`
+
+# Train: `just train budget=5m [config=configs/X.py] [run_dir=DIR] [key=value ...]` or `steps=N`.
+train *ARGS:
+    python -m pufferfish_jax train "$@"
+
+# Print the plan for a budget without training: `just plan budget=1h`.
+plan *ARGS:
+    python -m pufferfish_jax plan "$@"
+
+# Write text from a run dir or checkpoint: `just generate runs/latest "The history of"`.
+generate *ARGS:
+    tools/generate.sh "$@"
+
+# Loss and bits per byte of a checkpoint on any text: `just eval runs/latest --data kjv`.
+eval *ARGS:
+    python -m pufferfish_jax eval "$@"
+
+# The whole test suite (slow tests included; about 5 minutes on 2 cores).
+test *ARGS:
+    python -m pytest -q tests "$@"

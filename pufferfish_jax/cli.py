@@ -1,0 +1,298 @@
+"""Command line: `python -m pufferfish_jax {train,plan,generate,eval,inspect} ...`.
+
+Commands are thin: they parse, call the library, and print. Every user mistake surfaces as one
+line on stderr and a non-zero exit; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pufferfish_jax.config import ConfigError
+    from pufferfish_jax.data.corpora import DataError
+    from pufferfish_jax.train.checkpoint import CheckpointError
+    from pufferfish_jax.train.loop import TrainingDiverged
+
+    return ConfigError, DataError, CheckpointError, TrainingDiverged
+
+
+def _start_time(started_at: float | None) -> float:
+    """The earliest known start of this command: `just` exports PUFFERFISH_T0."""
+    candidates = [t for t in (started_at, _float_env("PUFFERFISH_T0")) if t]
+    return min(candidates) if candidates else time.time()
+
+
+def _float_env(name: str) -> float | None:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _setup_jax(cache_dir: Path) -> None:
+    """Persistent compilation cache: a rerun of the same shapes skips XLA compilation."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _build_config(items: list[str]):
+    """config=FILE first, then key=value overrides in order; returns (cfg, keys the user set)."""
+    from pufferfish_jax import config as config_lib
+
+    files = [i.split("=", 1)[1] for i in items if i.startswith("config=")]
+    overrides = [i for i in items if not i.startswith("config=")]
+    cfg = config_lib.load_file(files[-1]) if files else config_lib.defaults()
+    base = config_lib.flatten(config_lib.defaults())
+    user_keys = {k for k, v in config_lib.flatten(cfg).items() if v != base[k]}
+    cfg = config_lib.apply_overrides(cfg, overrides)
+    user_keys |= {config_lib.ALIASES.get(k, k) for k in (o.split("=", 1)[0].strip() for o in overrides)}
+    if cfg.budget.time and cfg.train.steps:
+        raise config_lib.ConfigError("give either a budget (budget=5m) or a number of steps (steps=N), not both")
+    return config_lib.validate(cfg), user_keys
+
+
+def _prepare(cfg, user_keys: set[str], started_at: float):
+    """Data, then a plan: the part of train and plan that comes before any training."""
+    from pufferfish_jax import config as config_lib
+    from pufferfish_jax.budget.calibrate import CalibrationCache
+    from pufferfish_jax.budget.planner import budget_plan, fixed_steps_plan
+    from pufferfish_jax.data.pipeline import prepare_data
+
+    cache = config_lib.cache_dir(cfg)
+    _setup_jax(cache)
+    with console.status("preparing data") as status:
+        data = prepare_data(cfg.data, cache, log=lambda s: status.update(s))
+    console.print(f"data: {cfg.data.corpus}: {len(data.train_tokens):,} train tokens, {len(data.val_tokens):,} "
+                  f"held-out tokens, vocab {data.vocab_size:,} ({data.prep_seconds:.1f}s)")
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.vocab_size
+    elif cfg.model.vocab_size < data.vocab_size:
+        raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
+    if cfg.budget.time:
+        budget_s = config_lib.parse_duration(cfg.budget.time)
+        with console.status("planning: timing candidate models on this machine") as status:
+            plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
+                               train_tokens=len(data.train_tokens), val_tokens=len(data.val_tokens),
+                               cache=CalibrationCache(cache), fixed_shape=bool(set(config_lib.MODEL_SHAPE_KEYS) & user_keys),
+                               log=lambda s: status.update(f"planning: {s}"))
+    else:
+        plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens))
+    return data, plan
+
+
+def _plan_table(plan) -> Table:
+    table = Table(title="plan", show_header=False, title_justify="left")
+    m = plan.model
+    rows = [
+        ("model", f"{m['num_layers']} layers, d {m['d_model']}, {m['num_heads']} heads ({m['num_kv_heads']} kv), "
+                  f"vocab {m['vocab_size']}, {m['dtype']}, remat {m['remat']}"),
+        ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding)"),
+        ("batch", f"{plan.batch_size} x {plan.seq_len} tokens"),
+        ("steps", f"{plan.steps:,}" + (" (re-fitted to the clock as the run goes)" if plan.mode == "budget" else "")),
+        ("tokens", f"{plan.tokens:,} ({plan.epochs:.2f} epochs, {plan.tokens_per_param:.1f} per non-embedding param)"),
+    ]
+    if plan.mode == "budget":
+        rows += [
+            ("step time", f"{plan.step_s * 1000:.0f} ms measured ({plan.batch_size * plan.seq_len / plan.step_s:,.0f} tokens/s)"),
+            ("time", f"budget {plan.budget_s:.0f}s = {plan.planning_s:.0f}s data+planning + {plan.compile_s:.0f}s compile "
+                     f"+ {plan.train_s:.0f}s training + {plan.reserve_s:.0f}s evals, save and margin"),
+        ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _new_run_dir(cfg) -> Path:
+    if cfg.train.run_dir:
+        run_dir = Path(cfg.train.run_dir)
+    else:
+        run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        from pufferfish_jax.config import ConfigError
+
+        raise ConfigError(f"run dir {run_dir} is not empty; choose another run_dir=")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.train.run_dir:
+        latest = run_dir.parent / "latest"
+        if latest.is_symlink() or not latest.exists():
+            latest.unlink(missing_ok=True)
+            latest.symlink_to(run_dir.name)
+    return run_dir
+
+
+def cmd_train(items: list[str], started_at: float) -> int:
+    from pufferfish_jax.budget.planner import apply_plan
+    from pufferfish_jax.config import to_json
+    from pufferfish_jax.train.loop import run
+
+    cfg, user_keys = _build_config(items)
+    data, plan = _prepare(cfg, user_keys, started_at)
+    resolved = apply_plan(cfg, plan)
+    run_dir = _new_run_dir(resolved)
+    (run_dir / "config.json").write_text(to_json(resolved))
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    (run_dir / "tokenizer.json").write_text(data.tokenizer_json)
+    console.print(_plan_table(plan))
+    console.print(f"run dir: {run_dir}")
+    deadline = started_at + plan.budget_s if plan.mode == "budget" else None
+    outcome = run(resolved, plan, data, run_dir, deadline=deadline, started_at=started_at, display_console=console)
+    wall_s = time.time() - started_at
+    record = plan.to_dict() | {"outcome": {"wall_s": wall_s, "steps": outcome.steps, "tokens": outcome.tokens,
+                                           "val_loss": outcome.final.loss, "val_bpb": outcome.final.bpb,
+                                           "unigram_bpb": outcome.unigram_bpb}}
+    (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
+    gain = 1 - outcome.final.bpb / outcome.unigram_bpb
+    console.print(f"final: val loss {outcome.final.loss:.4f} nats/token, val bpb {outcome.final.bpb:.4f} "
+                  f"(unigram bpb {outcome.unigram_bpb:.4f}, {gain:.0%} below it) after {outcome.steps} steps, "
+                  f"{wall_s:.1f}s" + (f" of {plan.budget_s:.0f}s budget" if plan.budget_s else ""))
+    if outcome.interrupted:
+        console.print(f"stopped early; checkpoint saved in {run_dir}/checkpoints")
+        return 130
+    return 0
+
+
+def cmd_plan(items: list[str], started_at: float) -> int:
+    cfg, user_keys = _build_config(items)
+    if not cfg.budget.time:
+        from pufferfish_jax.config import ConfigError
+
+        raise ConfigError("plan needs a budget, e.g. budget=1h")
+    _, plan = _prepare(cfg, user_keys, started_at)
+    console.print(_plan_table(plan))
+    return 0
+
+
+def _restore(path: str):
+    """(spec, params, tokenizer, cfg) from a run dir or checkpoint, shapes from the saved config."""
+    from tokenizers import Tokenizer
+
+    from pufferfish_jax.model.transformer import ModelSpec
+    from pufferfish_jax.train import checkpoint
+    from pufferfish_jax.train.state import abstract_state, make_optimizer
+
+    ref = checkpoint.locate(path)
+    cfg, tokenizer_json = checkpoint.load_metadata(ref)
+    spec = ModelSpec.from_config(cfg.model)
+    state = checkpoint.restore_state(ref, abstract_state(spec, make_optimizer(cfg.train)))
+    return spec, state.params, Tokenizer.from_str(tokenizer_json), cfg, ref
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from pufferfish_jax.data.tokenizer import eos_id
+    from pufferfish_jax.generate import generate
+
+    parser = argparse.ArgumentParser(prog="tools/generate.sh", description="Write text with a trained checkpoint.")
+    parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
+    parser.add_argument("prompt", nargs="?", help="text to continue; omit for an interactive prompt loop")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    spec, params, tokenizer, _, _ = _restore(args.path)
+    eos = eos_id(tokenizer)
+
+    def write(prompt: str) -> None:
+        ids = tokenizer.encode(prompt).ids or [eos]
+        out: list[int] = []
+        shown = 0
+
+        def on_token(token: int) -> None:
+            nonlocal shown
+            out.append(token)
+            text = tokenizer.decode(out)
+            if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+
+        sys.stdout.write(prompt)
+        generate(spec, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos, on_token=on_token)
+        sys.stdout.write(tokenizer.decode(out)[shown:] + "\n")
+        sys.stdout.flush()
+
+    if args.prompt is not None:
+        write(args.prompt)
+        return 0
+    while True:  # interactive loop; Ctrl-D or an empty line ends it
+        try:
+            prompt = input("prompt> ")
+        except EOFError:
+            return 0
+        if not prompt.strip():
+            return 0
+        write(prompt)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    import numpy as np
+
+    from pufferfish_jax import config as config_lib
+    from pufferfish_jax.data.corpora import load_documents
+    from pufferfish_jax.data.pipeline import encode_documents, unigram_bpb
+    from pufferfish_jax.train.evaluate import evaluate
+    from pufferfish_jax.train.step import make_eval_step
+
+    parser = argparse.ArgumentParser(prog="python -m pufferfish_jax eval",
+                                     description="Loss and bits per byte of a checkpoint on any text.")
+    parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
+    parser.add_argument("--data", required=True, help="a file, folder, glob or built-in corpus name (wiki, shakespeare, kjv)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    spec, params, tokenizer, cfg, ref = _restore(args.path)
+    docs = load_documents(args.data, config_lib.cache_dir(cfg))
+    tokens, num_bytes = encode_documents(tokenizer, docs)
+    result = evaluate(make_eval_step(spec), params, tokens, num_bytes, seq_len=spec.seq_len, batch_size=args.batch_size)
+    # The unigram baseline is fitted on the evaluated text itself: the entropy of its token
+    # frequencies, the best any order-0 model with this tokenizer could do on it.
+    unigram = unigram_bpb(tokens, tokens, num_bytes, spec.vocab_size)
+    report = {"checkpoint": str(ref.root / str(ref.step)), "data": args.data, "tokens": result.tokens,
+              "bytes": int(num_bytes), "val_loss": result.loss, "val_bpb": result.bpb, "unigram_bpb": unigram}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        console.print(f"{args.data}: loss {result.loss:.4f} nats/token, {result.bpb:.4f} bits/byte "
+                      f"(unigram {unigram:.4f}) over {result.tokens:,} tokens")
+    return 0
+
+
+def main(argv: list[str], started_at: float | None = None) -> int:
+    started_at = _start_time(started_at)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    commands = {"train": lambda a: cmd_train(a, started_at), "plan": lambda a: cmd_plan(a, started_at),
+                "generate": cmd_generate, "eval": cmd_eval}
+    if not argv or argv[0] not in commands:
+        err_console.print(f"usage: python -m pufferfish_jax {{{','.join(commands)}}} ... [--debug]")
+        return 2
+    try:
+        return commands[argv[0]](argv[1:])
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as e:
+        if debug or not isinstance(e, _user_errors()):
+            raise
+        err_console.print(f"error: {e}")
+        return 1 if type(e).__name__ == "TrainingDiverged" else 2

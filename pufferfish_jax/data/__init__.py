@@ -1,0 +1,1 @@
+"""Data layer: corpus -> documents -> train/val split -> BPE tokenizer -> token cache -> batches."""

@@ -1,0 +1,199 @@
+"""The decoder-only Transformer, its resolved spec, remat policies, parameter count and FLOP model.
+
+Parameter tree (all float32, no biases):
+    embed/embedding [V, D]
+    block_{i}/attn_norm/scale [D]
+    block_{i}/attn/{w_q [D, N, H], w_k [D, K, H], w_v [D, K, H], w_o [N, H, D]}
+    block_{i}/mlp_norm/scale [D]
+    block_{i}/mlp/{w_gate [D, F], w_up [D, F], w_down [F, D]}
+    final_norm/scale [D]
+    lm_head [D, V]                   (untied only)
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pufferfish_jax.model.attention import BACKENDS, Attention, KVCache
+from pufferfish_jax.model.layers import Embed, RMSNorm, SwiGLU, dot, rope_angles
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Name -> jax.checkpoint policy; 'none' means the block is not wrapped in remat at all.
+# 'save_dots' keeps the weight projection outputs (tagged "proj" in layers.proj; the dots-based
+# policies cannot see them through its custom VJP) and recomputes the rest, attention scores
+# included: the usual middle ground between memory and recompute.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.save_only_these_names("proj"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model config with derived sizes resolved; frozen and hashable, so it can be a static jit arg."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if min(self.vocab_size, self.num_layers, self.d_model, self.num_heads, self.num_kv_heads,
+               self.head_dim, self.ffn_hidden, self.seq_len) <= 0:
+            raise ValueError(f"model sizes must be positive: {self}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; expected one of {BACKENDS}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSpec":
+        """Resolve head_dim = 0 to d_model // num_heads and ffn_hidden = 0 to 8/3 * d_model rounded up to 64."""
+        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
+        if not fields["head_dim"]:
+            if cfg.d_model % cfg.num_heads:
+                raise ValueError(f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}; set head_dim")
+            fields["head_dim"] = cfg.d_model // cfg.num_heads
+        if not fields["ffn_hidden"]:
+            fields["ffn_hidden"] = 64 * math.ceil(8 * cfg.d_model / (3 * 64))
+        return cls(**fields)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(DTYPES[self.dtype])
+
+    @property
+    def out_std(self) -> float:
+        """Init std of the projections writing into the residual stream (GPT-2 scaling), so the
+        residual variance does not grow with depth."""
+        return self.init_std / math.sqrt(2 * self.num_layers)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    spec: ModelSpec
+    layer: int
+
+    @nn.compact
+    def __call__(
+        self, x_BTD: Array, sin_BTR: Array, cos_BTR: Array, cache: KVCache | None
+    ) -> tuple[Array, KVCache | None]:
+        spec = self.spec
+        dtype = spec.compute_dtype
+        h_BTD = RMSNorm(spec.norm_eps, dtype, name="attn_norm")(x_BTD)
+        h_BTD, cache = Attention(spec, self.layer, name="attn")(h_BTD, sin_BTR, cos_BTR, cache)
+        x_BTD = x_BTD + h_BTD
+        h_BTD = RMSNorm(spec.norm_eps, dtype, name="mlp_norm")(x_BTD)
+        x_BTD = x_BTD + SwiGLU(spec.ffn_hidden, spec.init_std, spec.out_std, dtype, name="mlp")(h_BTD)
+        return x_BTD, cache
+
+
+def remat_block(policy_name: str) -> type[Block]:
+    """Block, wrapped in `nn.remat` with the named checkpoint policy unless it is 'none'."""
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy_name!r}; expected one of {tuple(REMAT_POLICIES)}")
+    if policy_name == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[policy_name])
+
+
+class Transformer(nn.Module):
+    """Llama-style decoder.
+
+    Training / eval: `apply(vars, tokens_BT) -> logits_BTV` (float32), positions 0..T-1.
+    Prefill / decode: `apply(vars, tokens_BT, cache=cache) -> (logits_BTV, cache)`: the tokens go to
+    cache slots [cache.length, cache.length + T), at rotary positions `positions_BT` (default: the
+    same slot indices), and attend to every filled slot up to their own.
+    """
+
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, tokens_BT: Array, *, cache: KVCache | None = None, positions_BT: Array | None = None):
+        spec = self.spec
+        T = tokens_BT.shape[1]
+        if T > spec.seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's seq_len {spec.seq_len}")
+        if positions_BT is None:
+            start = 0 if cache is None else cache.length
+            positions_BT = start + jnp.arange(T)[None, :]
+        sin_BTR, cos_BTR = rope_angles(positions_BT, spec.seq_len, spec.head_dim, spec.rope_theta)
+
+        embed = Embed(spec.vocab_size, spec.d_model, spec.init_std, spec.compute_dtype, name="embed")
+        x_BTD = embed(tokens_BT)
+        block = remat_block(spec.remat)
+        for i in range(spec.num_layers):
+            x_BTD, cache = block(spec, i, name=f"block_{i}")(x_BTD, sin_BTR, cos_BTR, cache)
+        x_BTD = RMSNorm(spec.norm_eps, spec.compute_dtype, name="final_norm")(x_BTD)
+
+        if spec.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            w_DV = self.param("lm_head", nn.initializers.normal(spec.init_std), (spec.d_model, spec.vocab_size))
+            logits_BTV = dot("btd,dv->btv", x_BTD, w_DV)
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, cache._replace(length=cache.length + T)
+
+
+def init_params(spec: ModelSpec, rng: Array) -> dict:
+    """Fresh float32 parameters; pure, so `jax.eval_shape(init_params, spec, rng)` gives the
+    abstract tree without allocating (bind spec with functools.partial or a static arg)."""
+    tokens_BT = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(spec).init(rng, tokens_BT)["params"]
+
+
+def count_params(spec: ModelSpec, embedding: bool = True) -> int:
+    """Exact parameter count, analytic (equals the size of `init_params`' tree).
+
+    embedding=False gives the non-embedding count N of scaling laws: it leaves out the token
+    embedding and, when untied, the LM head (both are lookups/readouts whose size tracks V, not
+    model capacity).
+    """
+    D, N, K, H, F, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.ffn_hidden, spec.vocab_size
+    per_block = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+    total = spec.num_layers * per_block + D
+    if embedding:
+        total += V * D * (1 if spec.tie_embeddings else 2)
+    return total
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) at context length `seq_len`.
+
+        6 * P_matmul + 12 * L * T * N * H
+
+    P_matmul = the weights every token multiplies by: per block D*N*H + 2*D*K*H + N*H*D + 3*D*F, plus
+    the LM head D*V (tied or not; the embedding lookup itself is free). Each weight costs 2 FLOPs
+    forward and 4 backward. Attention adds q.k and p.v, 2 * 2 * T * N * H forward per layer, times 3
+    for training. Not halved for causality: the XLA backend computes the full T x S score matrix and
+    masks it, so this counts the work actually done (the PaLM MFU convention).
+    """
+    D, N, K, H, F, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.ffn_hidden, spec.vocab_size
+    matmul_params = spec.num_layers * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V
+    return 6.0 * matmul_params + 12.0 * spec.num_layers * seq_len * N * H

@@ -1,0 +1,184 @@
+"""The training loop: it owns the clock.
+
+A budgeted run does not trust the plan's step count. Every step it re-fits the total from the
+measured step time and the time left before the deadline (less the final eval, the last
+checkpoint and the exit), and the learning-rate schedule follows that total, so the run decays
+fully and still finishes on time when the machine is slower or faster than planned.
+
+Metrics are read one step late (nanodo style): the host fetches step k's loss after dispatching
+step k+1, so the device never waits on Python.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pufferfish_jax.budget.planner import EXIT_S, Plan, save_seconds
+from pufferfish_jax.data.pipeline import PreparedData, eval_batches, train_batches, unigram_bpb
+from pufferfish_jax.model.transformer import ModelSpec
+from pufferfish_jax.train import checkpoint
+from pufferfish_jax.train.display import TrainDisplay
+from pufferfish_jax.train.evaluate import EvalResult, evaluate
+from pufferfish_jax.train.metrics import MetricsWriter
+from pufferfish_jax.train.state import init_state, learning_rate, make_optimizer
+from pufferfish_jax.train.step import make_eval_step, make_train_step
+
+PERIODIC_EVALS = 6
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    steps: int
+    tokens: int
+    final: EvalResult
+    unigram_bpb: float
+    interrupted: bool
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM finish the current step, save, and exit instead of killing the run."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir: Path, *,
+        deadline: float | None, started_at: float, display_console) -> Outcome:
+    """Trains from scratch into run_dir; returns the outcome after the final eval and save."""
+    spec = ModelSpec.from_config(cfg.model)
+    optimizer = make_optimizer(cfg.train)
+    state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(cfg.train.seed))
+    train_step = make_train_step(spec, optimizer, cfg.train.grad_accum)
+    eval_step = make_eval_step(spec)
+    batch_size, seq_len = cfg.train.batch_size, spec.seq_len
+    tokens_per_step = batch_size * seq_len
+
+    def run_eval(params, max_tokens: int) -> EvalResult:
+        return evaluate(eval_step, params, data.val_tokens, data.val_bytes, seq_len=seq_len,
+                        batch_size=batch_size, max_tokens=max_tokens)
+
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    manager = checkpoint.open_manager(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    unigram = unigram_bpb(data.train_tokens, data.val_tokens, data.val_bytes, data.vocab_size)
+
+    # The first eval gives the untrained loss (about ln V) and, once compiled, times evaluation on
+    # this machine, which sizes the time kept for periodic evals and the final full one.
+    window, mask = next(eval_batches(data.val_tokens, seq_len=seq_len, batch_size=batch_size))
+    jax.block_until_ready(eval_step(state.params, jnp.asarray(window), jnp.asarray(mask)))
+    eval_started = time.time()
+    first = run_eval(state.params, cfg.train.eval_tokens)
+    eval_s_per_token = (time.time() - eval_started) / max(first.tokens, 1)
+    metrics.write("eval", step=0, val_loss=first.loss, val_bpb=first.bpb, tokens=0)
+
+    def reserve_s() -> float:
+        final_eval_s = 1.3 * eval_s_per_token * len(data.val_tokens)
+        return final_eval_s + save_seconds(spec) + EXIT_S + cfg.budget.margin * plan.budget_s
+
+    total = plan.steps
+    eval_every = cfg.train.eval_every or max(1, total // PERIODIC_EVALS)
+    periodic_eval_s = eval_s_per_token * first.tokens
+    display = TrainDisplay(display_console, total, started_at, deadline, cfg.train.log_every)
+    intervals = deque(maxlen=25)
+    step, pending, last_loss, tick = 0, None, float("nan"), None
+    last_save, saved_step = time.time(), None
+    interrupted = False
+
+    def settle(pending) -> float:
+        """Reads a finished step's metrics; stops the run on a non-finite loss."""
+        done_step, values, lr = pending
+        loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
+        if not math.isfinite(loss):
+            manager.wait_until_finished()
+            kept = f"the last good checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved yet"
+            raise TrainingDiverged(f"loss became {loss} at step {done_step + 1}; {kept} in {run_dir}; "
+                                   f"lower train.lr (was {cfg.train.lr:g}) or set train.grad_clip")
+        if (done_step + 1) % cfg.train.log_every == 0:
+            step_s = float(np.median(intervals)) if intervals else float("nan")
+            metrics.write("train", step=done_step + 1, loss=loss, grad_norm=grad_norm, lr=lr,
+                          tokens=(done_step + 1) * tokens_per_step, step_s=step_s,
+                          tokens_per_s=tokens_per_step / step_s if intervals else None,
+                          elapsed_s=time.time() - started_at)
+        return loss
+
+    with _StopFlag() as stop:
+        for window in train_batches(data.train_tokens, seq_len=seq_len, batch_size=batch_size,
+                                    seed=cfg.train.seed, num_windows=0):
+            now = time.time()
+            if tick is not None:
+                intervals.append(now - tick)
+            tick = now
+            if deadline is not None:
+                step_s = float(np.median(intervals)) if len(intervals) >= 3 else plan.step_s
+                evals_left = max(0, (total - step) // eval_every)
+                train_end = deadline - reserve_s() - evals_left * periodic_eval_s
+                total = step + max(0, math.floor((train_end - now) / step_s))
+            if step >= total or stop.raised:
+                interrupted = stop.raised
+                break
+            lr = learning_rate(step, total, cfg.train)
+            state, values = train_step(state, jnp.asarray(window), jnp.float32(lr))
+            if pending is not None:
+                last_loss = settle(pending)
+            pending = (step, values, lr)
+            step += 1
+            tokens_per_s = tokens_per_step / float(np.median(intervals)) if intervals else 0.0
+            display.update(step, max(total, step), last_loss, tokens_per_s)
+
+            if step % eval_every == 0 and step < total:
+                last_loss = settle(pending)
+                pending = None
+                result = run_eval(state.params, cfg.train.eval_tokens)
+                metrics.write("eval", step=step, val_loss=result.loss, val_bpb=result.bpb, tokens=step * tokens_per_step)
+                display.print(f"step {step}: val loss {result.loss:.3f}, val bpb {result.bpb:.3f}")
+                tick = None  # the eval is not a step interval
+            if time.time() - last_save >= cfg.train.checkpoint_every_s:
+                if pending is not None:
+                    last_loss = settle(pending)
+                    pending = None
+                checkpoint.save(manager, state, cfg, data.tokenizer_json)
+                last_save, saved_step, tick = time.time(), step, None
+
+    if pending is not None:
+        last_loss = settle(pending)
+    display.update(step, step, last_loss, tokens_per_step / float(np.median(intervals)) if intervals else 0.0)
+    display.close()
+    if interrupted:
+        display.print(f"interrupted at step {step}: saving a checkpoint")
+    final = run_eval(state.params, 0)
+    metrics.write("eval", step=step, val_loss=final.loss, val_bpb=final.bpb, unigram_bpb=unigram,
+                  tokens=step * tokens_per_step, final=True)
+    if saved_step != step:
+        checkpoint.save(manager, state, cfg, data.tokenizer_json)
+    manager.wait_until_finished()
+    manager.close()
+    metrics.close()
+    return Outcome(steps=step, tokens=step * tokens_per_step, final=final, unigram_bpb=unigram, interrupted=interrupted)

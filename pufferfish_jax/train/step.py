@@ -1,0 +1,62 @@
+"""The pure train and eval steps.
+
+`make_train_step` closes over everything static (model spec, optimizer, accumulation) and returns
+one jitted function of (state, batch, lr) with the state donated, so the update happens in place
+and the loop never holds two copies of the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pufferfish_jax.model.transformer import ModelSpec, Transformer
+from pufferfish_jax.train.state import TrainState
+
+
+def token_nll(params: dict, spec: ModelSpec, window_BT1: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood [B, T] in float32; window holds inputs and shifted targets."""
+    logits_BTV = Transformer(spec).apply({"params": params}, window_BT1[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), window_BT1[:, 1:])
+
+
+def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation, grad_accum: int) -> Callable:
+    """Returns jitted `train_step(state, window_BT1, lr) -> (state, metrics)`."""
+
+    def loss_fn(params, window_BT1):
+        return token_nll(params, spec, window_BT1).mean()
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, window_BT1: jax.Array, lr: jax.Array):
+        if grad_accum == 1:
+            loss, grads = grad_fn(state.params, window_BT1)
+        else:
+            micro_ABT1 = window_BT1.reshape(grad_accum, -1, window_BT1.shape[-1])
+
+            def accumulate(carry, micro_BT1):
+                loss, grads = grad_fn(state.params, micro_BT1)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_ABT1)
+            loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(spec: ModelSpec) -> Callable:
+    """Returns jitted `eval_step(params, window_BT1, mask_BT) -> (sum of nll, token count)`."""
+
+    def eval_step(params, window_BT1, mask_BT):
+        nll_BT = token_nll(params, spec, window_BT1)
+        return (nll_BT * mask_BT).sum(), mask_BT.sum()
+
+    return jax.jit(eval_step)
