@@ -23,3 +23,7 @@ eval *ARGS:
 # The whole test suite (slow tests included; about 5 minutes on 2 cores).
 test *ARGS:
     python -m pytest -q tests "$@"
+
+# Describe this machine: devices, memory, cores, data-sheet and measured matmul FLOP/s.
+hardware:
+    python -m pufferfish_jax hardware

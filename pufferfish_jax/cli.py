@@ -73,6 +73,7 @@ def _prepare(cfg, user_keys: set[str], started_at: float):
     """Data, then a plan: the part of train and plan that comes before any training."""
     from pufferfish_jax import config as config_lib
     from pufferfish_jax.budget.calibrate import CalibrationCache
+    from pufferfish_jax.budget.hardware import probe
     from pufferfish_jax.budget.planner import budget_plan, fixed_steps_plan
     from pufferfish_jax.data.pipeline import prepare_data
 
@@ -91,8 +92,8 @@ def _prepare(cfg, user_keys: set[str], started_at: float):
         with console.status("planning: timing candidate models on this machine") as status:
             plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
                                train_tokens=len(data.train_tokens), val_tokens=len(data.val_tokens),
-                               cache=CalibrationCache(cache), fixed_shape=bool(set(config_lib.MODEL_SHAPE_KEYS) & user_keys),
-                               log=lambda s: status.update(f"planning: {s}"))
+                               cache=CalibrationCache(cache), user_keys=user_keys,
+                               memory_limit=probe(measure=False).memory_bytes, log=lambda s: status.update(f"planning: {s}"))
     else:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens))
     return data, plan
@@ -107,13 +108,18 @@ def _plan_table(plan) -> Table:
         ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding)"),
         ("batch", f"{plan.batch_size} x {plan.seq_len} tokens"),
         ("steps", f"{plan.steps:,}" + (" (re-fitted to the clock as the run goes)" if plan.mode == "budget" else "")),
-        ("tokens", f"{plan.tokens:,} ({plan.epochs:.2f} epochs, {plan.tokens_per_param:.1f} per non-embedding param)"),
+        ("tokens", f"{plan.tokens:,} ({plan.epochs:.2f} epochs of "
+                   f"{'all' if plan.subset_fraction >= 1 else f'a {plan.subset_fraction:.0%} subset of'} the training text, "
+                   f"{plan.tokens_per_param:.1f} per non-embedding param)"),
+        ("memory", f"{plan.predicted_memory_bytes / 2**20:,.0f} MiB predicted peak"),
     ]
     if plan.mode == "budget":
         rows += [
             ("step time", f"{plan.step_s * 1000:.0f} ms measured ({plan.batch_size * plan.seq_len / plan.step_s:,.0f} tokens/s)"),
             ("time", f"budget {plan.budget_s:.0f}s = {plan.planning_s:.0f}s data+planning + {plan.compile_s:.0f}s compile "
                      f"+ {plan.train_s:.0f}s training + {plan.reserve_s:.0f}s evals, save and margin"),
+            ("planner", plan.planner + (f" (chose among {len(plan.candidates)} shapes by predicted loss)"
+                                        if plan.candidates else "")),
         ]
     for key, value in rows:
         table.add_row(key, value)
@@ -177,6 +183,22 @@ def cmd_plan(items: list[str], started_at: float) -> int:
         raise ConfigError("plan needs a budget, e.g. budget=1h")
     _, plan = _prepare(cfg, user_keys, started_at)
     console.print(_plan_table(plan))
+    return 0
+
+
+def cmd_hardware(argv: list[str]) -> int:
+    from pufferfish_jax.budget.hardware import probe
+
+    hw = probe()
+    table = Table(title="hardware", show_header=False, title_justify="left")
+    table.add_row("platform", f"{hw.platform} ({hw.device_kind}) x {hw.device_count}")
+    table.add_row("memory", f"{hw.memory_bytes / 2**30:.1f} GiB per device" + (" (host RAM)" if hw.platform == "cpu" else ""))
+    table.add_row("host cores", str(hw.host_cores))
+    for dtype, peak in (("bfloat16", hw.peak_flops_bf16), ("float32", hw.peak_flops_fp32)):
+        measured = hw.measured_flops_bf16 if dtype == "bfloat16" else hw.measured_flops_fp32
+        table.add_row(f"{dtype} matmul", f"{measured / 1e9:,.0f} GFLOP/s measured"
+                      + (f", {peak / 1e12:,.0f} TFLOP/s peak (data sheet)" if peak else ", no data-sheet peak: MFU uses the measured rate"))
+    console.print(table)
     return 0
 
 
@@ -282,7 +304,7 @@ def main(argv: list[str], started_at: float | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     commands = {"train": lambda a: cmd_train(a, started_at), "plan": lambda a: cmd_plan(a, started_at),
-                "generate": cmd_generate, "eval": cmd_eval}
+                "generate": cmd_generate, "eval": cmd_eval, "hardware": cmd_hardware}
     if not argv or argv[0] not in commands:
         err_console.print(f"usage: python -m pufferfish_jax {{{','.join(commands)}}} ... [--debug]")
         return 2

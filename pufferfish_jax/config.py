@@ -31,7 +31,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("model.rope_theta", 10000.0, "RoPE base frequency."),
     ("model.norm_eps", 1e-5, "RMSNorm epsilon."),
     ("model.tie_embeddings", True, "Share the token embedding with the LM head."),
-    ("model.dtype", "float32", "Compute dtype: float32 | bfloat16 (params stay float32)."),
+    ("model.dtype", "bfloat16", "Compute dtype: bfloat16 | float32 (params and optimizer state stay float32)."),
     ("model.remat", "none", "Activation recomputation policy: none | full | save_dots."),
     ("model.attention", "auto", "Attention backend: auto | xla."),
     ("model.init_std", 0.02, "Std of the normal initializer for weights."),
@@ -63,17 +63,17 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("data.cache_dir", "", "Cache folder; '' = $PUFFERFISH_CACHE or ~/.cache/pufferfish."),
     # budget
     ("budget.time", "", "Wall-clock budget, e.g. 90s, 5m, 1h30m; '' = no budget (use train.steps)."),
-    ("budget.planner", "measured", "measured: time candidate models here and choose; none: keep the model as configured."),
-    ("budget.tokens_per_param", 20.0, "Training tokens per non-embedding parameter the planner aims at."),
+    ("budget.planner", "measured", "measured: time models here, pick the lowest predicted loss; none: keep the configured model; seed: the white paper's tiers."),
+    ("budget.tokens_per_param", 0.0, "If > 0: pick the largest model that gets this many tokens per non-embedding parameter."),
     ("budget.margin", 0.02, "Fraction of the budget kept in reserve for jitter."),
 )
 
 HELP: dict[str, str] = {key: text for key, _, text in SCHEMA}
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("bfloat16", "float32"),
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("auto", "xla"),
-    "budget.planner": ("measured", "none"),
+    "budget.planner": ("measured", "none", "seed"),
 }
 # Shortcuts accepted on the command line: `just train budget=5m steps=100 run_dir=out`.
 ALIASES: dict[str, str] = {"budget": "budget.time", "steps": "train.steps", "run_dir": "train.run_dir"}

@@ -1,8 +1,12 @@
 """Measured step times: compile and run the real train step for a shape, cached per machine.
 
 The planner's promise rests on these numbers, so they come from the same jitted function the loop
-will run (same shapes, same optimizer constants). A side effect is deliberate: calibrating the
+will run (same shapes, same optimizer constants). A side effect is deliberate: measuring the
 chosen shape fills JAX's persistent compilation cache, so the run's own compile is a cache hit.
+
+Between measurements, step time is modelled as overhead + FLOPs / rate, fitted to every shape
+measured so far on this machine with the same batch, context, dtype and remat; before any
+measurement the rate is a fraction of the measured matmul rate.
 """
 
 from __future__ import annotations
@@ -20,67 +24,125 @@ import jaxlib
 import ml_collections
 import numpy as np
 
-from pufferfish_jax.model.transformer import ModelSpec
+from pufferfish_jax.budget.hardware import matmul_rate
+from pufferfish_jax.model.transformer import ModelSpec, flops_per_token
 from pufferfish_jax.train.state import init_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
+
+PRIOR_EFFICIENCY = 0.3  # fraction of the probed matmul rate a whole train step reaches (0.25-0.5 measured here)
+PRIOR_COMPILE_S = 4.0
 
 
 @dataclass(frozen=True)
 class Measurement:
     compile_s: float
-    step_s: float  # median seconds per optimizer step, after the first
+    step_s: float  # median seconds per optimizer step, after a warm-up step
 
 
-def _key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict) -> str:
+@dataclass(frozen=True)
+class TimeModel:
+    overhead_s: float
+    s_per_flop: float
+    compile_s: float
+
+    def predict(self, flops_per_step: float) -> Measurement:
+        return Measurement(compile_s=self.compile_s, step_s=self.overhead_s + self.s_per_flop * flops_per_step)
+
+
+def machine_key() -> str:
     device = jax.devices()[0]
-    parts = {
-        "device": f"{device.platform}:{device.device_kind}:{jax.device_count()}:{os.cpu_count()}",
-        "versions": f"jax{jax.__version__}:jaxlib{jaxlib.__version__}",
-        "spec": asdict(spec),
-        "batch": [train_cfg.batch_size, train_cfg.grad_accum],
-    }
-    return json.dumps(parts, sort_keys=True)
+    return (f"{device.platform}:{device.device_kind}:{jax.device_count()}x:{os.cpu_count()}cpu:"
+            f"jax{jax.__version__}:jaxlib{jaxlib.__version__}")
 
 
-def measure(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, steps: int = 3) -> Measurement:
-    """Compiles the train step for this shape and times `steps` runs after a warm-up run."""
+def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict) -> str:
+    """What, besides the layer shapes and the batch, changes a step's cost."""
+    return json.dumps([train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention,
+                       spec.vocab_size, spec.tie_embeddings])
+
+
+def _shape_key(spec: ModelSpec, batch_size: int) -> str:
+    return json.dumps([asdict(spec), batch_size], sort_keys=True)
+
+
+def flops_per_step(spec: ModelSpec, batch_size: int) -> float:
+    return flops_per_token(spec, spec.seq_len) * batch_size * spec.seq_len
+
+
+def measure(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int, steps: int = 3) -> Measurement:
+    """Compiles the train step for this shape and batch and times `steps` runs after a warm-up run."""
     optimizer = make_optimizer(train_cfg)
     state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(0))
-    window = jnp.asarray(np.random.default_rng(0).integers(0, spec.vocab_size, (train_cfg.batch_size, spec.seq_len + 1)), jnp.int32)
-    lr = jnp.float32(0.0)  # no update: measurement must not depend on what the weights do
+    window = jnp.asarray(np.random.default_rng(0).integers(0, spec.vocab_size, (batch_size, spec.seq_len + 1)), jnp.int32)
+    lr = jnp.float32(0.0)
     step = make_train_step(spec, optimizer, train_cfg.grad_accum)
     start = time.perf_counter()
-    compiled = step.lower(state, window, lr).compile()
-    compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, window, lr)
+    state, metrics = step(state, window, lr)  # compiles (or loads from the persistent cache) and runs once
     jax.block_until_ready(metrics)
+    first_s = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, window, lr)
+        state, metrics = step(state, window, lr)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return Measurement(compile_s=compile_s, step_s=float(np.median(times)))
+    step_s = float(np.median(times))
+    return Measurement(compile_s=max(first_s - step_s, 0.0), step_s=step_s)
 
 
 class CalibrationCache:
-    """measurements.json in the cache dir: key -> Measurement; written atomically."""
+    """calibration.json in the cache dir: measured shapes and matmul rates per machine."""
 
     def __init__(self, cache_dir: Path):
-        self._path = cache_dir / "calibration.json"
-        self._table = json.loads(self._path.read_text()) if self._path.is_file() else {}
+        self._path = Path(cache_dir) / "calibration.json"
+        try:
+            self._table = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            self._table = {}
+        self._machine = machine_key()
 
-    def get(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict,
-            log: Callable[[str], None] = lambda s: None) -> tuple[Measurement, bool]:
-        """The measurement for this shape and whether it came from the cache."""
-        key = _key(spec, train_cfg)
-        if key in self._table:
-            return Measurement(**self._table[key]), True
-        log(f"timing {spec.num_layers} layers x d{spec.d_model} on this machine")
-        found = measure(spec, train_cfg)
-        self._table[key] = asdict(found)
+    def _section(self, name: str) -> dict:
+        return self._table.setdefault(self._machine, {}).setdefault(name, {})
+
+    def _save(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self._table, indent=1))
         os.replace(tmp, self._path)
-        return found, False
+
+    def matmul_rate(self, dtype: str) -> float:
+        rates = self._section("matmul")
+        if dtype not in rates:
+            rates[dtype] = matmul_rate(dtype)
+            self._save()
+        return rates[dtype]
+
+    def cached(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int) -> Measurement | None:
+        found = self._section(family_key(spec, train_cfg)).get(_shape_key(spec, batch_size))
+        return Measurement(**found["measurement"]) if found else None
+
+    def get(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int,
+            log: Callable[[str], None] = lambda s: None) -> Measurement:
+        """The measurement for this shape and batch, from the cache or measured now."""
+        if (found := self.cached(spec, train_cfg, batch_size)) is not None:
+            return found
+        log(f"timing {spec.num_layers} layers x d{spec.d_model}, batch {batch_size} on this machine")
+        found = measure(spec, train_cfg, batch_size)
+        self._section(family_key(spec, train_cfg))[_shape_key(spec, batch_size)] = {
+            "flops_per_step": flops_per_step(spec, batch_size), "measurement": asdict(found)}
+        self._save()
+        return found
+
+    def time_model(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict) -> TimeModel:
+        """Least-squares fit of step time against FLOPs over this family's measured shapes and batches."""
+        points = list(self._section(family_key(spec, train_cfg)).values())
+        flops = np.array([p["flops_per_step"] for p in points])
+        step_s = np.array([p["measurement"]["step_s"] for p in points])
+        compile_s = max([p["measurement"]["compile_s"] for p in points], default=PRIOR_COMPILE_S)
+        if len(points) >= 2 and np.ptp(flops) > 0:
+            slope, intercept = np.polyfit(flops, step_s, 1)
+            if slope > 0 and intercept >= 0:
+                return TimeModel(float(intercept), float(slope), compile_s)
+        if points:  # one point, or a fit that came out unphysical: a pure rate through the points
+            return TimeModel(0.0, float(np.median(step_s / flops)), compile_s)
+        return TimeModel(0.0, 1 / (PRIOR_EFFICIENCY * self.matmul_rate(spec.dtype)), compile_s)

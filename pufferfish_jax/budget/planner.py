@@ -1,11 +1,23 @@
 """From a wall-clock budget to a plan: which model, how many steps, measured on this machine.
 
-The rule (a first, honest planner; a later one scores candidates by predicted loss): time two
-anchor shapes from a ladder of Llama-style models, fit step time = overhead + FLOPs / rate,
-predict every rung, take the largest model whose tokens per non-embedding parameter stay at or
-above `budget.tokens_per_param`, then measure that choice itself before committing to it. What
-is not training (data preparation already spent, compilation, the final eval and checkpoint, the
-interpreter's exit, a safety margin) is subtracted first, so the promise covers the whole command.
+`measured` (the default) walks a ladder of Llama-style shapes. For each rung it predicts the step
+time (measured when cached, else from the fitted time model), hence the tokens the time left can
+buy, and scores the pair with a Chinchilla-form loss L(N, D) = E + A/N^a + B/D^b (Hoffmann et al.
+2022). N counts all parameters, embedding included, as Hoffmann et al. do: at these sizes the tied
+embedding is most of the model and, through the LM head, most of the compute (with non-embedding
+N the score preferred 4-layer models that lost to 2-layer ones by 0.07 bpb in 2-minute CPU runs).
+D is discounted for repeated epochs (Muennighoff et al. 2023) and for batches far from the
+critical batch (`batch_efficiency`). Only the argmin matters. It then measures the winner for real, refits, and re-chooses
+until the winner is a measured shape, so the promise never rests on an extrapolation. With
+`budget.tokens_per_param` > 0 the rule is instead "the largest model that still gets that many
+tokens per parameter".
+
+Everything that is not training is subtracted first: the time already spent (data preparation,
+planning), compilation, the evals, the final checkpoint, the interpreter's exit and a safety
+margin, so the promise covers the whole command.
+
+`seed` reproduces the white paper's fixed tiers (model size and dataset percentage by budget),
+for comparison on the same hardware and data.
 """
 
 from __future__ import annotations
@@ -17,25 +29,45 @@ from typing import Callable
 
 import ml_collections
 
-from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement
-from pufferfish_jax.config import ConfigError
+from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement, flops_per_step
+from pufferfish_jax.config import MODEL_SHAPE_KEYS, ConfigError
 from pufferfish_jax.model.transformer import ModelSpec, count_params, flops_per_token
 
-# (num_layers, d_model, num_heads, num_kv_heads): head width 32 below d 384, 64 from there.
+# (num_layers, d_model, num_heads, num_kv_heads): head width 32 below d 384, 64 from there. It
+# starts at d 128: narrower models cannot use a byte-level BPE vocabulary (2 layers x d 64 ended
+# 0.5 bpb behind 2 x 128 in a 2-minute CPU run), and the loss score, fitted on far larger models,
+# does not see that.
 LADDER = (
-    (2, 64, 2, 1), (2, 128, 4, 2), (3, 128, 4, 2), (4, 128, 4, 2), (4, 192, 6, 2), (4, 256, 8, 4),
-    (6, 256, 8, 4), (6, 384, 6, 2), (8, 512, 8, 4), (12, 768, 12, 4), (16, 1024, 16, 8),
-    (24, 1536, 24, 8), (32, 2048, 32, 8),
+    (2, 128, 4, 2), (3, 128, 4, 2), (4, 128, 4, 2),
+    (3, 192, 6, 2), (4, 192, 6, 2), (4, 256, 8, 4), (6, 256, 8, 4), (6, 320, 10, 2), (6, 384, 6, 2),
+    (8, 384, 6, 2), (8, 512, 8, 4), (10, 640, 10, 2), (12, 768, 12, 4), (16, 1024, 16, 8),
+    (20, 1280, 20, 4), (24, 1536, 24, 8), (28, 1792, 28, 4), (32, 2048, 32, 8),
 )
-ANCHORS = (1, 5)  # rungs timed to fit the step-time model
+CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+REPEAT_HALF_LIFE = 15.4  # Muennighoff et al.: R*, the repetitions over which extra epochs fade
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per step the measured planner considers
+# McCandlish et al. 2018: reaching a loss takes E = E_min (1 + B / B_crit) tokens at batch B, so
+# tokens beyond the critical batch buy less. B_crit grows with the data a run sees (roughly as its
+# square root, Zhang et al. 2024); the constant is fitted to 2-minute CPU runs on the wiki corpus,
+# about 1M tokens, where 2k-token batches beat 4k-token ones by 0.22 bpb at equal time.
+CRITICAL_BATCH_TOKENS_AT_1M = 2048
 MIN_STEPS = 20
+MAX_MEASUREMENTS = 3
 EXIT_S = 1.5  # interpreter and Orbax teardown after the last save, measured at ~1 s here
 SAVE_BYTES_PER_S = 200e6
+MEMORY_HEADROOM = 0.7  # plan to use at most this fraction of device memory
+# The white paper's tiers (its 3.1.2 and 3.1.3): (hours below, shape, dataset fraction).
+SEED_TIERS = (
+    (0.01, (1, 64, 4, 4), 0.05), (0.1, (4, 256, 8, 8), 0.05), (0.5, (4, 256, 8, 8), 0.1),
+    (1.0, (12, 512, 8, 8), 0.2), (3.0, (12, 768, 12, 12), 0.3), (6.0, (30, 768, 16, 16), 0.5),
+    (12.0, (30, 768, 16, 16), 0.7), (math.inf, (30, 768, 16, 16), 0.9),
+)
 
 
 @dataclass(frozen=True)
 class Plan:
     mode: str  # "budget" or "steps"
+    planner: str
     model: dict  # the model section as resolved (shape chosen, vocab from the tokenizer)
     params: int
     non_embedding_params: int
@@ -44,26 +76,46 @@ class Plan:
     steps: int  # planned; a budgeted loop re-fits this against the clock
     tokens: int
     epochs: float
+    subset_fraction: float  # of the training windows; 1.0 = all of them
     tokens_per_param: float
     flops_per_token: float
+    predicted_memory_bytes: int
     step_s: float = 0.0
     compile_s: float = 0.0
-    reserve_s: float = 0.0  # final eval + final checkpoint + exit + margin
+    reserve_s: float = 0.0  # evals + final checkpoint + exit + margin
     train_s: float = 0.0
     budget_s: float = 0.0
     planning_s: float = 0.0  # command start to the end of planning
+    predicted_loss: float = 0.0  # the Chinchilla-form score (nats); only comparisons mean anything
     candidates: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _spec(model_cfg: ml_collections.ConfigDict, rung=None) -> ModelSpec:
+def spec_for(model_cfg: ml_collections.ConfigDict, shape=None) -> ModelSpec:
+    """The config's model, with a ladder shape written in when given."""
     model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-    if rung is not None:
-        model_cfg.num_layers, model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads = rung
+    if shape is not None:
+        model_cfg.num_layers, model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads = shape
         model_cfg.head_dim = model_cfg.ffn_hidden = 0
     return ModelSpec.from_config(model_cfg)
+
+
+def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int) -> int:
+    """Peak training memory: float32 params, grads and two Adam moments, plus activations.
+
+    Activations per layer and token: about 16 residual-width tensors and 3 FFN-width ones in the
+    compute dtype, the attention probabilities (heads x context, float32), and the float32 logits;
+    full remat keeps only each block's input.
+    """
+    itemsize = 2 if spec.dtype == "bfloat16" else 4
+    tokens = batch_size // grad_accum * spec.seq_len
+    per_layer = tokens * (itemsize * (16 * spec.d_model + 3 * spec.ffn_hidden) + 4 * spec.num_heads * spec.seq_len)
+    if spec.remat == "full":
+        per_layer = tokens * itemsize * spec.d_model
+    logits = tokens * spec.vocab_size * 4 * 3
+    return 16 * count_params(spec) + spec.num_layers * per_layer + logits
 
 
 def save_seconds(spec: ModelSpec) -> float:
@@ -71,77 +123,120 @@ def save_seconds(spec: ModelSpec) -> float:
     return 0.5 + 3 * 4 * count_params(spec) / SAVE_BYTES_PER_S
 
 
-def reserve_seconds(spec: ModelSpec, step: Measurement, batch_size: int, val_tokens: int,
-                    budget_s: float, margin: float) -> float:
-    """Time kept after the last train step: the first and the final eval (a forward costs about a
-    third of a train step per token, plus compiling it), the final save, exit and a margin."""
-    eval_s = 1.5 * val_tokens * step.step_s / (3 * batch_size * spec.seq_len) + 0.5 * step.compile_s
-    return 2 * eval_s + save_seconds(spec) + EXIT_S + margin * budget_s
+def effective_tokens(tokens: float, unique_tokens: float) -> float:
+    """Tokens discounted for repetition: epochs past the first fade with half-life R*."""
+    if tokens <= unique_tokens:
+        return tokens
+    repeats = tokens / unique_tokens - 1
+    return unique_tokens * (1 + REPEAT_HALF_LIFE * (1 - math.exp(-repeats / REPEAT_HALF_LIFE)))
+
+
+def batch_efficiency(tokens_per_step: float, tokens: float) -> float:
+    """The fraction of a run's tokens that count, as a function of its batch.
+
+    Above the critical batch B_c, tokens are wasted (McCandlish et al.: E = E_min (1 + B/B_c)).
+    Far below it, gradient noise at a fixed learning rate costs more than the extra steps win: the
+    c / x term, with c = 1/4 putting the optimum at B_c / 2. Fitted here at ~1M tokens: batches of
+    512, 1024, 2048 and 4096 tokens scored 1.90, 1.87, 1.88 and 2.11 bpb in equal time.
+    """
+    x = tokens_per_step / (CRITICAL_BATCH_TOKENS_AT_1M * math.sqrt(max(tokens, 1.0) / 1e6))
+    return 1 / (1 + x + 0.25 / x)
+
+
+def predicted_loss(params: float, effective_tokens_: float) -> float:
+    c = CHINCHILLA
+    return c["E"] + c["A"] / params ** c["alpha"] + c["B"] / max(effective_tokens_, 1.0) ** c["beta"]
 
 
 def fixed_steps_plan(cfg: ml_collections.ConfigDict, *, train_tokens: int) -> Plan:
-    spec = _spec(cfg.model)
-    return _plan(cfg, spec, "steps", cfg.train.steps, train_tokens)
+    return _plan(cfg, spec_for(cfg.model), cfg.train.batch_size, "steps", "none", cfg.train.steps, train_tokens)
 
 
-def _plan(cfg, spec: ModelSpec, mode: str, steps: int, train_tokens: int, **timing) -> Plan:
-    tokens = steps * cfg.train.batch_size * spec.seq_len
+def _plan(cfg, spec: ModelSpec, batch_size: int, mode: str, planner: str, steps: int, train_tokens: int,
+          subset_fraction: float = 1.0, **timing) -> Plan:
+    tokens = steps * batch_size * spec.seq_len
     non_embedding = count_params(spec, embedding=False)
+    shape = {k: getattr(spec, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden")}
     return Plan(
-        mode=mode, model={**cfg.model.to_dict(), **{k: getattr(spec, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads")}},
-        params=count_params(spec), non_embedding_params=non_embedding, batch_size=cfg.train.batch_size,
-        seq_len=spec.seq_len, steps=steps, tokens=tokens, epochs=tokens / max(train_tokens, 1),
-        tokens_per_param=tokens / non_embedding, flops_per_token=flops_per_token(spec, spec.seq_len), **timing)
+        mode=mode, planner=planner, model={**cfg.model.to_dict(), **shape},
+        params=count_params(spec), non_embedding_params=non_embedding, batch_size=batch_size,
+        seq_len=spec.seq_len, steps=steps, tokens=tokens, epochs=tokens / max(train_tokens * subset_fraction, 1),
+        subset_fraction=subset_fraction, tokens_per_param=tokens / non_embedding,
+        flops_per_token=flops_per_token(spec, spec.seq_len),
+        predicted_memory_bytes=memory_bytes(spec, batch_size, cfg.train.grad_accum), **timing)
+
+
+def seed_tier(budget_s: float) -> tuple[tuple[int, int, int, int], float]:
+    hours = budget_s / 3600
+    return next((shape, fraction) for limit, shape, fraction in SEED_TIERS if hours < limit)
 
 
 def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: float, train_tokens: int,
-                val_tokens: int, cache: CalibrationCache, fixed_shape: bool,
+                val_tokens: int, cache: CalibrationCache, user_keys: set[str], memory_limit: int,
                 log: Callable[[str], None] = lambda s: None, clock: Callable[[], float] = time.time) -> Plan:
-    """Chooses the model and step count that fill the time left before `deadline`."""
-    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
-    margin = cfg.budget.margin
+    """Chooses the model, batch and step count that fill the time left before `deadline`."""
+    subset_fraction = 1.0
+    batches = [cfg.train.batch_size]
+    if cfg.budget.planner == "seed":
+        shape, subset_fraction = seed_tier(budget_s)
+        shapes = [spec_for(cfg.model, shape)]
+    else:
+        shapes = [spec_for(cfg.model)] if set(MODEL_SHAPE_KEYS) & user_keys or cfg.budget.planner == "none" \
+            else [spec_for(cfg.model, shape) for shape in LADDER]
+        if cfg.budget.planner == "measured" and "train.batch_size" not in user_keys:
+            batches = [b for b in BATCH_SIZES if b % cfg.train.grad_accum == 0]
+    pairs = [(s, b) for s in shapes for b in batches]
+    fits_memory = [(s, b) for s, b in pairs if memory_bytes(s, b, cfg.train.grad_accum) <= MEMORY_HEADROOM * memory_limit]
+    if not fits_memory:
+        need = memory_bytes(*pairs[0], cfg.train.grad_accum)
+        raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB, more than {MEMORY_HEADROOM:.0%} of this device's "
+                          f"{memory_limit / 2**30:.1f} GiB; lower train.batch_size, raise train.grad_accum or set model.remat=full")
+    unique_tokens = train_tokens * subset_fraction
 
-    def outlook(spec: ModelSpec, step: Measurement) -> dict:
-        reserve = reserve_seconds(spec, step, cfg.train.batch_size, val_tokens, budget_s, margin)
+    def outlook(spec: ModelSpec, batch_size: int, step: Measurement) -> dict:
+        tokens_per_step = batch_size * spec.seq_len
+        eval_s = 2.5 * val_tokens * step.step_s / (3 * tokens_per_step)  # first + periodic + final evals
+        reserve = eval_s + save_seconds(spec) + EXIT_S + cfg.budget.margin * budget_s
         train_s = deadline - clock() - step.compile_s - reserve
         steps = max(0, math.floor(train_s / step.step_s))
-        return dict(steps=steps, train_s=train_s, reserve_s=reserve,
-                    ratio=steps * tokens_per_step / count_params(spec, embedding=False))
+        tokens = steps * tokens_per_step
+        useful = effective_tokens(tokens, unique_tokens) * batch_efficiency(tokens_per_step, tokens)
+        return dict(steps=steps, train_s=train_s, reserve_s=reserve, tokens=tokens,
+                    loss=predicted_loss(count_params(spec), useful), ratio=tokens / count_params(spec, embedding=False))
 
-    if fixed_shape or cfg.budget.planner == "none":
-        choice = _spec(cfg.model)
-        measured, _ = cache.get(choice, cfg.train, log)
-        candidates = []
-    else:
-        rungs = [_spec(cfg.model, rung) for rung in LADDER]
-        anchors = [(rungs[i], cache.get(rungs[i], cfg.train, log)[0]) for i in ANCHORS]
-        (s0, m0), (s1, m1) = anchors
-        flops0, flops1 = (flops_per_token(s, s.seq_len) * tokens_per_step for s in (s0, s1))
-        per_flop = max((m1.step_s - m0.step_s) / (flops1 - flops0), 1e-15)
-        overhead = max(m0.step_s - per_flop * flops0, 0.0)
-        candidates = []
-        for spec in rungs:
-            predicted = Measurement(compile_s=max(m0.compile_s, m1.compile_s),
-                                    step_s=overhead + per_flop * flops_per_token(spec, spec.seq_len) * tokens_per_step)
-            candidates.append(dict(num_layers=spec.num_layers, d_model=spec.d_model,
-                                   non_embedding_params=count_params(spec, embedding=False),
-                                   step_s=predicted.step_s, **outlook(spec, predicted)))
-        fits = [i for i, c in enumerate(candidates) if c["ratio"] >= cfg.budget.tokens_per_param and c["steps"] >= MIN_STEPS]
-        index = fits[-1] if fits else 0
-        while True:  # confirm the prediction with a measurement of the chosen rung itself
-            choice = rungs[index]
-            measured, _ = cache.get(choice, cfg.train, log)
-            if index == 0 or outlook(choice, measured)["ratio"] >= cfg.budget.tokens_per_param:
-                break
-            index -= 1
-    final = outlook(choice, measured)
+    def choose(rows: list[dict]) -> int:
+        feasible = [i for i, r in enumerate(rows) if r["steps"] >= MIN_STEPS] or [0]
+        if cfg.budget.tokens_per_param > 0:
+            enough = [i for i in feasible if rows[i]["ratio"] >= cfg.budget.tokens_per_param]
+            return max(enough, key=lambda i: (rows[i]["non_embedding_params"], rows[i]["tokens"])) if enough else feasible[0]
+        return min(feasible, key=lambda i: rows[i]["loss"])
+
+    model = cache.time_model(fits_memory[0][0], cfg.train)
+    for _ in range(MAX_MEASUREMENTS):
+        rows = []
+        for spec, batch in fits_memory:
+            measured = cache.cached(spec, cfg.train, batch)
+            timing = measured or model.predict(flops_per_step(spec, batch))
+            rows.append(dict(num_layers=spec.num_layers, d_model=spec.d_model, batch_size=batch,
+                             non_embedding_params=count_params(spec, embedding=False), step_s=timing.step_s,
+                             measured=measured is not None, **outlook(spec, batch, timing)))
+        index = choose(rows)
+        if rows[index]["measured"]:
+            break
+        spec, batch = fits_memory[index]
+        cache.get(spec, cfg.train, batch, log=log)
+        model = cache.time_model(fits_memory[0][0], cfg.train)
+    choice, batch = fits_memory[index]
+    measured = cache.get(choice, cfg.train, batch, log=log)
+    final = outlook(choice, batch, measured)
     if final["steps"] < MIN_STEPS:
         need = budget_s - final["train_s"] + MIN_STEPS * measured.step_s
         raise ConfigError(f"budget {budget_s:g}s is too small to train here: the smallest plan needs about "
-                          f"{math.ceil(need)}s (data, compile, {MIN_STEPS} steps, eval, save); try budget={math.ceil(need / 60)}m")
-    return _plan(cfg, choice, "budget", final["steps"], train_tokens, step_s=measured.step_s,
-                 compile_s=measured.compile_s, reserve_s=final["reserve_s"], train_s=final["train_s"],
-                 budget_s=budget_s, planning_s=budget_s - (deadline - clock()), candidates=candidates)
+                          f"{math.ceil(need)}s (data, compile, {MIN_STEPS} steps, evals, save); try budget={math.ceil(need)}s")
+    return _plan(cfg, choice, batch, "budget", cfg.budget.planner, final["steps"], train_tokens, subset_fraction,
+                 step_s=measured.step_s, compile_s=measured.compile_s, reserve_s=final["reserve_s"],
+                 train_s=final["train_s"], budget_s=budget_s, planning_s=budget_s - (deadline - clock()),
+                 predicted_loss=final["loss"], candidates=rows if len(rows) > 1 else [])
 
 
 def apply_plan(cfg: ml_collections.ConfigDict, plan: Plan) -> ml_collections.ConfigDict:
@@ -149,4 +244,5 @@ def apply_plan(cfg: ml_collections.ConfigDict, plan: Plan) -> ml_collections.Con
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     for key, value in plan.model.items():
         cfg.model[key] = value
+    cfg.train.batch_size = plan.batch_size
     return cfg

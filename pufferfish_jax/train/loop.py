@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from pufferfish_jax.budget.planner import EXIT_S, Plan, save_seconds
-from pufferfish_jax.data.pipeline import PreparedData, eval_batches, train_batches, unigram_bpb
+from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
 from pufferfish_jax.model.transformer import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.display import TrainDisplay
@@ -93,7 +93,9 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     # The first eval gives the untrained loss (about ln V) and, once compiled, times evaluation on
     # this machine, which sizes the time kept for periodic evals and the final full one.
     window, mask = next(eval_batches(data.val_tokens, seq_len=seq_len, batch_size=batch_size))
+    eval_started = time.time()
     jax.block_until_ready(eval_step(state.params, jnp.asarray(window), jnp.asarray(mask)))
+    eval_compile_s = time.time() - eval_started
     eval_started = time.time()
     first = run_eval(state.params, cfg.train.eval_tokens)
     eval_s_per_token = (time.time() - eval_started) / max(first.tokens, 1)
@@ -130,8 +132,9 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
         return loss
 
     with _StopFlag() as stop:
+        subset = 0 if plan.subset_fraction >= 1 else max(batch_size, round(plan.subset_fraction * num_windows_available(data.train_tokens, seq_len)))
         for window in train_batches(data.train_tokens, seq_len=seq_len, batch_size=batch_size,
-                                    seed=cfg.train.seed, num_windows=0):
+                                    seed=cfg.train.seed, num_windows=subset):
             now = time.time()
             if tick is not None:
                 intervals.append(now - tick)
@@ -146,6 +149,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                 break
             lr = learning_rate(step, total, cfg.train)
             state, values = train_step(state, jnp.asarray(window), jnp.float32(lr))
+            if step == 0:  # jit compiles (or loads from the persistent cache) inside the first call
+                metrics.write("compile", train_step_s=time.time() - now, eval_step_s=eval_compile_s)
             if pending is not None:
                 last_loss = settle(pending)
             pending = (step, values, lr)

@@ -1,0 +1,123 @@
+"""The planner against known numbers: cost and memory models, allocation, budget refusals."""
+
+import math
+
+import jax
+import pytest
+
+from pufferfish_jax.budget import planner
+from pufferfish_jax.budget.calibrate import Measurement, TimeModel, flops_per_step
+from pufferfish_jax.config import ConfigError, apply_overrides, defaults
+from pufferfish_jax.model.transformer import ModelSpec, count_params, flops_per_token, init_params
+from pufferfish_jax.train.state import abstract_state, make_optimizer
+
+
+class FakeCache:
+    """A machine whose step time is exactly overhead + FLOPs / rate; counts measurements."""
+
+    def __init__(self, rate=50e9, overhead=0.002, compile_s=3.0):
+        self.model = TimeModel(overhead, 1 / rate, compile_s)
+        self.measured = {}
+
+    def time_model(self, spec, train_cfg):
+        return self.model
+
+    def cached(self, spec, train_cfg, batch_size):
+        return self.measured.get((spec, batch_size))
+
+    def get(self, spec, train_cfg, batch_size, log=None):
+        return self.measured.setdefault((spec, batch_size), self.model.predict(flops_per_step(spec, batch_size)))
+
+
+def _plan(budget_s, cache=None, user_keys=(), train_tokens=1_200_000, **overrides):
+    cfg = apply_overrides(defaults(), [f"budget={budget_s}s", "model.vocab_size=8192",
+                                       *[f"{k}={v}" for k, v in overrides.items()]])
+    return planner.budget_plan(cfg, budget_s=budget_s, deadline=1000.0 + budget_s, train_tokens=train_tokens,
+                               val_tokens=14_000, cache=cache or FakeCache(), user_keys=set(user_keys),
+                               memory_limit=24 * 2**30, clock=lambda: 1000.0)
+
+
+def test_count_and_flops_match_a_hand_computed_model():
+    spec = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=1000", "model.num_layers=2",
+                                                              "model.d_model=64", "model.num_heads=4",
+                                                              "model.num_kv_heads=2"]).model)
+    D, H, K, N, F, V, L, T = 64, 16, 2, 4, 192, 1000, 2, 256
+    block = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+    assert count_params(spec, embedding=False) == L * (block + 2 * D) + D
+    assert count_params(spec) == L * (block + 2 * D) + D + V * D
+    assert flops_per_token(spec, T) == 6 * (L * block + D * V) + 12 * L * T * N * H
+    leaves = jax.tree.leaves(jax.eval_shape(lambda: init_params(spec, jax.random.key(0))))
+    assert sum(math.prod(x.shape) for x in leaves) == count_params(spec)
+
+
+def test_memory_model_counts_state_and_activations():
+    spec = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=8192"]).model)
+    state = abstract_state(spec, make_optimizer(defaults().train))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    small, large = planner.memory_bytes(spec, 8, 1), planner.memory_bytes(spec, 16, 1)
+    assert small > state_bytes  # params + two Adam moments, plus grads and activations
+    assert large > small  # activations grow with the batch
+    remat = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=8192", "model.remat=full"]).model)
+    assert planner.memory_bytes(remat, 16, 1) < large
+
+
+@pytest.mark.parametrize("budget_s", [120, 300, 600, 3600])
+def test_plan_fills_the_time_left(budget_s):
+    plan = _plan(budget_s)
+    assert plan.steps >= planner.MIN_STEPS
+    used = plan.compile_s + plan.steps * plan.step_s + plan.reserve_s
+    assert used <= budget_s and plan.train_s - plan.steps * plan.step_s < plan.step_s + 1e-9
+
+
+def test_allocation_is_monotone_in_budget():
+    """More time never buys a smaller model or less training compute; with the shape unchanged it
+    never buys fewer tokens. (A step up the ladder can trade some tokens for the larger model.)"""
+    plans = [_plan(b, FakeCache(rate=60e9, overhead=0.005)) for b in [*range(60, 1200, 30), 1800, 3600, 7200, 36000]]
+    for smaller, larger in zip(plans, plans[1:]):
+        assert larger.non_embedding_params >= smaller.non_embedding_params
+        assert larger.tokens * larger.flops_per_token >= smaller.tokens * smaller.flops_per_token
+        if larger.model == smaller.model and larger.batch_size == smaller.batch_size:
+            assert larger.tokens >= smaller.tokens
+
+
+def test_a_faster_machine_gets_a_bigger_model():
+    slow, fast = _plan(600, FakeCache(rate=20e9)), _plan(600, FakeCache(rate=2000e9))
+    assert fast.non_embedding_params > slow.non_embedding_params
+
+
+def test_user_shape_and_batch_are_kept():
+    plan = _plan(300, user_keys={"model.num_layers", "train.batch_size"}, **{"model.num_layers": 3, "train.batch_size": 12})
+    assert (plan.model["num_layers"], plan.batch_size) == (3, 12)
+
+
+def test_only_a_few_shapes_are_measured():
+    cache = FakeCache()
+    _plan(600, cache)
+    assert 1 <= len(cache.measured) <= planner.MAX_MEASUREMENTS + 1
+
+
+def test_tokens_per_param_rule():
+    plan = _plan(3600, FakeCache(rate=2e12), **{"budget.tokens_per_param": 20.0})
+    assert plan.tokens_per_param >= 20.0
+    bigger = [c for c in plan.candidates if c["non_embedding_params"] > plan.non_embedding_params]
+    assert bigger and all(c["ratio"] < 20.0 for c in bigger)
+
+
+def test_too_small_budget_names_the_minimum():
+    with pytest.raises(ConfigError, match=r"too small.*try budget=\d+s"):
+        _plan(5)
+
+
+def test_seed_tiers_follow_the_white_paper():
+    assert planner.seed_tier(20) == ((1, 64, 4, 4), 0.05)
+    assert planner.seed_tier(300) == ((4, 256, 8, 8), 0.05)
+    assert planner.seed_tier(1200) == ((4, 256, 8, 8), 0.1)
+    plan = _plan(300, **{"budget.planner": "seed"})
+    assert (plan.model["num_layers"], plan.model["d_model"], plan.subset_fraction) == (4, 256, 0.05)
+
+
+def test_repeated_epochs_are_discounted():
+    assert planner.effective_tokens(1e6, 2e6) == 1e6
+    four_epochs = planner.effective_tokens(4e6, 1e6)
+    assert 3.5e6 < four_epochs < 4e6  # Muennighoff: up to ~4 epochs are nearly as good as new data
+    assert planner.effective_tokens(100e6, 1e6) < 17e6  # and then the value fades
