@@ -225,6 +225,8 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
     parser.add_argument("prompt", nargs="?", help="text to continue; omit for an interactive prompt loop")
     parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--min-new-tokens", type=int, default=50,
+                        help="the end-of-text token is not sampled before this many tokens")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=0.95)
@@ -249,7 +251,8 @@ def cmd_generate(argv: list[str]) -> int:
 
         sys.stdout.write(prompt)
         generate(spec, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos, on_token=on_token)
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
+                 min_new_tokens=min(args.min_new_tokens, args.max_new_tokens), on_token=on_token)
         sys.stdout.write(tokenizer.decode(out)[shown:] + "\n")
         sys.stdout.flush()
 

@@ -55,8 +55,8 @@ def _deliver(request_id, token) -> None:
     _SINKS[int(request_id)](int(token))
 
 
-def _decode(spec: ModelSpec, stream: bool, params, prompt_1P, prompt_len, max_new_tokens, temperature, top_k,
-            top_p, rng, eos_id, request_id):
+def _decode(spec: ModelSpec, stream: bool, params, prompt_1P, prompt_len, max_new_tokens, min_new_tokens,
+            temperature, top_k, top_p, rng, eos_id, request_id):
     """Prefill prompt_1P[:, :prompt_len] and decode up to max_new_tokens; returns (tokens_S, count)."""
     model = Transformer(spec)
     cache = init_cache(spec, 1, spec.seq_len)
@@ -66,6 +66,8 @@ def _decode(spec: ModelSpec, stream: bool, params, prompt_1P, prompt_len, max_ne
     logits_1V = jax.lax.dynamic_index_in_dim(logits_1PV, prompt_len - 1, axis=1, keepdims=False)
 
     def emit(i, logits_1V, out_S):
+        too_early_V = (jnp.arange(logits_1V.shape[-1]) == eos_id) & (i < min_new_tokens)
+        logits_1V = jnp.where(too_early_V, -jnp.inf, logits_1V)
         rng_i = jax.random.fold_in(rng, i)
         token_1 = sample_logits(logits_1V, rng_i, temperature=temperature, top_k=top_k, top_p=top_p)
         if stream:
@@ -97,12 +99,14 @@ def prompt_bucket(prompt_len: int, seq_len: int) -> int:
 
 def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.8,
              top_k: int = 50, top_p: float = 0.95, seed: int = 0, eos_id: int | None = None,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+             min_new_tokens: int = 0, on_token: Callable[[int], None] | None = None) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return the new tokens only.
 
     Context limit: max_new_tokens is capped at spec.seq_len - 1, then the prompt keeps only its last
     spec.seq_len - max_new_tokens tokens, so the requested continuation length wins over old context.
-    Generation stops after `eos_id` (which is included in the result). `on_token` receives every
+    Generation stops after `eos_id` (which is included in the result), which is never sampled among
+    the first `min_new_tokens` tokens: a short document's end should not cut a requested
+    continuation to a few words. `on_token` receives every
     returned token, in order, as soon as it is sampled. Same arguments and seed -> same tokens.
     """
     if not prompt_ids:
@@ -121,7 +125,7 @@ def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: 
     try:
         out_S, count = _decode_jit(
             spec, on_token is not None, params, prompt_1P, jnp.int32(len(prompt_ids)), jnp.int32(max_new_tokens),
-            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jax.random.key(seed),
+            jnp.int32(min_new_tokens), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jax.random.key(seed),
             jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(request_id),
         )
         tokens = out_S[: int(count)].tolist()

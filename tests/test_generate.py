@@ -96,3 +96,13 @@ def test_no_recompilation_within_a_bucket(params, monkeypatch):
     assert len(traces) == 1
     generate(spec, params, list(range(1, 20)), max_new_tokens=5)  # next bucket
     assert len(traces) == 2
+
+
+def test_eos_is_not_sampled_before_min_new_tokens(params):
+    out = generate(SPEC, params, PROMPT, max_new_tokens=12, temperature=0.0)
+    eos = out[2]
+    first = out.index(eos)
+    held = generate(SPEC, params, PROMPT, max_new_tokens=12, temperature=0.0, eos_id=eos, min_new_tokens=first + 2)
+    assert eos not in held[: first + 2]
+    assert held[:first] == out[:first]  # identical until the point where eos was suppressed
+    assert len(held) >= first + 2
