@@ -27,3 +27,7 @@ test *ARGS:
 # Describe this machine: devices, memory, cores, data-sheet and measured matmul FLOP/s.
 hardware:
     python -m pufferfish_jax hardware
+
+# What a run dir or checkpoint holds: `just inspect runs/latest [--digest]`.
+inspect *ARGS:
+    python -m pufferfish_jax inspect "$@"

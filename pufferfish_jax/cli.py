@@ -144,12 +144,23 @@ def _new_run_dir(cfg) -> Path:
     return run_dir
 
 
+# Keys a resumed run may change: where and how often it writes, not what it trains.
+RESUME_FREE_KEYS = {"train.run_dir", "train.resume", "train.checkpoint_every_s", "train.keep_checkpoints",
+                    "train.log_every", "data.cache_dir"}
+
+
 def cmd_train(items: list[str], started_at: float) -> int:
     from pufferfish_jax.budget.planner import apply_plan
-    from pufferfish_jax.config import to_json
+    from pufferfish_jax.config import ConfigError, to_json
+    from pufferfish_jax.train import checkpoint
     from pufferfish_jax.train.loop import run
 
     cfg, user_keys = _build_config(items)
+    if cfg.train.run_dir and checkpoint.saved_steps(Path(cfg.train.run_dir) / "checkpoints"):
+        if cfg.train.resume == "never":
+            raise ConfigError(f"run dir {cfg.train.run_dir} already has checkpoints; resume=auto continues it, "
+                              "or choose another run_dir")
+        return _resume(cfg, user_keys, Path(cfg.train.run_dir), started_at)
     data, plan = _prepare(cfg, user_keys, started_at)
     resolved = apply_plan(cfg, plan)
     run_dir = _new_run_dir(resolved)
@@ -160,7 +171,57 @@ def cmd_train(items: list[str], started_at: float) -> int:
     console.print(f"run dir: {run_dir}")
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
     outcome = run(resolved, plan, data, run_dir, deadline=deadline, started_at=started_at, display_console=console)
-    wall_s = time.time() - started_at
+    return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
+
+
+def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float) -> int:
+    """Continues run_dir from its newest readable checkpoint (or train.resume=STEP) with the saved
+    config and plan; a budgeted run gets what is left of its budget."""
+    from pufferfish_jax import config as config_lib
+    from pufferfish_jax.budget.planner import Plan
+    from pufferfish_jax.data.pipeline import prepare_data
+    from pufferfish_jax.model.transformer import ModelSpec
+    from pufferfish_jax.train import checkpoint
+    from pufferfish_jax.train.loop import run
+    from pufferfish_jax.train.state import abstract_state, make_optimizer
+
+    saved = config_lib.load_file(run_dir / "config.json")
+    before, asked = config_lib.flatten(saved), config_lib.flatten(cfg)
+    for key in sorted(user_keys - RESUME_FREE_KEYS):
+        if asked[key] != before[key]:
+            raise config_lib.ConfigError(f"run dir {run_dir} was trained with {key}={before[key]!r}, not {asked[key]!r}; "
+                                         "repeat the original value or choose another run_dir")
+    for key in RESUME_FREE_KEYS:
+        section, name = key.split(".")
+        saved[section][name] = cfg[section][name]
+    plan_record = json.loads((run_dir / "plan.json").read_text())
+    plan = Plan(**{k: v for k, v in plan_record.items() if k != "outcome"})
+    cache = config_lib.cache_dir(saved)
+    _setup_jax(cache)
+    with console.status("preparing data") as status:
+        data = prepare_data(saved.data, cache, log=lambda s: status.update(s))
+    spec = ModelSpec.from_config(saved.model)
+    at_most = int(cfg.train.resume) if cfg.train.resume.isdigit() else None
+    state, ref = checkpoint.restore_newest(run_dir / "checkpoints", abstract_state(spec, make_optimizer(saved.train)),
+                                           at_most=at_most, warn=err_console.print)
+    record = checkpoint.load_progress(ref)
+    if record["data_fingerprint"] != data.fingerprint:
+        raise config_lib.ConfigError(f"the corpus or tokenizer of {run_dir} changed since it was trained (data "
+                                     f"{record['data_fingerprint']} -> {data.fingerprint}); restore the data or choose another run_dir")
+    deadline = started_at + plan.budget_s - record["elapsed_s"] if plan.mode == "budget" else None
+    left = f", {deadline - time.time():.0f}s of the budget left" if deadline else ""
+    console.print(f"resuming {run_dir} from step {ref.step}{left}")
+    outcome = run(saved, plan, data, run_dir, deadline=deadline, started_at=started_at, display_console=console,
+                  resumed=(state, record))
+    return _finish(run_dir, plan, outcome, wall_s=record["elapsed_s"] + time.time() - started_at)
+
+
+def _finish(run_dir: Path, plan, outcome, *, wall_s: float) -> int:
+    """Records the outcome in plan.json and prints it; wall_s counts every attempt of the run."""
+    if outcome.interrupted:
+        console.print(f"stopped at step {outcome.steps}; checkpoint saved. Resume with the same command "
+                      f"(run_dir={run_dir}).")
+        return 130
     record = plan.to_dict() | {"outcome": {"wall_s": wall_s, "steps": outcome.steps, "tokens": outcome.tokens,
                                            "val_loss": outcome.final.loss, "val_bpb": outcome.final.bpb,
                                            "unigram_bpb": outcome.unigram_bpb}}
@@ -169,9 +230,6 @@ def cmd_train(items: list[str], started_at: float) -> int:
     console.print(f"final: val loss {outcome.final.loss:.4f} nats/token, val bpb {outcome.final.bpb:.4f} "
                   f"(unigram bpb {outcome.unigram_bpb:.4f}, {gain:.0%} below it) after {outcome.steps} steps, "
                   f"{wall_s:.1f}s" + (f" of {plan.budget_s:.0f}s budget" if plan.budget_s else ""))
-    if outcome.interrupted:
-        console.print(f"stopped early; checkpoint saved in {run_dir}/checkpoints")
-        return 130
     return 0
 
 
@@ -269,6 +327,53 @@ def cmd_generate(argv: list[str]) -> int:
         write(prompt)
 
 
+def params_digest(params) -> str:
+    """SHA-256 over every parameter's path, dtype, shape and bytes, in tree order."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    from pufferfish_jax.model.transformer import count_params
+
+    parser = argparse.ArgumentParser(prog="python -m pufferfish_jax inspect",
+                                     description="What a run dir or checkpoint holds, as inferred from it.")
+    parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
+    parser.add_argument("--digest", action="store_true", help="print only the SHA-256 of the parameters")
+    args = parser.parse_args(argv)
+    spec, params, _, _, ref = _restore(args.path)
+    if args.digest:
+        print(params_digest(params))
+        return 0
+    table = Table(title=f"checkpoint {ref.root / str(ref.step)}", show_header=False, title_justify="left")
+    table.add_row("step", str(ref.step))
+    table.add_row("architecture", f"{spec.num_layers} layers, d {spec.d_model}, {spec.num_heads} heads ({spec.num_kv_heads} kv), "
+                                  f"head dim {spec.head_dim}, ffn {spec.ffn_hidden}, vocab {spec.vocab_size}, context {spec.seq_len}, "
+                                  f"{'tied' if spec.tie_embeddings else 'untied'} embeddings, {spec.dtype}")
+    table.add_row("params", f"{count_params(spec):,} ({count_params(spec, embedding=False):,} non-embedding)")
+    metrics_path = ref.root.parent / "metrics.jsonl"
+    if metrics_path.is_file():
+        from pufferfish_jax.train.metrics import read_metrics
+
+        records = read_metrics(metrics_path)
+        for event in ("train", "eval"):
+            last = next((r for r in reversed(records) if r["event"] == event), None)
+            if last:
+                table.add_row(f"last {event}", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in last.items() if k not in ("event", "time")))
+    console.print(table)
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     import numpy as np
 
@@ -307,7 +412,7 @@ def main(argv: list[str], started_at: float | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     commands = {"train": lambda a: cmd_train(a, started_at), "plan": lambda a: cmd_plan(a, started_at),
-                "generate": cmd_generate, "eval": cmd_eval, "hardware": cmd_hardware}
+                "generate": cmd_generate, "eval": cmd_eval, "hardware": cmd_hardware, "inspect": cmd_inspect}
     if not argv or argv[0] not in commands:
         err_console.print(f"usage: python -m pufferfish_jax {{{','.join(commands)}}} ... [--debug]")
         return 2

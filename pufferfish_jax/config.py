@@ -53,6 +53,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("train.checkpoint_every_s", 300.0, "Seconds between periodic checkpoints."),
     ("train.keep_checkpoints", 3, "Checkpoints kept in the run dir (oldest deleted first)."),
     ("train.run_dir", "", "Output folder; '' = runs/<timestamp> (runs/latest links to it)."),
+    ("train.resume", "auto", "A run dir with checkpoints: auto = continue from the newest, never = refuse, or a step number."),
     # data
     ("data.corpus", "wiki", "Training text: wiki | shakespeare | kjv, files, folders, globs, hf:NAME; comma-separated."),
     ("data.val_source", "", "Held-out text (same syntax as corpus); '' = a split of the corpus."),
@@ -65,7 +66,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("budget.time", "", "Wall-clock budget, e.g. 90s, 5m, 1h30m; '' = no budget (use train.steps)."),
     ("budget.planner", "measured", "measured: time models here, pick the lowest predicted loss; none: keep the configured model; seed: the white paper's tiers."),
     ("budget.tokens_per_param", 0.0, "If > 0: pick the largest model that gets this many tokens per non-embedding parameter."),
-    ("budget.margin", 0.02, "Fraction of the budget kept in reserve for jitter."),
+    ("budget.margin", 0.01, "Fraction of the budget kept in reserve for jitter."),
 )
 
 HELP: dict[str, str] = {key: text for key, _, text in SCHEMA}
@@ -76,7 +77,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "budget.planner": ("measured", "none", "seed"),
 }
 # Shortcuts accepted on the command line: `just train budget=5m steps=100 run_dir=out`.
-ALIASES: dict[str, str] = {"budget": "budget.time", "steps": "train.steps", "run_dir": "train.run_dir"}
+ALIASES: dict[str, str] = {"budget": "budget.time", "steps": "train.steps", "run_dir": "train.run_dir",
+                           "resume": "train.resume"}
 MODEL_SHAPE_KEYS = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
                     "model.head_dim", "model.ffn_hidden")
 
@@ -208,6 +210,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup_fraction < 1:
         raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
+    if t.resume not in ("auto", "never") and not t.resume.isdigit():
+        raise ConfigError(f"train.resume={t.resume!r}: expected auto, never or a checkpoint step number")
     if cfg.budget.time:
         parse_duration(cfg.budget.time)
     elif t.steps <= 0:

@@ -26,7 +26,7 @@ def test_restore_infers_shape_and_reproduces_logits(tmp_path, model):
     state = init_state(spec, optimizer, jax.random.key(1))
     tokenizer_json = Tokenizer(models.BPE()).to_str()
     manager = checkpoint.open_manager(tmp_path / "checkpoints", keep=2)
-    checkpoint.save(manager, state, cfg, tokenizer_json)
+    checkpoint.save(manager, state, cfg, tokenizer_json, {"step": 0, "elapsed_s": 1.5})
     manager.wait_until_finished()
     manager.close()
 
@@ -40,6 +40,29 @@ def test_restore_infers_shape_and_reproduces_logits(tmp_path, model):
     after = Transformer(restored_spec).apply({"params": restored.params}, tokens)
     np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
     assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
+    assert checkpoint.load_progress(ref) == {"step": 0, "elapsed_s": 1.5}
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path):
+    cfg = _config(num_layers=1, d_model=32, num_heads=4, num_kv_heads=2)
+    spec = ModelSpec.from_config(cfg.model)
+    optimizer = make_optimizer(cfg.train)
+    state = init_state(spec, optimizer, jax.random.key(0))
+    manager = checkpoint.open_manager(tmp_path / "checkpoints", keep=3)
+    for step in (1, 2):
+        state = state.replace(step=jnp.asarray(step, jnp.int32))
+        checkpoint.save(manager, state, cfg, Tokenizer(models.BPE()).to_str(), {"step": step})
+        manager.wait_until_finished()
+    manager.close()
+    for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    warnings = []
+    restored, ref = checkpoint.restore_newest(tmp_path / "checkpoints", abstract_state(spec, optimizer), warn=warnings.append)
+    assert ref.step == 1 and int(restored.step) == 1
+    assert len(warnings) == 1 and "trying the previous checkpoint" in warnings[0]
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        checkpoint.restore_newest(tmp_path / "checkpoints", abstract_state(spec, optimizer), at_most=0)
 
 
 def test_locate_rejects_non_checkpoints(tmp_path):

@@ -121,3 +121,22 @@ def test_repeated_epochs_are_discounted():
     four_epochs = planner.effective_tokens(4e6, 1e6)
     assert 3.5e6 < four_epochs < 4e6  # Muennighoff: up to ~4 epochs are nearly as good as new data
     assert planner.effective_tokens(100e6, 1e6) < 17e6  # and then the value fades
+
+
+def test_memory_fit_turns_on_remat_then_refuses():
+    big = dict(user_keys={"model.num_layers", "model.d_model", "train.batch_size"},
+               **{"model.num_layers": 24, "model.d_model": 1024, "model.num_heads": 16, "model.num_kv_heads": 8,
+                  "train.batch_size": 64})
+    cfg = apply_overrides(defaults(), ["budget=3600s", "model.vocab_size=8192",
+                                       *[f"{k}={v}" for k, v in big.items() if k != "user_keys"]])
+    spec = ModelSpec.from_config(cfg.model)
+    plain = planner.memory_bytes(spec, 64, 1)
+    limit = int(plain / planner.MEMORY_HEADROOM) - 1  # just too small without remat
+    plan = planner.budget_plan(cfg, budget_s=3600, deadline=4600.0, train_tokens=10**9, val_tokens=14_000,
+                               cache=FakeCache(rate=1e14), user_keys=big["user_keys"], memory_limit=limit,
+                               clock=lambda: 1000.0)
+    assert plan.model["remat"] == "full" and plan.predicted_memory_bytes < plain
+    with pytest.raises(ConfigError, match="GiB"):
+        planner.budget_plan(cfg, budget_s=3600, deadline=4600.0, train_tokens=10**9, val_tokens=14_000,
+                            cache=FakeCache(rate=1e14), user_keys=big["user_keys"] | {"model.remat"},
+                            memory_limit=limit, clock=lambda: 1000.0)

@@ -44,9 +44,17 @@ class TrainingDiverged(RuntimeError):
 class Outcome:
     steps: int
     tokens: int
-    final: EvalResult
+    final: EvalResult | None  # None when interrupted
     unigram_bpb: float
     interrupted: bool
+
+
+def refit_total_steps(step: int, total: int, *, now: float, train_end: float, step_s: float,
+                      eval_every: int, eval_s: float) -> int:
+    """The step count that ends training by `train_end`, given the measured step time and the
+    periodic evals the remaining steps will trigger. Called every step: the schedule follows it."""
+    evals_left = max(0, (total - step) // eval_every)
+    return step + max(0, math.floor((train_end - evals_left * eval_s - now) / step_s))
 
 
 class _StopFlag:
@@ -72,11 +80,21 @@ class _StopFlag:
 
 
 def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir: Path, *,
-        deadline: float | None, started_at: float, display_console) -> Outcome:
-    """Trains from scratch into run_dir; returns the outcome after the final eval and save."""
+        deadline: float | None, started_at: float, display_console, resumed: tuple | None = None) -> Outcome:
+    """Trains into run_dir, from scratch or from `resumed` = (state, progress record of its
+    checkpoint); returns the outcome after the final eval and save.
+
+    A resumed run continues exactly: the data order is a function of (seed, step), the schedule's
+    progress is restored, and nothing else carries state (no dropout, no RNG in the step).
+    """
     spec = ModelSpec.from_config(cfg.model)
     optimizer = make_optimizer(cfg.train)
-    state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(cfg.train.seed))
+    if resumed is None:
+        state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(cfg.train.seed))
+        progress, used_before = 0.0, 0.0
+    else:
+        state, record = resumed
+        progress, used_before = record["progress"], record["elapsed_s"]
     train_step = make_train_step(spec, optimizer, cfg.train.grad_accum)
     eval_step = make_eval_step(spec)
     batch_size, seq_len = cfg.train.batch_size, spec.seq_len
@@ -99,7 +117,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     eval_started = time.time()
     first = run_eval(state.params, cfg.train.eval_tokens)
     eval_s_per_token = (time.time() - eval_started) / max(first.tokens, 1)
-    metrics.write("eval", step=0, val_loss=first.loss, val_bpb=first.bpb, tokens=0)
+    step = int(state.step)
+    metrics.write("eval", step=step, val_loss=first.loss, val_bpb=first.bpb, tokens=step * tokens_per_step)
 
     def reserve_s() -> float:
         final_eval_s = 1.3 * eval_s_per_token * len(data.val_tokens)
@@ -110,9 +129,14 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     periodic_eval_s = eval_s_per_token * first.tokens
     display = TrainDisplay(display_console, total, started_at, deadline, cfg.train.log_every)
     intervals = deque(maxlen=25)
-    step, pending, last_loss, tick = 0, None, float("nan"), None
-    last_save, saved_step = time.time(), None
+    pending, last_loss, tick, compiling = None, float("nan"), None, True
+    last_save, saved_step = time.time(), (step if resumed is not None else None)
     interrupted = False
+
+    def save() -> None:
+        record = {"step": step, "elapsed_s": used_before + time.time() - started_at, "progress": progress,
+                  "data_fingerprint": data.fingerprint}
+        checkpoint.save(manager, state, cfg, data.tokenizer_json, record)
 
     def settle(pending) -> float:
         """Reads a finished step's metrics; stops the run on a non-finite loss."""
@@ -128,28 +152,29 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
             metrics.write("train", step=done_step + 1, loss=loss, grad_norm=grad_norm, lr=lr,
                           tokens=(done_step + 1) * tokens_per_step, step_s=step_s,
                           tokens_per_s=tokens_per_step / step_s if intervals else None,
-                          elapsed_s=time.time() - started_at)
+                          elapsed_s=used_before + time.time() - started_at)
         return loss
 
     with _StopFlag() as stop:
         subset = 0 if plan.subset_fraction >= 1 else max(batch_size, round(plan.subset_fraction * num_windows_available(data.train_tokens, seq_len)))
         for window in train_batches(data.train_tokens, seq_len=seq_len, batch_size=batch_size,
-                                    seed=cfg.train.seed, num_windows=subset):
+                                    seed=cfg.train.seed, start_step=step, num_windows=subset):
             now = time.time()
             if tick is not None:
                 intervals.append(now - tick)
             tick = now
             if deadline is not None:
                 step_s = float(np.median(intervals)) if len(intervals) >= 3 else plan.step_s
-                evals_left = max(0, (total - step) // eval_every)
-                train_end = deadline - reserve_s() - evals_left * periodic_eval_s
-                total = step + max(0, math.floor((train_end - now) / step_s))
+                total = refit_total_steps(step, total, now=now, train_end=deadline - reserve_s(), step_s=step_s,
+                                          eval_every=eval_every, eval_s=periodic_eval_s)
             if step >= total or stop.raised:
                 interrupted = stop.raised
                 break
-            lr = learning_rate(step, total, cfg.train)
+            progress = max(progress, (step + 1) / max(total, 1))  # faster steps must not rewind the schedule
+            lr = learning_rate(progress, cfg.train)
             state, values = train_step(state, jnp.asarray(window), jnp.float32(lr))
-            if step == 0:  # jit compiles (or loads from the persistent cache) inside the first call
+            if compiling:  # jit compiles (or loads from the persistent cache) inside the first call
+                compiling = False
                 metrics.write("compile", train_step_s=time.time() - now, eval_step_s=eval_compile_s)
             if pending is not None:
                 last_loss = settle(pending)
@@ -169,20 +194,20 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                 if pending is not None:
                     last_loss = settle(pending)
                     pending = None
-                checkpoint.save(manager, state, cfg, data.tokenizer_json)
+                save()
                 last_save, saved_step, tick = time.time(), step, None
 
     if pending is not None:
         last_loss = settle(pending)
     display.update(step, step, last_loss, tokens_per_step / float(np.median(intervals)) if intervals else 0.0)
     display.close()
-    if interrupted:
-        display.print(f"interrupted at step {step}: saving a checkpoint")
-    final = run_eval(state.params, 0)
-    metrics.write("eval", step=step, val_loss=final.loss, val_bpb=final.bpb, unigram_bpb=unigram,
-                  tokens=step * tokens_per_step, final=True)
+    final = None
+    if not interrupted:  # an interrupted run is not finished: its final eval comes when it is
+        final = run_eval(state.params, 0)
+        metrics.write("eval", step=step, val_loss=final.loss, val_bpb=final.bpb, unigram_bpb=unigram,
+                      tokens=step * tokens_per_step, final=True)
     if saved_step != step:
-        checkpoint.save(manager, state, cfg, data.tokenizer_json)
+        save()
     manager.wait_until_finished()
     manager.close()
     metrics.close()

@@ -54,12 +54,16 @@ def abstract_state(spec: ModelSpec, optimizer: optax.GradientTransformation) -> 
     return jax.eval_shape(lambda: init_state(spec, optimizer, jax.random.key(0)))
 
 
-def learning_rate(step: int, total_steps: int, train_cfg: ml_collections.ConfigDict) -> float:
-    """Linear warmup, then cosine decay from the peak to min_lr_ratio * peak at total_steps."""
-    total_steps = max(total_steps, 1)
-    warmup = max(1, round(train_cfg.warmup_fraction * total_steps))
-    peak, floor = train_cfg.lr, train_cfg.lr * train_cfg.min_lr_ratio
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+def learning_rate(progress: float, train_cfg: ml_collections.ConfigDict) -> float:
+    """Linear warmup over the first warmup_fraction of training, then cosine decay from the peak
+    to min_lr_ratio * peak at progress 1. A step's progress is (step + 1) / total steps.
+
+    Keyed to progress, not steps, so that a budgeted run, whose total is re-fitted to the clock,
+    can keep the schedule monotone: the loop never lets progress go backwards.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    peak, floor, warmup = train_cfg.lr, train_cfg.lr * train_cfg.min_lr_ratio, train_cfg.warmup_fraction
+    if progress < warmup:
+        return peak * progress / warmup
+    decay = (progress - warmup) / max(1.0 - warmup, 1e-9)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * decay))

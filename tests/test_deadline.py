@@ -1,0 +1,43 @@
+"""Deadline control: a run that slows down mid-way still ends on time with a decayed learning rate."""
+
+import pytest
+
+from pufferfish_jax.config import apply_overrides, defaults
+from pufferfish_jax.train.loop import refit_total_steps
+from pufferfish_jax.train.state import learning_rate
+
+
+def _simulate(step_time, train_end=100.0, planned_step_s=0.1, eval_every=50, eval_s=0.5):
+    """Runs the loop's control law against a simulated clock; returns (end time, lrs, steps)."""
+    train_cfg = apply_overrides(defaults(), ["train.lr=1e-3", "train.min_lr_ratio=0.1"]).train
+    now, step, total, lrs, times, progress = 0.0, 0, int(train_end / planned_step_s), [], [], 0.0
+    while True:
+        measured = sorted(times[-25:])[len(times[-25:]) // 2] if len(times) >= 3 else planned_step_s
+        total = refit_total_steps(step, total, now=now, train_end=train_end, step_s=measured,
+                                  eval_every=eval_every, eval_s=eval_s)
+        if step >= total:
+            return now, lrs, step
+        progress = max(progress, (step + 1) / total)
+        lrs.append(learning_rate(progress, train_cfg))
+        dt = step_time(step)
+        now += dt
+        times.append(dt)
+        step += 1
+        if step % eval_every == 0:
+            now += eval_s
+
+
+@pytest.mark.parametrize("name, step_time", [
+    ("steady", lambda s: 0.1),
+    ("slows down 2x half-way", lambda s: 0.1 if s < 400 else 0.2),
+    ("speeds up", lambda s: 0.1 if s < 300 else 0.05),
+    ("jittery", lambda s: 0.1 + 0.04 * ((s * 7919) % 5 - 2) / 2),
+])
+def test_ends_before_deadline_with_decayed_lr(name, step_time):
+    end, lrs, steps = _simulate(step_time)
+    assert end <= 100.0 + 0.3, name  # at most one step's noise past the training end
+    assert end >= 100.0 - 2.0, name  # and the time is used, not thrown away
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05), name  # the schedule reached its floor
+    assert max(lrs) == pytest.approx(1e-3, rel=0.01)
+    peak = lrs.index(max(lrs))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), name  # never climbs back up

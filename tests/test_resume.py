@@ -1,0 +1,93 @@
+"""Crash-proof training: SIGKILL and resume gives bit-identical parameters; SIGINT saves and exits."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["steps=150", "data.corpus=shakespeare", "data.vocab_size=512", "model.num_layers=2", "model.d_model=64",
+        "model.seq_len=32", "train.batch_size=4", "train.checkpoint_every_s=0.3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    # The built-in corpus is faked by a local file so that no download is needed.
+    corpus = tmp_path_factory.mktemp("data") / "plays.txt"
+    corpus.write_text("\n\n".join(f"Scene {i}. " + "To be, or not to be, that is the question. " * (5 + i % 7)
+                                  + "Whether 'tis nobler in the mind to suffer. " * (i % 5) for i in range(400)))
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "PUFFERFISH_CACHE": str(cache), "PYTHONPATH": str(ROOT)}, str(corpus)
+
+
+def _cmd(run_dir, corpus, *extra):
+    args = [a if not a.startswith("data.corpus=") else f"data.corpus={corpus}" for a in ARGS]
+    return [sys.executable, "-m", "pufferfish_jax", "train", *args, f"run_dir={run_dir}", *extra]
+
+
+def _digest(run_dir, env):
+    result = subprocess.run([sys.executable, "-m", "pufferfish_jax", "inspect", str(run_dir), "--digest"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def _start_and_wait_for_checkpoint(cmd, env, run_dir, min_step=1):
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= min_step:
+            return process
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint appeared: {process.communicate()[1][-2000:]}")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(env, tmp_path):
+    env, corpus = env
+    reference = tmp_path / "reference"
+    subprocess.run(_cmd(reference, corpus), cwd=ROOT, env=env, check=True, capture_output=True)
+    chaos = tmp_path / "chaos"
+    for _ in range(2):  # two kills, each after a checkpoint, then a clean finish
+        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus), env, chaos)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = subprocess.run(_cmd(chaos, corpus), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming" in result.stdout
+    assert _digest(chaos, env) == _digest(reference, env)
+
+
+@pytest.mark.slow
+def test_sigint_saves_and_says_how_to_resume(env, tmp_path):
+    env, corpus = env
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(_cmd(run_dir, corpus, "steps=100000"), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "metrics.jsonl").exists() or "train" not in (run_dir / "metrics.jsonl").read_text():
+        time.sleep(0.1)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+    started = time.time()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert time.time() - started < 20
+    assert process.returncode == 130, err[-2000:]
+    assert "Resume with the same command" in out
+    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) > 0
+
+
+def test_resume_refusals(env, tmp_path):
+    env, corpus = env
+    run_dir = tmp_path / "run"
+    subprocess.run(_cmd(run_dir, corpus, "steps=3"), cwd=ROOT, env=env, check=True, capture_output=True)
+    for extra, fragment in [(["steps=3", "resume=never"], "already has checkpoints"),
+                            (["steps=3", "model.d_model=32"], "was trained with model.d_model=64")]:
+        result = subprocess.run(_cmd(run_dir, corpus, *extra), cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 2 and fragment in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
