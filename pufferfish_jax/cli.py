@@ -86,7 +86,8 @@ def _prepare(cfg, user_keys: set[str], started_at: float):
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:
-        raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
+        raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                                     f"{data.vocab_size}; set model.vocab_size=0 to use the tokenizer's size")
     if cfg.budget.time:
         budget_s = config_lib.parse_duration(cfg.budget.time)
         with console.status("planning: timing candidate models on this machine") as status:
@@ -131,11 +132,16 @@ def _new_run_dir(cfg) -> Path:
         run_dir = Path(cfg.train.run_dir)
     else:
         run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        from pufferfish_jax.config import ConfigError
+    from pufferfish_jax.config import ConfigError
 
-        raise ConfigError(f"run dir {run_dir} is not empty; choose another run_dir=")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.is_file() or (run_dir.exists() and any(run_dir.iterdir())):
+        raise ConfigError(f"run dir {run_dir} is not an empty folder (and has no checkpoint to resume); choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").touch()
+        (run_dir / ".write_test").unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write run dir {run_dir} ({e.strerror}); choose another run_dir") from None
     if not cfg.train.run_dir:
         latest = run_dir.parent / "latest"
         if latest.is_symlink() or not latest.exists():
@@ -276,6 +282,7 @@ def _restore(path: str):
 
 
 def cmd_generate(argv: list[str]) -> int:
+    from pufferfish_jax.config import ConfigError
     from pufferfish_jax.data.tokenizer import eos_id
     from pufferfish_jax.generate import generate
 
@@ -293,8 +300,15 @@ def cmd_generate(argv: list[str]) -> int:
     spec, params, tokenizer, _, _ = _restore(args.path)
     eos = eos_id(tokenizer)
 
+    if not 0 < args.max_new_tokens < spec.seq_len:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be between 1 and {spec.seq_len - 1} "
+                          f"(the model's context is {spec.seq_len} tokens)")
+
     def write(prompt: str) -> None:
         ids = tokenizer.encode(prompt).ids or [eos]
+        if len(ids) + args.max_new_tokens > spec.seq_len:
+            raise ConfigError(f"the prompt is {len(ids)} tokens and --max-new-tokens {args.max_new_tokens}, more than the "
+                              f"model's context of {spec.seq_len}; shorten the prompt or lower --max-new-tokens")
         out: list[int] = []
         shown = 0
 
@@ -324,7 +338,10 @@ def cmd_generate(argv: list[str]) -> int:
             return 0
         if not prompt.strip():
             return 0
-        write(prompt)
+        try:
+            write(prompt)
+        except ConfigError as e:  # a too-long prompt should not end the session
+            err_console.print(f"error: {e}")
 
 
 def params_digest(params) -> str:

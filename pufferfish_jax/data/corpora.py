@@ -266,7 +266,14 @@ def _read_parquet(path: Path) -> list[str]:
 def _read_file(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return chunk_text(path.read_text(encoding="utf-8", errors="replace"))
+        raw = path.read_bytes()
+        if b"\x00" in raw[:65536]:
+            raise DataError(f"{path} looks binary (it has NUL bytes), not text; pass a UTF-8 text file")
+        try:
+            return chunk_text(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                            f"convert it, e.g. iconv -f latin1 -t utf-8 {path.name}") from None
     if suffix == ".jsonl":
         return _read_jsonl(path)
     return _read_parquet(path)

@@ -111,7 +111,8 @@ def restore_state(ref: CheckpointRef, abstract_state):
         try:
             got = manager.restore(ref.step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except Exception as e:
-            raise CheckpointError(f"checkpoint {ref.root / str(ref.step)} does not match its config: {e}".splitlines()[0]) from None
+            raise CheckpointError(f"checkpoint {ref.root / str(ref.step)} could not be restored into the shapes its config "
+                                  f"describes (damaged, or edited): {type(e).__name__}: {e}".splitlines()[0][:300]) from None
     return got.state
 
 

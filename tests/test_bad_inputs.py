@@ -1,0 +1,97 @@
+"""Every user mistake: a one-line error naming the problem and the fix, a non-zero exit, no traceback,
+and nothing already saved is lost."""
+
+import json
+import random
+
+import pytest
+
+from pufferfish_jax.cli import main
+
+WORDS = "the of and a to in is was that for on as with by it he at from his an were are which".split()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    rng = random.Random(0)
+    (root / "ok.txt").write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(1200)))
+    (root / "empty.txt").write_text("")
+    (root / "binary.txt").write_bytes(bytes(rng.randrange(256) for _ in range(5000)) + b"\x00")
+    (root / "latin1.txt").write_bytes("café naïve ".encode("latin-1") * 100)
+    (root / "few.jsonl").write_text("\n".join(json.dumps({"text": f"a tiny document {i}"}) for i in range(4)))
+    (root / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory):
+    """A tiny finished run, for the checkpoint and generation mistakes."""
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", "steps=2", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", "model.num_layers=1",
+                 "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.seq_len=32",
+                 f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PUFFERFISH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _fails(capsys, argv, fragment, code=2):
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert fragment in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("missing.txt", "missing.txt"),
+    ("empty.txt", "contains no text"),
+    ("binary.txt", "looks binary"),
+    ("latin1.txt", "not UTF-8"),
+    ("few.jsonl", "windows"),
+    ("bad.jsonl", "bad.jsonl"),
+])
+def test_bad_data(capsys, files, tmp_path, name, fragment):
+    _fails(capsys, ["train", "steps=2", f"data.corpus={files / name}", "data.vocab_size=300", "data.val_fraction=0.5",
+                    f"run_dir={tmp_path / 'run'}"], fragment)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.vocab_size=100"], "model.vocab_size=0"),
+    (["budget=5s"], "too small"),
+    (["budget=tomorrow"], "not a duration"),
+    (["model.num_kv_heads=3"], "must divide model.num_heads"),
+    (["train.batch_size=many"], "expected int"),
+    (["run_dir=/proc/nope/run"], "cannot write run dir"),
+])
+def test_bad_settings(capsys, files, overrides, fragment):
+    argv = ["train", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", *overrides]
+    _fails(capsys, argv if any(o.startswith("budget=") for o in overrides) else [*argv, "steps=2"], fragment)
+
+
+def test_bad_checkpoints(capsys, files, trained, tmp_path):
+    _fails(capsys, ["generate", str(tmp_path), "hi"], "holds no checkpoint")
+    _fails(capsys, ["generate", str(trained), "hi " * 40, "--max-new-tokens", "8"], "shorten the prompt")
+    # a checkpoint whose config was edited to another model: restoring into that target fails cleanly
+    step_dir = next(p for p in (trained / "checkpoints").iterdir() if p.name.isdigit())
+    config_file = step_dir / "config" / "metadata"
+    original = config_file.read_text()
+    saved = json.loads(original)
+    saved["model"]["d_model"] = 64
+    config_file.write_text(json.dumps(saved))
+    _fails(capsys, ["generate", str(trained), "hi"], "could not be restored")
+    config_file.write_text(original)
+    for path in (step_dir / "state").rglob("*"):  # now damage the arrays themselves
+        if path.is_file() and "manifest" in path.name:
+            path.write_bytes(b"garbage")
+    _fails(capsys, ["generate", str(trained), "hi"], "could not be restored")
+    assert (trained / "metrics.jsonl").is_file() and (trained / "plan.json").is_file()  # nothing was removed
+
+
+def test_diverging_loss_keeps_the_last_good_checkpoint(capsys, files, tmp_path):
+    _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", "train.lr=1e6",
+                    "train.grad_clip=0", "model.d_model=64", f"run_dir={tmp_path / 'run'}"], "loss became", code=1)
