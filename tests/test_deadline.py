@@ -41,3 +41,10 @@ def test_ends_before_deadline_with_decayed_lr(name, step_time):
     assert max(lrs) == pytest.approx(1e-3, rel=0.01)
     peak = lrs.index(max(lrs))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), name  # never climbs back up
+
+
+def test_a_step_still_running_is_paid_for():
+    kwargs = dict(now=0.0, train_end=10.0, step_s=1.0, eval_every=1000, eval_s=0.0)
+    assert refit_total_steps(5, 100, **kwargs) == 15
+    assert refit_total_steps(5, 100, in_flight=1, **kwargs) == 14
+    assert refit_total_steps(5, 100, now=9.5, train_end=10.0, step_s=1.0, eval_every=1000, eval_s=0.0, in_flight=1) == 5

@@ -53,7 +53,8 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per step the measu
 # about 1M tokens, where 2k-token batches beat 4k-token ones by 0.22 bpb at equal time.
 CRITICAL_BATCH_TOKENS_AT_1M = 2048
 MIN_STEPS = 20
-MAX_MEASUREMENTS = 3
+MAX_MEASUREMENTS = 5
+CONTENDERS = 2  # the leader and runner-up are measured before a plan is final
 EXIT_S = 1.0  # interpreter and Orbax teardown after the last save, measured at 0.6 s here
 SAVE_BYTES_PER_S = 200e6
 MEMORY_HEADROOM = 0.7  # plan to use at most this fraction of device memory
@@ -217,15 +218,18 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
         return dict(steps=steps, train_s=train_s, reserve_s=reserve, tokens=tokens,
                     loss=predicted_loss(count_params(spec), useful), ratio=tokens / count_params(spec, embedding=False))
 
-    def choose(rows: list[dict]) -> int:
+    def ranking(rows: list[dict]) -> list[int]:
+        """Feasible candidates, best first."""
         feasible = [i for i, r in enumerate(rows) if r["steps"] >= MIN_STEPS and r["memory_bytes"] <= limit] or [0]
+        by_loss = sorted(feasible, key=lambda i: rows[i]["loss"])
         if cfg.budget.tokens_per_param > 0:
             enough = [i for i in feasible if rows[i]["ratio"] >= cfg.budget.tokens_per_param]
-            return max(enough, key=lambda i: (rows[i]["non_embedding_params"], rows[i]["tokens"])) if enough else feasible[0]
-        return min(feasible, key=lambda i: rows[i]["loss"])
+            best = max(enough, key=lambda i: (rows[i]["non_embedding_params"], rows[i]["tokens"])) if enough else feasible[0]
+            return [best] + [i for i in by_loss if i != best]
+        return by_loss
 
-    model = cache.time_model(fits_memory[0][0], cfg.train)
-    for _ in range(MAX_MEASUREMENTS):
+    def score_all() -> list[dict]:
+        model = cache.time_model(fits_memory[0][0], cfg.train)
         rows = []
         for spec, batch in fits_memory:
             measured = cache.cached(spec, cfg.train, batch)
@@ -235,12 +239,20 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
                              measured=measured is not None, **outlook(spec, batch, timing),
                              # the compiled executable's own figure, once measured, overrides the model
                              memory_bytes=(measured and measured.memory_bytes) or memory_bytes(spec, batch, cfg.train.grad_accum)))
-        index = choose(rows)
-        if rows[index]["measured"]:
+        return rows
+
+    # Measure until the leader and its runner-up are both measured, not predicted: a candidate the
+    # time model wrongly thinks slow would otherwise never get the chance to win. Each measurement
+    # costs a compile, so short budgets get fewer.
+    for _ in range(min(MAX_MEASUREMENTS, max(2, int(budget_s // 60)))):
+        rows = score_all()
+        unmeasured = [i for i in ranking(rows)[:CONTENDERS] if not rows[i]["measured"]]
+        if not unmeasured:
             break
-        spec, batch = fits_memory[index]
+        spec, batch = fits_memory[unmeasured[0]]
         cache.get(spec, cfg.train, batch, log=log)
-        model = cache.time_model(fits_memory[0][0], cfg.train)
+    rows = score_all()
+    index = ranking(rows)[0]
     choice, batch = fits_memory[index]
     measured = cache.get(choice, cfg.train, batch, log=log)
     final = outlook(choice, batch, measured)

@@ -50,11 +50,15 @@ class Outcome:
 
 
 def refit_total_steps(step: int, total: int, *, now: float, train_end: float, step_s: float,
-                      eval_every: int, eval_s: float) -> int:
+                      eval_every: int, eval_s: float, in_flight: int = 0) -> int:
     """The step count that ends training by `train_end`, given the measured step time and the
-    periodic evals the remaining steps will trigger. Called every step: the schedule follows it."""
+    periodic evals the remaining steps will trigger. Called every step: the schedule follows it.
+
+    `step` counts dispatched steps; `in_flight` of them may still be running on the device (the
+    loop reads metrics one step late), and their time is spent before any new step starts.
+    """
     evals_left = max(0, (total - step) // eval_every)
-    return step + max(0, math.floor((train_end - evals_left * eval_s - now) / step_s))
+    return step + max(0, math.floor((train_end - evals_left * eval_s - now) / step_s) - in_flight)
 
 
 class _StopFlag:
@@ -166,7 +170,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
             if deadline is not None:
                 step_s = float(np.median(intervals)) if len(intervals) >= 3 else plan.step_s
                 total = refit_total_steps(step, total, now=now, train_end=deadline - reserve_s(), step_s=step_s,
-                                          eval_every=eval_every, eval_s=periodic_eval_s)
+                                          eval_every=eval_every, eval_s=periodic_eval_s,
+                                          in_flight=int(pending is not None))
             if step >= total or stop.raised:
                 interrupted = stop.raised
                 break
