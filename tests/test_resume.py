@@ -91,3 +91,31 @@ def test_resume_refusals(env, tmp_path):
         result = subprocess.run(_cmd(run_dir, corpus, *extra), cwd=ROOT, env=env, capture_output=True, text=True)
         assert result.returncode == 2 and fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
+    """SIGINT mid-run, a pause, then the same command: the two attempts together use at most the
+    budget (the pause is not charged), and the run ends with a final eval."""
+    env, corpus = env
+    run_dir, budget = tmp_path / "run", 30.0
+    args = _cmd(run_dir, corpus, "budget=30s", "steps=0", "budget.planner=none")
+    first_start = time.time()
+    process = subprocess.Popen(args, cwd=ROOT, env={**env, "PUFFERFISH_T0": repr(first_start)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "metrics.jsonl").exists() or '"train"' not in (run_dir / "metrics.jsonl").read_text():
+        time.sleep(0.1)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    first_wall = time.time() - first_start
+    assert process.returncode == 130, err[-2000:]
+    time.sleep(2.0)  # the pause is not part of the budget
+    second_start = time.time()
+    result = subprocess.run(args, cwd=ROOT, env={**env, "PUFFERFISH_T0": repr(second_start)},
+                            capture_output=True, text=True, timeout=120)
+    second_wall = time.time() - second_start
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming" in result.stdout and "final:" in result.stdout
+    # the first attempt's exit after its save (about a second) is the only time charged twice
+    assert first_wall + second_wall <= budget + 3.0, (first_wall, second_wall)

@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="where the runs go (default: a temporary folder)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_planner_"))
-    console = Console()
+    console = Console(width=130)
     table = Table(title=f"planner benchmark on {args.corpus} (wall time from launch to exit)")
     for column in ("budget", "planner", "wall / budget", "model", "batch", "tokens", "val bpb", "seed / measured bpb"):
         table.add_column(column, justify="right")
