@@ -95,3 +95,22 @@ def test_bad_checkpoints(capsys, files, trained, tmp_path):
 def test_diverging_loss_keeps_the_last_good_checkpoint(capsys, files, tmp_path):
     _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", "train.lr=1e6",
                     "train.grad_clip=0", "model.d_model=64", f"run_dir={tmp_path / 'run'}"], "loss became", code=1)
+
+
+def test_failed_save_is_reported_and_keeps_the_previous_checkpoint(capsys, files, tmp_path, monkeypatch):
+    from pufferfish_jax.train import checkpoint
+
+    real_save, calls = checkpoint.save, []
+
+    def flaky_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the first save works, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", flaky_save)
+    run_dir = tmp_path / "run"
+    _fails(capsys, ["train", "steps=12", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", "model.d_model=32",
+                    "model.num_heads=2", "model.num_kv_heads=1", "model.seq_len=32", "train.checkpoint_every_s=0",
+                    f"run_dir={run_dir}"], "could not be saved")
+    assert checkpoint.saved_steps(run_dir / "checkpoints") == [1]  # the good one survives

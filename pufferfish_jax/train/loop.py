@@ -137,10 +137,19 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     last_save, saved_step = time.time(), (step if resumed is not None else None)
     interrupted = False
 
-    def save() -> None:
+    def save() -> bool:
+        """Saves the state; a failed save (disk full, permissions) is reported, not fatal: Orbax
+        writes to a temporary folder first, so the previous checkpoint is still intact."""
         record = {"step": step, "elapsed_s": used_before + time.time() - started_at, "progress": progress,
                   "data_fingerprint": data.fingerprint}
-        checkpoint.save(manager, state, cfg, data.tokenizer_json, record)
+        try:
+            manager.wait_until_finished()  # surfaces a failure of the previous async save
+            checkpoint.save(manager, state, cfg, data.tokenizer_json, record)
+            return True
+        except Exception as e:
+            kept = f"step {saved_step} is still intact" if saved_step is not None else "no earlier checkpoint exists"
+            display.print(f"warning: saving the checkpoint at step {step} failed ({type(e).__name__}: {e}); {kept}")
+            return False
 
     def settle(pending) -> float:
         """Reads a finished step's metrics; stops the run on a non-finite loss."""
@@ -199,8 +208,9 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                 if pending is not None:
                     last_loss = settle(pending)
                     pending = None
-                save()
-                last_save, saved_step, tick = time.time(), step, None
+                if save():
+                    saved_step = step
+                last_save, tick = time.time(), None
 
     if pending is not None:
         last_loss = settle(pending)
@@ -211,9 +221,14 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
         final = run_eval(state.params, 0)
         metrics.write("eval", step=step, val_loss=final.loss, val_bpb=final.bpb, unigram_bpb=unigram,
                       tokens=step * tokens_per_step, final=True)
-    if saved_step != step:
-        save()
-    manager.wait_until_finished()
+    try:
+        if saved_step != step and not save():
+            raise checkpoint.CheckpointError("the final checkpoint could not be written")
+        manager.wait_until_finished()
+    except Exception as e:
+        raise checkpoint.CheckpointError(f"the final checkpoint at step {step} could not be saved ({e}); "
+                                         f"free disk space or fix permissions under {run_dir}, then rerun the same command "
+                                         "to resume from the last good checkpoint") from None
     manager.close()
     metrics.close()
     return Outcome(steps=step, tokens=step * tokens_per_step, final=final, unigram_bpb=unigram, interrupted=interrupted)
