@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -134,6 +134,11 @@ def _new_run_dir(cfg) -> Path:
         run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     from pufferfish_jax.config import ConfigError
 
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= RUN_FILES:
+        # An attempt killed before its first checkpoint: nothing in it can be resumed, so start over.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for name in RUN_FILES - {"checkpoints"}:
+            (run_dir / name).unlink(missing_ok=True)
     if run_dir.is_file() or (run_dir.exists() and any(run_dir.iterdir())):
         raise ConfigError(f"run dir {run_dir} is not an empty folder (and has no checkpoint to resume); choose another run_dir")
     try:
@@ -150,6 +155,8 @@ def _new_run_dir(cfg) -> Path:
     return run_dir
 
 
+# What a run writes into its run dir (and nothing else may be there for it to start afresh).
+RUN_FILES = {"config.json", "plan.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
 # Keys a resumed run may change: where and how often it writes, not what it trains.
 RESUME_FREE_KEYS = {"train.run_dir", "train.resume", "train.checkpoint_every_s", "train.keep_checkpoints",
                     "train.log_every", "data.cache_dir"}
@@ -392,8 +399,6 @@ def cmd_inspect(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    import numpy as np
-
     from pufferfish_jax import config as config_lib
     from pufferfish_jax.data.corpora import load_documents
     from pufferfish_jax.data.pipeline import encode_documents, unigram_bpb

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from pufferfish_jax.budget import planner
-from pufferfish_jax.budget.calibrate import Measurement, TimeModel, flops_per_step
+from pufferfish_jax.budget.calibrate import TimeModel, flops_per_step
 from pufferfish_jax.config import ConfigError, apply_overrides, defaults
 from pufferfish_jax.model.transformer import ModelSpec, count_params, flops_per_token, init_params
 from pufferfish_jax.train.state import abstract_state, make_optimizer

@@ -119,3 +119,20 @@ def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     assert "resuming" in result.stdout and "final:" in result.stdout
     # the first attempt's exit after its save (about a second) is the only time charged twice
     assert first_wall + second_wall <= budget + 3.0, (first_wall, second_wall)
+
+
+def test_attempt_killed_before_its_first_checkpoint_starts_over(env, tmp_path):
+    env, corpus = env
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a save cut short
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"event": "eval"}\n')
+    result = subprocess.run(_cmd(run_dir, corpus, "steps=3"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"final": true' in (run_dir / "metrics.jsonl").read_text()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = subprocess.run(_cmd(foreign, corpus, "steps=3"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "not an empty folder" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me"

@@ -257,9 +257,10 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
     measured = cache.get(choice, cfg.train, batch, log=log)
     final = outlook(choice, batch, measured)
     if final["steps"] < MIN_STEPS:
-        need = budget_s - final["train_s"] + MIN_STEPS * measured.step_s
+        # what the non-training parts took, plus 20 steps, with a quarter more for their variance
+        need = math.ceil(1.25 * (budget_s - final["train_s"] + MIN_STEPS * measured.step_s))
         raise ConfigError(f"budget {budget_s:g}s is too small to train here: the smallest plan needs about "
-                          f"{math.ceil(need)}s (data, compile, {MIN_STEPS} steps, evals, save); try budget={math.ceil(need)}s")
+                          f"{need}s (data, compile, {MIN_STEPS} steps, evals, save); try budget={need}s")
     return _plan(cfg, choice, batch, "budget", cfg.budget.planner, final["steps"], train_tokens, subset_fraction,
                  step_s=measured.step_s, compile_s=measured.compile_s, reserve_s=final["reserve_s"],
                  train_s=final["train_s"], budget_s=budget_s, planning_s=budget_s - (deadline - clock()),
