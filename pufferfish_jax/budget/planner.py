@@ -7,8 +7,8 @@ buy, and scores the pair with a Chinchilla-form loss L(N, D) = E + A/N^a + B/D^b
 embedding is most of the model and, through the LM head, most of the compute (with non-embedding
 N the score preferred 4-layer models that lost to 2-layer ones by 0.07 bpb in 2-minute CPU runs).
 D is discounted for repeated epochs (Muennighoff et al. 2023) and for batches far from the
-critical batch (`batch_efficiency`). Only the argmin matters. It then measures the winner for real, refits, and re-chooses
-until the winner is a measured shape, so the promise never rests on an extrapolation. With
+critical batch (`batch_efficiency`). Only the argmin matters. It then measures the leader and the runner-up for real,
+refitting and re-ranking after each, so the promise never rests on an extrapolation. With
 `budget.tokens_per_param` > 0 the rule is instead "the largest model that still gets that many
 tokens per parameter".
 
