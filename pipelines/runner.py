@@ -115,13 +115,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def fingerprints(stages: Sequence[Stage], cfg: ml_collections.ConfigDict, user_keys: set[str]) -> dict[str, str]:
+    """Every stage's fingerprint, inputs first (`stages` is in pipeline order)."""
+    prints: dict[str, str] = {}
+    for stage in stages:
+        prints[stage.name] = fingerprint(stage, cfg, user_keys, prints)
+    return prints
+
+
 def run_stages(stages: Sequence[Stage], ctx: Context, wanted: Sequence[str], *,
                log: Callable[[str], None] = print) -> dict[str, str]:
     """Runs the wanted stages (and what they need) in order; returns {stage: 'ran' | 'skipped'}."""
     order = needed(stages, wanted)
-    prints: dict[str, str] = {}
-    for stage in order:
-        prints[stage.name] = fingerprint(stage, ctx.cfg, ctx.user_keys, prints)
+    prints = fingerprints(order, ctx.cfg, ctx.user_keys)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(ctx.run_dir)
     actions: dict[str, str] = {}
