@@ -198,9 +198,9 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
     lines += ["## Evaluation", "",
               "Bits per byte = loss x tokens / (bytes x ln 2): comparable across tokenizers. The unigram baseline "
               "knows only the training split's token frequencies; a model must beat it.", ""]
-    lines += _table(["set", "source", "tokens", "loss (nats/token)", "bits per byte", "unigram bpb", "vs unigram"],
+    lines += _table(["set", "source", "tokens", "loss (nats/token)", "bits per byte", "unigram bpb", "below unigram"],
                     [[r["name"], "the held-out split" if r["source"] == HELD_OUT else r["source"], f"{r['tokens']:,}", f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}",
-                      f"{r['unigram_bpb']:.4f}", f"{1 - r['val_bpb'] / r['unigram_bpb']:+.0%}"] for r in evals])
+                      f"{r['unigram_bpb']:.4f}", f"{1 - r['val_bpb'] / r['unigram_bpb']:.0%}"] for r in evals])
 
     s = samples["settings"]
     lines += ["## Samples", "",
