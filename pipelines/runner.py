@@ -92,6 +92,9 @@ def needed(stages: Sequence[Stage], wanted: Sequence[str]) -> list[Stage]:
 def load_manifest(run_dir: Path) -> dict:
     path = run_dir / MANIFEST
     if not path.is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):  # never remove what a pipeline did not write
+            raise config_lib.ConfigError(f"{run_dir} is not empty and holds no {MANIFEST}, so it is not a pipeline's "
+                                         "run dir; choose another pipeline.run_dir")
         return {"version": _VERSION, "stages": {}}
     try:
         manifest = json.loads(path.read_text())

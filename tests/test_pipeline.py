@@ -223,8 +223,12 @@ def test_user_errors_are_one_line_naming_the_stage(config, tmp_path, capsys, mon
         ([str(config), "sample.max_new_tokens=40"], "sample.max_new_tokens"),
         ([str(config), "eval.sets=a=val,a=val"], "eval.sets"),
         ([str(ROOT / "configs" / "tinystories.py")], "corpus stage: hf:roneneldan/TinyStories"),
+        ([str(config), f"run_dir={tmp_path / 'foreign'}"], "not a pipeline's run dir"),
     ]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
     for args, fragment in cases:
-        assert main([*args, f"run_dir={tmp_path / 'run'}"]) == 2, args
+        assert main([f"run_dir={tmp_path / 'run'}", *args]) == 2, args
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
