@@ -4,7 +4,6 @@ interrupted stage is where the next run starts, and the report says what the sta
 import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import time
