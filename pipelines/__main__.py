@@ -42,27 +42,28 @@ def main(argv: list[str], started_at: float | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        cli.err_console.print(USAGE)
+        cli.err_console.print(USAGE, markup=False)
         return 2
     try:
         cfg, user_keys, run_dir = build(argv)
         ctx = Context(cfg, user_keys, run_dir, started_at)
-        actions = run_stages(STAGES, ctx, stage_names(cfg), log=cli.console.print)
+        actions = run_stages(STAGES, ctx, stage_names(cfg), log=lambda s: cli.console.print(s, markup=False))
     except KeyboardInterrupt:
-        cli.err_console.print("interrupted; rerun the same command to continue where it stopped")
+        cli.err_console.print("interrupted; rerun the same command to continue where it stopped", markup=False)
         return 130
     except Exception as e:
         error = e.error if isinstance(e, StageFailed) else e
         if isinstance(error, Interrupted):
-            cli.err_console.print(f"{e}")
+            cli.err_console.print(str(e), markup=False)
             return 130
         if debug or not isinstance(error, cli._user_errors()):
             raise
-        cli.err_console.print(f"error: {e}")
+        cli.err_console.print(f"error: {e}", markup=False)
         return 1 if type(error).__name__ == "TrainingDiverged" else 2
     ran = [name for name, action in actions.items() if action == "ran"]
     cli.console.print(f"pipeline {run_dir}: {len(ran)} stage(s) ran, {len(actions) - len(ran)} skipped, "
-                      f"{time.time() - started_at:.1f}s" + (f"; report: {run_dir / 'report.md'}" if "report" in actions else ""))
+                      f"{time.time() - started_at:.1f}s" + (f"; report: {run_dir / 'report.md'}" if "report" in actions else ""),
+                      markup=False)
     return 0
 
 

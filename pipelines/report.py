@@ -89,7 +89,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 
 def _plan_rows(plan: dict, records: list[dict]) -> list[list]:
-    outcome = plan.get("outcome", {})
+    outcome = plan["outcome"]
     m = plan["model"]
     steps_s = [r["step_s"] for r in records if r["event"] == "train" and r.get("step_s") and math.isfinite(r["step_s"])]
     compile_s = next((r["train_step_s"] for r in records if r["event"] == "compile"), None)
@@ -100,8 +100,8 @@ def _plan_rows(plan: dict, records: list[dict]) -> list[list]:
         ["model", shape, shape],
         ["params", f"{plan['params']:,} ({plan['non_embedding_params']:,} non-embedding)", "same"],
         ["batch", f"{plan['batch_size']} x {plan['seq_len']} tokens", "same"],
-        ["steps", f"{plan['steps']:,}", f"{outcome.get('steps', 0):,}"],
-        ["tokens", f"{plan['tokens']:,}", f"{outcome.get('tokens', 0):,}"],
+        ["steps", f"{plan['steps']:,}", f"{outcome['steps']:,}"],
+        ["tokens", f"{plan['tokens']:,}", f"{outcome['tokens']:,}"],
         ["step time", f"{plan['step_s'] * 1000:.0f} ms" if budgeted else "not predicted",
          f"{statistics.median(steps_s) * 1000:.0f} ms (median)" if steps_s else "n/a"],
         ["throughput", f"{tokens_per_step / plan['step_s']:,.0f} tokens/s" if budgeted else "not predicted",
@@ -114,12 +114,12 @@ def _plan_rows(plan: dict, records: list[dict]) -> list[list]:
             ["training", _seconds(plan["train_s"]), "(re-fitted to the clock every step)"],
             ["evals, final save, margin", _seconds(plan["reserve_s"]), ""],
             ["**wall time**", f"budget {_seconds(plan['budget_s'])}",
-             f"{_seconds(outcome.get('wall_s'))} ({outcome.get('wall_s', 0) / plan['budget_s']:.1%} of the budget)"],
+             f"{_seconds(outcome['wall_s'])} ({outcome['wall_s'] / plan['budget_s']:.1%} of the budget)"],
         ]
     else:
-        rows.append(["**wall time**", "no budget (fixed steps)", _seconds(outcome.get("wall_s"))])
-    rows += [["val loss (nats/token)", "", f"{outcome.get('val_loss', float('nan')):.4f}"],
-             ["val bits per byte", "", f"{outcome.get('val_bpb', float('nan')):.4f} (unigram {outcome.get('unigram_bpb', float('nan')):.4f})"]]
+        rows.append(["**wall time**", "no budget (fixed steps)", _seconds(outcome["wall_s"])])
+    rows += [["val loss (nats/token)", "", f"{outcome['val_loss']:.4f}"],
+             ["val bits per byte", "", f"{outcome['val_bpb']:.4f} (unigram {outcome['unigram_bpb']:.4f})"]]
     return rows
 
 
@@ -133,7 +133,7 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
     hardware, evals, samples = read_json(run_dir, "hardware.json"), read_json(run_dir, "eval.json"), read_json(run_dir, "samples.json")
     records = read_metrics(run_dir / "train" / "metrics.jsonl")
     plot_curves(records, run_dir / PLOT)
-    outcome = plan.get("outcome", {})
+    outcome = plan["outcome"]
     resolved = apply_plan(cfg, Plan(**{k: v for k, v in plan.items() if k != "outcome"}))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -199,8 +199,9 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
               "Bits per byte = loss x tokens / (bytes x ln 2): comparable across tokenizers. The unigram baseline "
               "knows only the training split's token frequencies; a model must beat it.", ""]
     lines += _table(["set", "source", "tokens", "loss (nats/token)", "bits per byte", "unigram bpb", "below unigram"],
-                    [[r["name"], "the held-out split" if r["source"] == HELD_OUT else r["source"], f"{r['tokens']:,}", f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}",
-                      f"{r['unigram_bpb']:.4f}", f"{1 - r['val_bpb'] / r['unigram_bpb']:.0%}"] for r in evals])
+                    [[r["name"], "the held-out split" if r["source"] == HELD_OUT else r["source"], f"{r['tokens']:,}",
+                      f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r['unigram_bpb']:.4f}",
+                      f"{1 - r['val_bpb'] / r['unigram_bpb']:.0%}"] for r in evals])
 
     s = samples["settings"]
     lines += ["## Samples", "",

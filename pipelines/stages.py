@@ -201,8 +201,9 @@ def plan(ctx: Context) -> dict:
     _, chosen = cli._prepare(ctx.cfg, ctx.user_keys, ctx.started_at)
     _write_json(ctx.run_dir / "plan.json", chosen.to_dict())
     m = chosen.model
+    budget = f" in a {chosen.budget_s:.0f}s budget" if chosen.budget_s else ""
     _console().print(f"plan: {m['num_layers']} layers x d {m['d_model']}, batch {chosen.batch_size}, "
-                     f"{chosen.steps:,} steps" + (f" in a {chosen.budget_s:.0f}s budget" if chosen.budget_s else ""))
+                     f"{chosen.steps:,} steps{budget}", markup=False)
     return {"num_layers": m["num_layers"], "d_model": m["d_model"], "batch_size": chosen.batch_size,
             "steps": chosen.steps, "step_s": chosen.step_s}
 
@@ -252,7 +253,7 @@ def evaluate(ctx: Context) -> dict:
                "val_loss": result.loss, "val_bpb": result.bpb,
                "unigram_bpb": unigram_bpb(data.train_tokens, stream, num_bytes, spec.vocab_size)}
         _console().print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte "
-                         f"(unigram {row['unigram_bpb']:.4f}) over {row['tokens']:,} tokens")
+                         f"(unigram {row['unigram_bpb']:.4f}) over {row['tokens']:,} tokens", markup=False)
         rows.append(row)
     _write_json(ctx.run_dir / "eval.json", rows)
     return {row["name"]: round(row["val_bpb"], 4) for row in rows}
@@ -276,7 +277,7 @@ def sample(ctx: Context) -> dict:
                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, eos_id=eos,
                        min_new_tokens=min(s.min_new_tokens, s.max_new_tokens))
         samples.append({"prompt": prompt, "continuation": tok.decode(new), "new_tokens": len(new)})
-        _console().print(f"sample {number}: {prompt}{samples[-1]['continuation']}")
+        _console().print(f"sample {number}: {prompt}{samples[-1]['continuation']}", markup=False)
     settings = {k: s[k] for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed")}
     _write_json(ctx.run_dir / "samples.json", {"settings": settings, "samples": samples})
     return {"samples": len(samples)}
@@ -286,7 +287,7 @@ def report(ctx: Context) -> dict:
     from pipelines.report import write_report
 
     path = write_report(ctx.run_dir, ctx.cfg)
-    _console().print(f"report: {path}")
+    _console().print(f"report: {path}", markup=False)
     return {"report": str(path)}
 
 
