@@ -31,3 +31,7 @@ hardware:
 # What a run dir or checkpoint holds: `just inspect runs/latest [--digest]`.
 inspect *ARGS:
     python -m pufferfish_jax inspect "$@"
+
+# A config-file pipeline, each stage cached: `just pipeline configs/quick.py [key=value ...]`.
+pipeline *ARGS:
+    python -m pipelines "$@"

@@ -69,8 +69,8 @@ def _build_config(items: list[str]):
     return config_lib.validate(cfg), user_keys
 
 
-def _prepare(cfg, user_keys: set[str], started_at: float):
-    """Data, then a plan: the part of train and plan that comes before any training."""
+def _prepare(cfg, user_keys: set[str], started_at: float, plan=None):
+    """Data, then a plan (unless one is given): the part of train and plan before any training."""
     from pufferfish_jax import config as config_lib
     from pufferfish_jax.budget.calibrate import CalibrationCache
     from pufferfish_jax.budget.hardware import probe
@@ -88,14 +88,14 @@ def _prepare(cfg, user_keys: set[str], started_at: float):
     elif cfg.model.vocab_size < data.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                                      f"{data.vocab_size}; set model.vocab_size=0 to use the tokenizer's size")
-    if cfg.budget.time:
+    if plan is None and cfg.budget.time:
         budget_s = config_lib.parse_duration(cfg.budget.time)
         with console.status("planning: timing candidate models on this machine") as status:
             plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
                                train_tokens=len(data.train_tokens), val_tokens=len(data.val_tokens),
                                cache=CalibrationCache(cache), user_keys=user_keys,
                                memory_limit=probe(measure=False).memory_bytes, log=lambda s: status.update(f"planning: {s}"))
-    else:
+    elif plan is None:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens))
     return data, plan
 
@@ -163,18 +163,25 @@ RESUME_FREE_KEYS = {"train.run_dir", "train.resume", "train.checkpoint_every_s",
 
 
 def cmd_train(items: list[str], started_at: float) -> int:
+    cfg, user_keys = _build_config(items)
+    return train(cfg, user_keys, started_at)
+
+
+def train(cfg, user_keys: set[str], started_at: float, *, plan=None) -> int:
+    """Trains into cfg.train.run_dir, or resumes it when it has checkpoints; returns the exit code
+    (130: interrupted, checkpoint saved). A given `plan` (a pipeline's plan stage made it) is used
+    instead of planning; its budget counts from `started_at`."""
     from pufferfish_jax.budget.planner import apply_plan
     from pufferfish_jax.config import ConfigError, to_json
     from pufferfish_jax.train import checkpoint
     from pufferfish_jax.train.loop import run
 
-    cfg, user_keys = _build_config(items)
     if cfg.train.run_dir and checkpoint.saved_steps(Path(cfg.train.run_dir) / "checkpoints"):
         if cfg.train.resume == "never":
             raise ConfigError(f"run dir {cfg.train.run_dir} already has checkpoints; resume=auto continues it, "
                               "or choose another run_dir")
         return _resume(cfg, user_keys, Path(cfg.train.run_dir), started_at)
-    data, plan = _prepare(cfg, user_keys, started_at)
+    data, plan = _prepare(cfg, user_keys, started_at, plan)
     resolved = apply_plan(cfg, plan)
     run_dir = _new_run_dir(resolved)
     (run_dir / "config.json").write_text(to_json(resolved))

@@ -67,6 +67,19 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("budget.planner", "measured", "measured: time models here, pick the lowest predicted loss; none: keep the configured model; seed: the white paper's tiers."),
     ("budget.tokens_per_param", 0.0, "If > 0: pick the largest model that gets this many tokens per non-embedding parameter."),
     ("budget.margin", 0.01, "Fraction of the budget kept in reserve for jitter."),
+    # pipeline (`python -m pipelines CONFIG.py`; training alone ignores these three sections)
+    ("pipeline.stages", "corpus,tokenizer,tokens,plan,train,evaluate,sample,report",
+     "Stages to run, comma-separated; the stages they need run too, and finished ones are skipped."),
+    ("pipeline.run_dir", "", "Pipeline output folder; '' = runs/<config file name>."),
+    ("eval.sets", "val", "Texts the evaluate stage scores, comma-separated SOURCE or NAME=SOURCE: val (the held-out split), wiki | shakespeare | kjv, a file, folder, glob or hf:NAME[:split]."),
+    ("eval.max_chars", 1_000_000, "Characters read from each eval set other than val (its first ones); 0 = all."),
+    ("sample.prompts", "The history of|Once upon a time", "Prompts the sample stage continues, separated by |."),
+    ("sample.max_new_tokens", 100, "Tokens sampled per prompt (at most model.seq_len minus the prompt)."),
+    ("sample.min_new_tokens", 50, "The end-of-text token is not sampled before this many tokens."),
+    ("sample.temperature", 0.8, "Sampling temperature; 0 = greedy."),
+    ("sample.top_k", 50, "Sample among the k most likely tokens; 0 = all."),
+    ("sample.top_p", 0.95, "Sample from the smallest set of tokens holding this probability; 1 = all."),
+    ("sample.seed", 0, "Sampling seed: same seed and checkpoint, same samples."),
 )
 
 HELP: dict[str, str] = {key: text for key, _, text in SCHEMA}

@@ -125,6 +125,25 @@ def _load_cached(cache_dir: Path, key: str, start: float) -> PreparedData | None
                         prep_seconds=time.perf_counter() - start)
 
 
+def load_split(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *,
+               log: Log = no_log) -> tuple[list[str], list[str]]:
+    """(train, val) documents: the corpus split by content hash, or the corpus and data.val_source."""
+    docs = load_documents(data_cfg.corpus, cache_dir, max_chars=data_cfg.max_chars, log=log)
+    if data_cfg.val_source:
+        return docs, load_documents(data_cfg.val_source, cache_dir, max_chars=data_cfg.max_chars, log=log)
+    return split_documents(docs, data_cfg.val_fraction)
+
+
+def tokenizer_for(data_cfg: ml_collections.ConfigDict, train_docs: Sequence[str], cache_dir: Path, *,
+                  log: Log = no_log) -> Tokenizer:
+    """The tokenizer `prepare_data` uses for these settings: data.tokenizer, or the BPE trained on
+    `train_docs` (cached under the split's key, so a pipeline's tokenizer stage and a later
+    prepare_data share one training)."""
+    split_key, _ = _keys(data_cfg)
+    return load_or_train_tokenizer(train_docs, data_cfg.vocab_size, cache_dir, path=data_cfg.tokenizer,
+                                   corpus_fingerprint=split_key, log=log)
+
+
 def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log) -> PreparedData:
     """Corpus -> documents -> split -> tokenizer -> token streams, cached under `cache_dir`.
 
@@ -133,21 +152,15 @@ def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: L
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
-    split_key, key = _keys(data_cfg)
+    _, key = _keys(data_cfg)
     if (cached := _load_cached(cache_dir, key, start)) is not None:
         log(f"data: cached token streams {key} ({cached.train_tokens.size:,} train / "
             f"{cached.val_tokens.size:,} val tokens)")
         return cached
 
-    docs = load_documents(data_cfg.corpus, cache_dir, max_chars=data_cfg.max_chars, log=log)
-    if data_cfg.val_source:
-        train_docs = docs
-        val_docs = load_documents(data_cfg.val_source, cache_dir, max_chars=data_cfg.max_chars, log=log)
-    else:
-        train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
+    train_docs, val_docs = load_split(data_cfg, cache_dir, log=log)
     log(f"split: {len(train_docs):,} train / {len(val_docs):,} val documents")
-    tok = load_or_train_tokenizer(train_docs, data_cfg.vocab_size, cache_dir, path=data_cfg.tokenizer,
-                                  corpus_fingerprint=split_key, log=log)
+    tok = tokenizer_for(data_cfg, train_docs, cache_dir, log=log)
 
     meta_path, train_path, val_path = _paths(cache_dir, key)
     log("data: tokenizing")

@@ -1,0 +1,311 @@
+"""The eight stages of a pipeline, each a thin call into the project's own machinery.
+
+corpus -> tokenizer -> tokens -> plan -> train -> evaluate, sample -> report. Bulky data (corpus
+text, token streams) stays in the shared cache, which is keyed by content; the run dir holds each
+stage's record of what it produced (corpus.json, tokenizer.json, tokens.json, plan.json), the
+training run itself (train/, a normal run dir: `just generate runs/quick/train` works), the
+evaluation, the samples and the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_collections
+
+from pipelines.runner import Context, Stage
+from pufferfish_jax import config as config_lib
+from pufferfish_jax.config import ConfigError
+
+STAGE_NAMES = ("corpus", "tokenizer", "tokens", "plan", "train", "evaluate", "sample", "report")
+HELD_OUT = "val"  # the eval set name for the training corpus's own held-out split
+TRAINING_KEYS = ("model", "train", "budget")
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM with a checkpoint saved; the next run resumes it."""
+
+
+def stage_names(cfg: ml_collections.ConfigDict) -> list[str]:
+    names = [s.strip() for s in cfg.pipeline.stages.split(",") if s.strip()]
+    unknown = [n for n in names if n not in STAGE_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"pipeline.stages={cfg.pipeline.stages!r}: expected stage names from "
+                          f"{','.join(STAGE_NAMES)}")
+    return names
+
+
+def eval_sets(cfg: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """eval.sets as (name, source) pairs: `NAME=SOURCE` or a bare SOURCE named after itself."""
+    sets = []
+    for item in (s.strip() for s in cfg.eval.sets.split(",")):
+        if not item:
+            continue
+        name, _, source = item.partition("=") if "=" in item else (item, "", item)
+        name, source = name.strip(), source.strip()
+        if not name or not source:
+            raise ConfigError(f"eval.sets item {item!r} is not SOURCE or NAME=SOURCE")
+        sets.append((name, source))
+    names = [n for n, _ in sets]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"eval.sets names {', '.join(duplicates)} more than once; give each set its own NAME=")
+    return sets
+
+
+def prompts(cfg: ml_collections.ConfigDict) -> list[str]:
+    return [p for p in cfg.sample.prompts.split("|") if p.strip()]
+
+
+def check(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates the pipeline, eval and sample sections (config.validate covers the rest)."""
+    stage_names(cfg)
+    eval_sets(cfg)
+    s = cfg.sample
+    if not 0 < s.max_new_tokens < cfg.model.seq_len:
+        raise ConfigError(f"sample.max_new_tokens={s.max_new_tokens} must be between 1 and model.seq_len - 1 "
+                          f"({cfg.model.seq_len - 1})")
+    if s.min_new_tokens < 0 or s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1:
+        raise ConfigError("sample.min_new_tokens, sample.temperature and sample.top_k must be >= 0 and "
+                          "sample.top_p in (0, 1]")
+    if cfg.eval.max_chars < 0:
+        raise ConfigError(f"eval.max_chars={cfg.eval.max_chars} must be >= 0 (0 = all)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+def _console():
+    from pufferfish_jax.cli import console
+
+    return console
+
+
+@contextlib.contextmanager
+def _status(label: str) -> Iterator:
+    """A spinner whose text the library's `log` callbacks update."""
+    with _console().status(label) as status:
+        yield lambda s: status.update(s)
+
+
+def _cache(cfg: ml_collections.ConfigDict) -> Path:
+    return config_lib.cache_dir(cfg)
+
+
+def _write_json(path: Path, record) -> None:
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(run_dir: Path, name: str):
+    return json.loads((run_dir / name).read_text())
+
+
+def _corpus_sources(cfg: ml_collections.ConfigDict) -> list:
+    from pufferfish_jax.data.corpora import corpus_fingerprint
+
+    return [corpus_fingerprint(cfg.data.corpus), corpus_fingerprint(cfg.data.val_source) if cfg.data.val_source else ""]
+
+
+def _tokenizer_sources(cfg: ml_collections.ConfigDict) -> list:
+    if not cfg.data.tokenizer:
+        return []
+    path = Path(cfg.data.tokenizer).expanduser()
+    return [hashlib.sha256(path.read_bytes()).hexdigest()] if path.is_file() else [str(path)]
+
+
+def _eval_sources(cfg: ml_collections.ConfigDict) -> list:
+    from pufferfish_jax.data.corpora import corpus_fingerprint
+
+    return [[name, source if source == HELD_OUT else corpus_fingerprint(source)] for name, source in eval_sets(cfg)]
+
+
+def _restore_trained(ctx: Context):
+    """(spec, params, tokenizer, resolved config) of the train stage's final checkpoint."""
+    from pufferfish_jax import cli
+
+    cli._setup_jax(_cache(ctx.cfg))
+    spec, params, tokenizer, saved, _ = cli._restore(ctx.run_dir / "train")
+    return spec, params, tokenizer, saved
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _hardware() -> dict:
+    import jax
+
+    from pufferfish_jax.budget.hardware import probe
+
+    return probe(measure=False).to_dict() | {
+        "cpu": _cpu_name(), "python": sys.version.split()[0], "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", ""), "os": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- stages
+def corpus(ctx: Context) -> dict:
+    """Fetches the corpus (built-ins are downloaded once into the cache) and splits it."""
+    from pufferfish_jax.data.pipeline import load_split
+
+    with _status("corpus: loading") as log:
+        train_docs, val_docs = load_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
+    record = {"corpus": ctx.cfg.data.corpus, "val_source": ctx.cfg.data.val_source or "a split of the corpus"}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        record |= {f"{split}_documents": len(docs), f"{split}_chars": sum(map(len, docs)),
+                   f"{split}_bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    _write_json(ctx.run_dir / "corpus.json", record)
+    return record
+
+
+def tokenizer(ctx: Context) -> dict:
+    """The byte-level BPE trained on the training split (or data.tokenizer), as tokenizer.json."""
+    from pufferfish_jax.data.pipeline import load_split, tokenizer_for
+    from pufferfish_jax.data.tokenizer import tokenizer_fingerprint
+
+    with _status("tokenizer: loading the training split") as log:
+        train_docs, _ = load_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
+        tok = tokenizer_for(ctx.cfg.data, train_docs, _cache(ctx.cfg), log=log)
+    (ctx.run_dir / "tokenizer.json").write_text(tok.to_str())
+    return {"vocab_size": tok.get_vocab_size(), "source": ctx.cfg.data.tokenizer or "trained byte-level BPE",
+            "fingerprint": tokenizer_fingerprint(tok)}
+
+
+def tokens(ctx: Context) -> dict:
+    """Token streams of both splits (cached by content) and the unigram baseline of the split."""
+    from pufferfish_jax.data.pipeline import prepare_data, unigram_bpb
+
+    with _status("tokens: encoding") as log:
+        data = prepare_data(ctx.cfg.data, _cache(ctx.cfg), log=log)
+    record = {"train_tokens": int(data.train_tokens.size), "val_tokens": int(data.val_tokens.size),
+              "train_bytes": data.train_bytes, "val_bytes": data.val_bytes, "vocab_size": data.vocab_size,
+              "bytes_per_token": data.train_bytes / max(data.train_tokens.size, 1),
+              "unigram_bpb": unigram_bpb(data.train_tokens, data.val_tokens, data.val_bytes, data.vocab_size),
+              "data_fingerprint": data.fingerprint}
+    _write_json(ctx.run_dir / "tokens.json", record)
+    return record
+
+
+def plan(ctx: Context) -> dict:
+    """The planner's choice for the budget (or the fixed-steps plan), as the train command makes it."""
+    from pufferfish_jax import cli
+
+    _, chosen = cli._prepare(ctx.cfg, ctx.user_keys, ctx.started_at)
+    _write_json(ctx.run_dir / "plan.json", chosen.to_dict())
+    m = chosen.model
+    budget = f" in a {chosen.budget_s:.0f}s budget" if chosen.budget_s else ""
+    _console().print(f"plan: {m['num_layers']} layers x d {m['d_model']}, batch {chosen.batch_size}, "
+                     f"{chosen.steps:,} steps{budget}", markup=False)
+    return {"num_layers": m["num_layers"], "d_model": m["d_model"], "batch_size": chosen.batch_size,
+            "steps": chosen.steps, "step_s": chosen.step_s}
+
+
+def train(ctx: Context) -> dict:
+    """`just train` with the plan stage's plan into <run_dir>/train; an unfinished one resumes
+    from its newest checkpoint with what is left of its budget."""
+    from pufferfish_jax import cli
+    from pufferfish_jax.budget.planner import Plan
+    from pufferfish_jax.train import checkpoint
+
+    chosen = Plan(**read_json(ctx.run_dir, "plan.json"))
+    train_dir = Path(ctx.cfg.train.run_dir)
+    resuming = bool(checkpoint.saved_steps(train_dir / "checkpoints"))
+    # A plan made by an earlier command gets the budget it was made for, counted from now.
+    started_at = ctx.started_at if resuming or "plan" in ctx.ran else time.time() - chosen.planning_s
+    # Only training keys may differ from the interrupted attempt's (the fingerprint guarantees they don't).
+    user_keys = {k for k in ctx.user_keys if k.split(".")[0] in TRAINING_KEYS + ("data",)}
+    if cli.train(ctx.cfg, user_keys, started_at, plan=chosen) == 130:
+        raise Interrupted(f"training stopped with a checkpoint in {train_dir}; rerun the same command to resume it")
+    _write_json(ctx.run_dir / "hardware.json", _hardware())
+    return json.loads((train_dir / "plan.json").read_text())["outcome"]
+
+
+def evaluate(ctx: Context) -> dict:
+    """Loss and bits per byte of the trained model on every eval set, with the unigram baseline
+    (training-split token frequencies, the same tokenizer) on the same text."""
+    from pufferfish_jax.data.corpora import load_documents
+    from pufferfish_jax.data.pipeline import encode_documents, prepare_data, unigram_bpb
+    from pufferfish_jax.train.evaluate import evaluate as evaluate_tokens
+    from pufferfish_jax.train.step import make_eval_step
+
+    spec, params, tok, saved = _restore_trained(ctx)
+    data = prepare_data(ctx.cfg.data, _cache(ctx.cfg))
+    eval_step = make_eval_step(spec)
+    rows = []
+    for name, source in eval_sets(ctx.cfg):
+        with _status(f"evaluate: {name}") as log:
+            if source == HELD_OUT:
+                stream, num_bytes = data.val_tokens, data.val_bytes
+            else:
+                docs = load_documents(source, _cache(ctx.cfg), max_chars=ctx.cfg.eval.max_chars, log=log)
+                stream, num_bytes = encode_documents(tok, docs)
+            result = evaluate_tokens(eval_step, params, stream, num_bytes, seq_len=spec.seq_len,
+                                     batch_size=saved.train.batch_size)
+        row = {"name": name, "source": source, "tokens": result.tokens, "bytes": int(num_bytes),
+               "val_loss": result.loss, "val_bpb": result.bpb,
+               "unigram_bpb": unigram_bpb(data.train_tokens, stream, num_bytes, spec.vocab_size)}
+        _console().print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte "
+                         f"(unigram {row['unigram_bpb']:.4f}) over {row['tokens']:,} tokens", markup=False)
+        rows.append(row)
+    _write_json(ctx.run_dir / "eval.json", rows)
+    return {row["name"]: round(row["val_bpb"], 4) for row in rows}
+
+
+def sample(ctx: Context) -> dict:
+    """Continues each prompt with the trained model, seeded."""
+    from pufferfish_jax.data.tokenizer import eos_id
+    from pufferfish_jax.generate import generate
+
+    spec, params, tok, _ = _restore_trained(ctx)
+    s, eos = ctx.cfg.sample, eos_id(tok)
+    samples = []
+    for number, prompt in enumerate(prompts(ctx.cfg), 1):
+        ids = tok.encode(prompt).ids or [eos]
+        if len(ids) + s.max_new_tokens > spec.seq_len:
+            raise ConfigError(f"sample prompt {number} is {len(ids)} tokens and sample.max_new_tokens "
+                              f"{s.max_new_tokens}, more than the model's context of {spec.seq_len}; shorten "
+                              "the prompt or lower sample.max_new_tokens")
+        new = generate(spec, params, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                       top_k=s.top_k, top_p=s.top_p, seed=s.seed, eos_id=eos,
+                       min_new_tokens=min(s.min_new_tokens, s.max_new_tokens))
+        samples.append({"prompt": prompt, "continuation": tok.decode(new), "new_tokens": len(new)})
+        _console().print(f"sample {number}: {prompt}{samples[-1]['continuation']}", markup=False)
+    settings = {k: s[k] for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed")}
+    _write_json(ctx.run_dir / "samples.json", {"settings": settings, "samples": samples})
+    return {"samples": len(samples)}
+
+
+def report(ctx: Context) -> dict:
+    from pipelines.report import write_report
+
+    path = write_report(ctx.run_dir, ctx.cfg)
+    _console().print(f"report: {path}", markup=False)
+    return {"report": str(path)}
+
+
+ALL_KEYS = tuple(sorted({key.split(".")[0] for key in config_lib.HELP}))
+
+STAGES = (
+    Stage("corpus", corpus, outputs=("corpus.json",),
+          keys=("data.corpus", "data.val_source", "data.val_fraction", "data.max_chars"), sources=_corpus_sources),
+    Stage("tokenizer", tokenizer, outputs=("tokenizer.json",), inputs=("corpus",),
+          keys=("data.vocab_size", "data.tokenizer"), sources=_tokenizer_sources),
+    Stage("tokens", tokens, outputs=("tokens.json",), inputs=("corpus", "tokenizer")),
+    Stage("plan", plan, outputs=("plan.json",), inputs=("tokens",), keys=TRAINING_KEYS),
+    Stage("train", train, outputs=("train", "hardware.json"), inputs=("plan", "tokens"), keys=TRAINING_KEYS),
+    Stage("evaluate", evaluate, outputs=("eval.json",), inputs=("train", "tokens"), keys=("eval",),
+          sources=_eval_sources),
+    Stage("sample", sample, outputs=("samples.json",), inputs=("train",), keys=("sample",)),
+    # The report shows the whole config, so any change rewrites it (it takes a second).
+    Stage("report", report, outputs=("report.md", "loss_curves.png"),
+          inputs=("corpus", "tokenizer", "tokens", "plan", "train", "evaluate", "sample"), keys=ALL_KEYS),
+)
+assert tuple(s.name for s in STAGES) == STAGE_NAMES
