@@ -93,6 +93,12 @@ def _compiler_params(cfg: KernelConfig):
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False, precision=None) -> Array:
+    """A 2-D matmul with a float32 result (what Triton's tl.dot computes), operands optionally transposed."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 def _precision(dtype) -> lax.Precision | None:
     """float32 inputs get full-precision dots (no TF32 on GPU), so they match the XLA reference."""
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
@@ -100,7 +106,7 @@ def _precision(dtype) -> lax.Precision | None:
 
 def _scores(q, k, span_q, span_k, scale_log2, precision):
     """Causally masked scores in the log2 domain: (q . k) * scale * log2(e), float32 [bq, bk]."""
-    s = pl.dot(q, k, trans_b=True, precision=precision) * scale_log2
+    s = _dot(q, k, trans_b=True, precision=precision) * scale_log2
     return jnp.where(span_q[:, None] >= span_k[None, :], s, MASK_VALUE)
 
 
@@ -124,7 +130,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k: int, precis
         p = jnp.exp2(s - m_new[:, None])
         rescale = jnp.exp2(m - m_new)
         v = v_ref[keys, :]
-        acc = acc * rescale[:, None] + pl.dot(p.astype(v.dtype), v, precision=precision)
+        acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l * rescale + jnp.sum(p, axis=-1)
 
     init = (jnp.zeros((block_q, H), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
@@ -164,8 +170,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block
         keys = pl.ds(j * block_k, block_k)
         k, v = k_ref[keys, :], v_ref[keys, :]
         p = jnp.exp2(_scores(q, k, span_q, j * block_k + jnp.arange(block_k), scale * LOG2_E, precision) - lse[:, None])
-        ds = p * (pl.dot(do, v, trans_b=True, precision=precision) - delta[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k, precision=precision)
+        ds = p * (_dot(do, v, trans_b=True, precision=precision) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
     dq = lax.fori_loop(0, _causal_key_blocks(i, block_q, block_k), visit, jnp.zeros((block_q, H), jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -189,9 +195,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             stats = pl.ds(g * padded_len + i * block_q, block_q)
             lse, delta = lse_ref[stats], delta_ref[stats]
             p = jnp.exp2(_scores(q, k, i * block_q + jnp.arange(block_q), span_k, scale * LOG2_E, precision) - lse[:, None])
-            dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
-            ds = p * (pl.dot(do, v, trans_b=True, precision=precision) - delta[:, None])
-            return dk + pl.dot(ds.astype(q.dtype), q, trans_a=True, precision=precision), dv
+            dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+            ds = p * (_dot(do, v, trans_b=True, precision=precision) - delta[:, None])
+            return dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=precision), dv
 
         return visit
 
