@@ -35,11 +35,19 @@ def sample_logits(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) ->
 
     All three settings may be traced: top-k and top-p become one logit threshold read off a single
     descending sort, so shapes never depend on them. The nucleus is the smallest prefix of the
-    top-k tokens whose probability reaches top_p. Ties at the threshold are all kept.
+    top-k tokens whose probability reaches top_p. Ties at the threshold are all kept. Greedy
+    decoding skips the sort through a `lax.cond` (the sort of a large vocabulary costs more than a
+    decode step of a small model).
     """
     logits_BV = logits_BV.astype(jnp.float32)
+    return jax.lax.cond(temperature > 0,
+                        lambda: _sample(logits_BV, rng, temperature=temperature, top_k=top_k, top_p=top_p),
+                        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+
+
+def _sample(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) -> Array:
     V = logits_BV.shape[-1]
-    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)  # finite even where a vmapped cond runs both branches
     sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
     in_top_k_V = jnp.arange(V) < k
@@ -48,8 +56,7 @@ def sample_logits(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) ->
     keep_BV = in_top_k_V & ((mass_before_BV < top_p) | (top_p >= 1.0))
     num_kept_B1 = jnp.maximum(jnp.sum(keep_BV, axis=-1, keepdims=True), 1)
     threshold_B1 = jnp.take_along_axis(sorted_BV, num_kept_B1 - 1, axis=-1)
-    sampled_B = jax.random.categorical(rng, jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf))
-    return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+    return jax.random.categorical(rng, jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf)).astype(jnp.int32)
 
 
 def penalize_repeats(logits_BV: Array, seen_BV: Array, penalty) -> Array:
