@@ -90,7 +90,9 @@ def _compiler_params(cfg: KernelConfig):
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # Named TritonCompilerParams before JAX 0.6.
+    params_cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+    return params_cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False, precision=None) -> Array:
