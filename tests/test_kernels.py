@@ -3,7 +3,7 @@
 On CPU the kernels run in Pallas interpret mode; on a GPU the same tests run them compiled through
 Triton (tools/gpu_check.sh). Shapes are tiny because interpretation is slow; the cases cover every
 sequence length (neither a multiple of the 64-token block), kv head count (1, 2, all) and head dim
-(32, 64, 128) with both dtypes, pairwise rather than as a full product.
+(32, 64, 128) and both dtypes at least once, not as a full product.
 """
 
 import jax
@@ -56,11 +56,9 @@ def _assert_close(got, want, tol):
 
 @pytest.mark.parametrize("B, T, K, H, dtype", [
     (2, 40, 1, 32, jnp.float32),
-    (1, 96, 2, 64, jnp.float32),
+    (1, 96, 2, 64, jnp.bfloat16),
     (1, 96, N_HEADS, 128, jnp.float32),
-    (1, 40, 2, 128, jnp.bfloat16),
-    (1, 96, 1, 64, jnp.bfloat16),
-    (1, 40, N_HEADS, 32, jnp.bfloat16),
+    (1, 40, N_HEADS, 128, jnp.bfloat16),
 ])
 def test_flash_matches_xla_outputs_and_gradients(B, T, K, H, dtype):
     q, k, v, w = _inputs(B, T, K, H, dtype)
@@ -195,6 +193,7 @@ def test_attention_entry_point_uses_the_kernel_only_without_a_cache(monkeypatch)
     calls = []
     monkeypatch.setattr(attention_mod, "run_backend", lambda backend, *a: calls.append(backend) or xla_attention(*a))
     q, k, v, _ = _inputs(1, 8, 2, 16, jnp.float32)
-    attention(q, k, v, backend="pallas")
-    attention(q, k, v, q_start=jnp.int32(0), backend="pallas")  # a traced offset means a cache call
+    jax.eval_shape(lambda: attention(q, k, v, backend="pallas"))
+    jax.eval_shape(lambda: attention(q, k, v, q_start=jnp.int32(0), backend="pallas"))  # an array offset: a cache call
+    jax.eval_shape(lambda: attention(q, k, v, kv_start_B=jnp.zeros((1,), jnp.int32), backend="pallas"))
     assert calls == ["pallas"]

@@ -71,6 +71,8 @@ def flash_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, *, block_q: int
         raise ValueError(f"flash_attention: q {q_BTNH.shape}, k {k_BTKH.shape}, v {v_BTKH.shape} do not match")
     if N % K:
         raise ValueError(f"flash_attention: {N} query heads are not a multiple of {K} kv heads")
+    if not q_BTNH.dtype == k_BTKH.dtype == v_BTKH.dtype:
+        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q_BTNH.dtype}, {k_BTKH.dtype}, {v_BTKH.dtype})")
     for name, block in (("block_q", block_q), ("block_k", block_k)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"flash_attention: {name}={block} must be a power of two >= 16")
