@@ -7,7 +7,8 @@ backward pass that reuses the forward's log-sum-exp, and one code path that runs
 Algorithm (FlashAttention-2): each program owns one block of queries of one head and streams the
 key/value blocks of that head's kv head through an online softmax, keeping the running max `m`,
 the running sum `l` and the unnormalised output in float32. Causality skips whole blocks: a query
-block stops at the last key block that reaches its diagonal. The forward saves
+block stops at the last key block that reaches its diagonal, and only the blocks that straddle the
+diagonal compute the mask. The forward saves
 lse = m + log2(l) per query (base 2: the kernels use exp2, the cheaper instruction), so the backward
 recomputes probabilities as exp2(s - lse) without a second reduction.
 
@@ -108,15 +109,18 @@ def _precision(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _scores(q, k, span_q, span_k, scale_log2, precision):
-    """Causally masked scores in the log2 domain: (q . k) * scale * log2(e), float32 [bq, bk]."""
+def _scores(q, k, span_q, span_k, scale_log2, precision, masked: bool):
+    """Scores in the log2 domain, (q . k) * scale * log2(e), float32 [bq, bk]; causally masked only
+    for blocks that straddle the diagonal (`masked`), the others skip the compare and select."""
     s = _dot(q, k, trans_b=True, precision=precision) * scale_log2
-    return jnp.where(span_q[:, None] >= span_k[None, :], s, MASK_VALUE)
+    return jnp.where(span_q[:, None] >= span_k[None, :], s, MASK_VALUE) if masked else s
 
 
-def _causal_key_blocks(q_block, block_q: int, block_k: int):
-    """Key blocks a causal query block must visit: those starting at or before its last query."""
-    return lax.div((q_block + 1) * block_q + block_k - 1, block_k)
+def _key_block_ranges(q_block, block_q: int, block_k: int):
+    """(full, end): key blocks [0, full) are visible to every query of the block, [full, end) only
+    partly (the diagonal), and later ones to none: they are skipped."""
+    full = lax.div(q_block * block_q, block_k)
+    return full, lax.div((q_block + 1) * block_q + block_k - 1, block_k)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k: int, precision):
@@ -126,10 +130,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k: int, precis
     q = q_ref[...]
     span_q = i * block_q + jnp.arange(block_q)
 
-    def visit(j, carry):
+    def visit(j, carry, masked):
         acc, m, l = carry
         keys = pl.ds(j * block_k, block_k)
-        s = _scores(q, k_ref[keys, :], span_q, j * block_k + jnp.arange(block_k), scale_log2, precision)
+        s = _scores(q, k_ref[keys, :], span_q, j * block_k + jnp.arange(block_k), scale_log2, precision, masked)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp2(s - m_new[:, None])
         rescale = jnp.exp2(m - m_new)
@@ -139,7 +143,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k: int, precis
 
     init = (jnp.zeros((block_q, H), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, _causal_key_blocks(i, block_q, block_k), visit, init)
+    full, end = _key_block_ranges(i, block_q, block_k)
+    carry = lax.fori_loop(0, full, functools.partial(visit, masked=False), init)
+    acc, m, l = lax.fori_loop(full, end, functools.partial(visit, masked=True), carry)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l)
 
@@ -170,14 +176,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block
     lse, delta = lse_ref[...], delta_ref[...]
     span_q = i * block_q + jnp.arange(block_q)
 
-    def visit(j, dq):
+    def visit(j, dq, masked):
         keys = pl.ds(j * block_k, block_k)
         k, v = k_ref[keys, :], v_ref[keys, :]
-        p = jnp.exp2(_scores(q, k, span_q, j * block_k + jnp.arange(block_k), scale * LOG2_E, precision) - lse[:, None])
+        s = _scores(q, k, span_q, j * block_k + jnp.arange(block_k), scale * LOG2_E, precision, masked)
+        p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot(do, v, trans_b=True, precision=precision) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
-    dq = lax.fori_loop(0, _causal_key_blocks(i, block_q, block_k), visit, jnp.zeros((block_q, H), jnp.float32))
+    full, end = _key_block_ranges(i, block_q, block_k)
+    dq = lax.fori_loop(0, full, functools.partial(visit, masked=False), jnp.zeros((block_q, H), jnp.float32))
+    dq = lax.fori_loop(full, end, functools.partial(visit, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -188,9 +197,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     scale = H**-0.5
     k, v = k_ref[...], v_ref[...]
     span_k = j * block_k + jnp.arange(block_k)
-    first_q_block = lax.div(j * block_k, block_q)  # earlier query blocks cannot see these keys
+    # Query blocks before `first` see none of these keys, [first, full) see some (the diagonal),
+    # [full, real_q_blocks) see all; blocks past the last real query only hold padding.
+    first = lax.div(j * block_k, block_q)
+    full = jnp.minimum(lax.div((j + 1) * block_k - 1 + block_q - 1, block_q), real_q_blocks)
 
-    def visit_group(g):
+    def visit_group(g, masked):
         def visit(i, carry):
             dk, dv = carry
             rows = pl.ds(i * block_q, block_q)
@@ -198,7 +210,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             q, do = q_ref[rows, head], do_ref[rows, head]
             stats = pl.ds(g * padded_len + i * block_q, block_q)
             lse, delta = lse_ref[stats], delta_ref[stats]
-            p = jnp.exp2(_scores(q, k, i * block_q + jnp.arange(block_q), span_k, scale * LOG2_E, precision) - lse[:, None])
+            s = _scores(q, k, i * block_q + jnp.arange(block_q), span_k, scale * LOG2_E, precision, masked)
+            p = jnp.exp2(s - lse[:, None])
             dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
             ds = p * (_dot(do, v, trans_b=True, precision=precision) - delta[:, None])
             return dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=precision), dv
@@ -207,7 +220,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
     carry = (jnp.zeros((block_k, H), jnp.float32), jnp.zeros((block_k, H), jnp.float32))
     for g in range(groups):
-        carry = lax.fori_loop(first_q_block, real_q_blocks, visit_group(g), carry)
+        carry = lax.fori_loop(first, full, visit_group(g, masked=True), carry)
+        carry = lax.fori_loop(full, real_q_blocks, visit_group(g, masked=False), carry)
     dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
