@@ -28,13 +28,15 @@ from pufferfish_jax.model.transformer import ModelSpec, Transformer
 Array = jax.Array
 
 MIN_BUCKET = 16
+SMALL_TOP_K = 64
 
 
 def sample_logits(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) -> Array:
     """Sample one token per row. temperature 0 -> greedy, top_k 0 -> off, top_p 1.0 -> off.
 
-    All three settings may be traced: top-k and top-p become one logit threshold read off a single
-    descending sort, so shapes never depend on them. The nucleus is the smallest prefix of the
+    All three settings may be traced: top-k and top-p become one logit threshold read off the
+    logits in descending order (the top SMALL_TOP_K when top_k is that small, else a full sort), so
+    shapes never depend on them. The nucleus is the smallest prefix of the
     top-k tokens whose probability reaches top_p. Ties at the threshold are all kept. Greedy
     decoding skips the sort through a `lax.cond` (the sort of a large vocabulary costs more than a
     decode step of a small model).
@@ -48,15 +50,25 @@ def sample_logits(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) ->
 def _sample(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) -> Array:
     V = logits_BV.shape[-1]
     scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)  # finite even where a vmapped cond runs both branches
-    sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    in_top_k_V = jnp.arange(V) < k
-    probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BV, -jnp.inf), axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = in_top_k_V & ((mass_before_BV < top_p) | (top_p >= 1.0))
-    num_kept_B1 = jnp.maximum(jnp.sum(keep_BV, axis=-1, keepdims=True), 1)
-    threshold_B1 = jnp.take_along_axis(sorted_BV, num_kept_B1 - 1, axis=-1)
+    # A small top-k needs only the top SMALL_TOP_K logits, not a sort of the whole vocabulary.
+    small = min(SMALL_TOP_K, V)
+    threshold_B1 = jax.lax.cond(
+        (top_k > 0) & (top_k <= small),
+        lambda: _threshold(jax.lax.top_k(scaled_BV, small)[0], top_k, top_p),
+        lambda: _threshold(-jnp.sort(-scaled_BV, axis=-1), top_k, top_p))
     return jax.random.categorical(rng, jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf)).astype(jnp.int32)
+
+
+def _threshold(sorted_BW: Array, top_k, top_p) -> Array:
+    """The smallest logit kept by top-k then top-p, from the W largest logits in descending order."""
+    W = sorted_BW.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, W), W)
+    in_top_k_W = jnp.arange(W) < k
+    probs_BW = jax.nn.softmax(jnp.where(in_top_k_W, sorted_BW, -jnp.inf), axis=-1)
+    mass_before_BW = jnp.cumsum(probs_BW, axis=-1) - probs_BW
+    keep_BW = in_top_k_W & ((mass_before_BW < top_p) | (top_p >= 1.0))
+    num_kept_B1 = jnp.maximum(jnp.sum(keep_BW, axis=-1, keepdims=True), 1)
+    return jnp.take_along_axis(sorted_BW, num_kept_B1 - 1, axis=-1)
 
 
 def penalize_repeats(logits_BV: Array, seen_BV: Array, penalty) -> Array:

@@ -49,6 +49,16 @@ def test_top_k_never_samples_outside_top_k():
     assert set(np.asarray(tokens_B).tolist()) == top5
 
 
+def test_top_k_on_a_large_vocabulary_both_below_and_above_the_partial_sort():
+    logits_V = jax.random.normal(jax.random.key(4), (200,))
+    logits_BV = jnp.tile(logits_V, (4096, 1))
+    ranked = np.argsort(-np.asarray(logits_V))
+    draw = functools.partial(jax.jit(sample_logits), logits_BV, jax.random.key(5), temperature=1.0, top_p=1.0)
+    assert set(np.asarray(draw(top_k=5)).tolist()) == set(ranked[:5].tolist())  # lax.top_k path
+    wide = set(np.asarray(draw(top_k=100)).tolist())  # full-sort path
+    assert wide <= set(ranked[:100].tolist()) and wide - set(ranked[:64].tolist())
+
+
 def test_top_p_never_samples_outside_nucleus():
     probs_V = jnp.array([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
     logits_BV = jnp.tile(jnp.log(probs_V), (4096, 1))
