@@ -94,7 +94,7 @@ def main() -> int:
             rows = []
             for backend in backends:
                 label = backend.replace(":", " ") + (" (interpreted)" if backend.startswith("pallas") and not on_gpu else "")
-                problem = backend_problem(backend.split(":")[0], q, k)
+                problem = backend_problem(backend.split(":")[0], q)
                 if problem:
                     rows.append((label, f"n/a: {problem}"))
                     continue

@@ -69,7 +69,7 @@ def _platform() -> str:
     return jax.default_backend()
 
 
-def backend_problem(backend: str, q_BTNH: Array, k_BSKH: Array) -> str | None:
+def backend_problem(backend: str, q_BTNH: Array) -> str | None:
     """Why `backend` cannot run this call here (a short reason), or None if it can."""
     platform, dtype, H, T = _platform(), q_BTNH.dtype, q_BTNH.shape[-1], q_BTNH.shape[1]
     if backend == "xla":
@@ -113,15 +113,15 @@ def resolve_backend(backend: str, q_BTNH: Array, k_BSKH: Array, *, cached: bool 
     if cached or backend == "xla":
         return "xla"
     if backend != "auto":
-        problem = backend_problem(backend, q_BTNH, k_BSKH)
+        problem = backend_problem(backend, q_BTNH)
         if problem:
             raise AttentionBackendError(f"model.attention={backend} {problem}; use model.attention=auto or xla")
         return backend
     platform = _platform()
-    if platform == "tpu" and not backend_problem("splash", q_BTNH, k_BSKH):
+    if platform == "tpu" and not backend_problem("splash", q_BTNH):
         return "splash"
     if platform == "gpu" and q_BTNH.shape[1] >= AUTO_MIN_SEQ:
-        candidates = tuple(b for b in ("cudnn", "pallas") if not backend_problem(b, q_BTNH, k_BSKH))
+        candidates = tuple(b for b in ("cudnn", "pallas") if not backend_problem(b, q_BTNH))
         B, T, N, H = q_BTNH.shape
         return fastest_backend(candidates + ("xla",), B, T, N, k_BSKH.shape[2], H, jnp.dtype(q_BTNH.dtype).name)
     return "xla"
