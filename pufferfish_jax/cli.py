@@ -25,10 +25,11 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pufferfish_jax.config import ConfigError
     from pufferfish_jax.data.corpora import DataError
+    from pufferfish_jax.model.attention import AttentionBackendError
     from pufferfish_jax.train.checkpoint import CheckpointError
     from pufferfish_jax.train.loop import TrainingDiverged
 
-    return ConfigError, DataError, CheckpointError, TrainingDiverged
+    return ConfigError, DataError, CheckpointError, TrainingDiverged, AttentionBackendError
 
 
 def _start_time(started_at: float | None) -> float:
@@ -309,11 +310,15 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 makes tokens already in the prompt or output less likely (1.1-1.3 is typical); 1 = off")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     spec, params, tokenizer, _, _ = _restore(args.path)
     eos = eos_id(tokenizer)
 
+    if args.repetition_penalty <= 0:
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty} must be positive (1 = off, 1.1-1.3 is typical)")
     if not 0 < args.max_new_tokens < spec.seq_len:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be between 1 and {spec.seq_len - 1} "
                           f"(the model's context is {spec.seq_len} tokens)")
@@ -337,7 +342,7 @@ def cmd_generate(argv: list[str]) -> int:
 
         sys.stdout.write(prompt)
         generate(spec, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
+                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, eos_id=eos,
                  min_new_tokens=min(args.min_new_tokens, args.max_new_tokens), on_token=on_token)
         sys.stdout.write(tokenizer.decode(out)[shown:] + "\n")
         sys.stdout.flush()

@@ -1,10 +1,16 @@
 """Text generation: one prefill, then the whole decode loop compiled as a single `lax.while_loop`.
 
-Compilation is keyed only on (spec, prompt bucket, streaming on/off): the prompt is right-padded to a
-power-of-two bucket, the KV cache always spans spec.seq_len, and everything else (true prompt
-length, max_new_tokens, sampling settings, seed, eos) is a traced argument. New tokens reach the
+Compilation is keyed only on (spec, batch size, prompt bucket, streaming on/off): prompts are padded
+to a power-of-two bucket, the KV cache always spans spec.seq_len, and everything else (true prompt
+lengths, max_new_tokens, sampling settings, seed, eos) is a traced argument. New tokens reach the
 host as they are produced through an ordered `io_callback`, routed by a per-call request id so that
 any Python callable can receive them without being part of the compiled function.
+
+A batch of prompts of different lengths is left-padded so that every row's last prompt token sits
+at the same cache slot: then one write offset serves the whole batch (each decode write stays a
+single `dynamic_update_slice`), the cache's per-row `start_B` hides the padding from every query,
+and rotary positions are counted from each row's own first token, so a row computes exactly what
+it would alone.
 """
 
 import itertools
@@ -13,80 +19,153 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import io_callback
 
-from pufferfish_jax.model.attention import init_cache
+from pufferfish_jax.model.attention import KVCache, init_cache
 from pufferfish_jax.model.transformer import ModelSpec, Transformer
 
 Array = jax.Array
 
 MIN_BUCKET = 16
+SMALL_TOP_K = 64
 
 
 def sample_logits(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) -> Array:
     """Sample one token per row. temperature 0 -> greedy, top_k 0 -> off, top_p 1.0 -> off.
 
-    All three settings may be traced: top-k and top-p become one logit threshold read off a single
-    descending sort, so shapes never depend on them. The nucleus is the smallest prefix of the
-    top-k tokens whose probability reaches top_p. Ties at the threshold are all kept.
+    All three settings may be traced: top-k and top-p become one logit threshold read off the
+    logits in descending order (the top SMALL_TOP_K when top_k is that small, else a full sort), so
+    shapes never depend on them. The nucleus is the smallest prefix of the
+    top-k tokens whose probability reaches top_p. Ties at the threshold are all kept. Greedy
+    decoding skips the sort through a `lax.cond` (the sort of a large vocabulary costs more than a
+    decode step of a small model).
     """
     logits_BV = logits_BV.astype(jnp.float32)
+    return jax.lax.cond(temperature > 0,
+                        lambda: _sample(logits_BV, rng, temperature=temperature, top_k=top_k, top_p=top_p),
+                        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+
+
+def _sample(logits_BV: Array, rng: Array, *, temperature, top_k, top_p) -> Array:
     V = logits_BV.shape[-1]
-    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-    sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    in_top_k_V = jnp.arange(V) < k
-    probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BV, -jnp.inf), axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = in_top_k_V & ((mass_before_BV < top_p) | (top_p >= 1.0))
-    num_kept_B1 = jnp.maximum(jnp.sum(keep_BV, axis=-1, keepdims=True), 1)
-    threshold_B1 = jnp.take_along_axis(sorted_BV, num_kept_B1 - 1, axis=-1)
-    sampled_B = jax.random.categorical(rng, jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf))
-    return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)  # finite even where a vmapped cond runs both branches
+    # A small top-k needs only the top SMALL_TOP_K logits, not a sort of the whole vocabulary.
+    small = min(SMALL_TOP_K, V)
+    threshold_B1 = jax.lax.cond(
+        (top_k > 0) & (top_k <= small),
+        lambda: _threshold(jax.lax.top_k(scaled_BV, small)[0], top_k, top_p),
+        lambda: _threshold(-jnp.sort(-scaled_BV, axis=-1), top_k, top_p))
+    return jax.random.categorical(rng, jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf)).astype(jnp.int32)
 
 
-# request id -> on_token callback, for the calls in flight.
-_SINKS: dict[int, Callable[[int], None]] = {}
+def _threshold(sorted_BW: Array, top_k, top_p) -> Array:
+    """The smallest logit kept by top-k then top-p, from the W largest logits in descending order."""
+    W = sorted_BW.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, W), W)
+    in_top_k_W = jnp.arange(W) < k
+    probs_BW = jax.nn.softmax(jnp.where(in_top_k_W, sorted_BW, -jnp.inf), axis=-1)
+    mass_before_BW = jnp.cumsum(probs_BW, axis=-1) - probs_BW
+    keep_BW = in_top_k_W & ((mass_before_BW < top_p) | (top_p >= 1.0))
+    num_kept_B1 = jnp.maximum(jnp.sum(keep_BW, axis=-1, keepdims=True), 1)
+    return jnp.take_along_axis(sorted_BW, num_kept_B1 - 1, axis=-1)
+
+
+def penalize_repeats(logits_BV: Array, seen_BV: Array, penalty) -> Array:
+    """The repetition penalty of CTRL (Keskar et al. 2019), as Hugging Face applies it: the logit of a
+    token already in the prompt or the output is divided by `penalty` if positive and multiplied by
+    it if negative, so penalty > 1 always makes a repeat less likely. 1.0 = off; may be traced."""
+    penalized_BV = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return jnp.where(seen_BV, penalized_BV, logits_BV)
+
+
+def pad_prompts(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens_BP, start_B): each prompt left-padded to the longest, then right-padded to `bucket`.
+
+    Every row's last prompt token lands on slot longest - 1; start_B[b] is row b's first real slot.
+    The right padding only rounds the shape up to a bucket: generation rewinds the cache to the
+    longest prompt and overwrites those slots.
+    """
+    longest = max(len(p) for p in prompts)
+    tokens_BP = np.zeros((len(prompts), bucket), np.int32)
+    start_B = np.array([longest - len(p) for p in prompts], np.int32)
+    for row, (prompt, start) in enumerate(zip(prompts, start_B)):
+        tokens_BP[row, start:longest] = prompt
+    return tokens_BP, start_B
+
+
+def prefill(spec: ModelSpec, params, tokens_BP: Array, start_B: Array, length) -> tuple[Array, KVCache]:
+    """Run padded prompts through the model into a fresh cache; returns (logits_BPV, cache).
+
+    `length` (traced) is the longest prompt: the cache is rewound to it, so decoding continues at
+    the slot after every row's last prompt token.
+    """
+    cache = init_cache(spec, tokens_BP.shape[0], spec.seq_len)._replace(start_B=start_B)
+    positions_BP = jnp.clip(jnp.arange(tokens_BP.shape[1])[None, :] - start_B[:, None], 0, spec.seq_len - 1)
+    logits_BPV, cache = Transformer(spec).apply({"params": params}, tokens_BP, cache=cache, positions_BT=positions_BP)
+    return logits_BPV, cache._replace(length=jnp.asarray(length, jnp.int32))
+
+
+def decode_step(spec: ModelSpec, params, token_B: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """One new token per row at slot cache.length; returns (logits_BV, cache)."""
+    positions_B1 = (cache.length - cache.start_B)[:, None]
+    logits_B1V, cache = Transformer(spec).apply({"params": params}, token_B[:, None], cache=cache,
+                                                positions_BT=positions_B1)
+    return logits_B1V[:, 0], cache
+
+
+# request id -> on_token(row, token) callback, for the calls in flight.
+_SINKS: dict[int, Callable[[int, int], None]] = {}
 _SINKS_LOCK = threading.Lock()
 _REQUEST_IDS = itertools.count()
 
 
-def _deliver(request_id, token) -> None:
-    _SINKS[int(request_id)](int(token))
+def _deliver(request_id, tokens_B, active_B) -> None:
+    sink = _SINKS[int(request_id)]
+    for row, (token, active) in enumerate(zip(tokens_B.tolist(), active_B.tolist())):
+        if active:
+            sink(row, token)
 
 
-def _decode(spec: ModelSpec, stream: bool, params, prompt_1P, prompt_len, max_new_tokens, min_new_tokens,
-            temperature, top_k, top_p, rng, eos_id, request_id):
-    """Prefill prompt_1P[:, :prompt_len] and decode up to max_new_tokens; returns (tokens_S, count)."""
-    model = Transformer(spec)
-    cache = init_cache(spec, 1, spec.seq_len)
-    logits_1PV, cache = model.apply({"params": params}, prompt_1P, cache=cache)
-    # Slots past prompt_len hold padding; rewinding the length lets decode overwrite them.
-    cache = cache._replace(length=prompt_len)
-    logits_1V = jax.lax.dynamic_index_in_dim(logits_1PV, prompt_len - 1, axis=1, keepdims=False)
+def _decode(spec: ModelSpec, stream: bool, params, tokens_BP, start_B, longest, max_new_tokens, min_new_tokens,
+            temperature, top_k, top_p, repetition_penalty, rng, eos_id, request_id):
+    """Prefill the padded prompts and decode up to max_new_tokens per row; returns (tokens_BS, count_B).
 
-    def emit(i, logits_1V, out_S):
-        too_early_V = (jnp.arange(logits_1V.shape[-1]) == eos_id) & (i < min_new_tokens)
-        logits_1V = jnp.where(too_early_V, -jnp.inf, logits_1V)
-        rng_i = jax.random.fold_in(rng, i)
-        token_1 = sample_logits(logits_1V, rng_i, temperature=temperature, top_k=top_k, top_p=top_p)
+    A row stops after its eos; the loop stops when every row has, or after max_new_tokens.
+    """
+    B, V = tokens_BP.shape[0], spec.vocab_size
+    logits_BPV, cache = prefill(spec, params, tokens_BP, start_B, longest)
+    logits_BV = jax.lax.dynamic_index_in_dim(logits_BPV, longest - 1, axis=1, keepdims=False)
+    real_BP = (jnp.arange(tokens_BP.shape[1])[None, :] >= start_B[:, None]) & (jnp.arange(tokens_BP.shape[1]) < longest)
+    seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], tokens_BP].max(real_BP)
+
+    def emit(i, logits_BV, state):
+        done_B, seen_BV, out_BS, count_B = state
+        logits_BV = penalize_repeats(logits_BV.astype(jnp.float32), seen_BV, repetition_penalty)
+        too_early_V = (jnp.arange(V) == eos_id) & (i < min_new_tokens)
+        logits_BV = jnp.where(too_early_V, -jnp.inf, logits_BV)
+        token_B = sample_logits(logits_BV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p)
+        active_B = ~done_B
         if stream:
-            io_callback(_deliver, None, request_id, token_1[0], ordered=True)
-        return token_1, out_S.at[i].set(token_1[0])
+            io_callback(_deliver, None, request_id, token_B, active_B, ordered=True)
+        out_BS = out_BS.at[:, i].set(jnp.where(active_B, token_B, 0))
+        seen_BV = seen_BV.at[jnp.arange(B), token_B].set(True)
+        return token_B, (done_B | (token_B == eos_id), seen_BV, out_BS, count_B + active_B)
 
     def cond(carry):
-        i, token_1, _, _ = carry
-        return (i < max_new_tokens) & (token_1[0] != eos_id)
+        i, _, _, (done_B, *_) = carry
+        return (i < max_new_tokens) & ~jnp.all(done_B)
 
     def body(carry):
-        i, token_1, cache, out_S = carry
-        logits_11V, cache = model.apply({"params": params}, token_1[:, None], cache=cache)
-        token_1, out_S = emit(i, logits_11V[:, 0], out_S)
-        return i + 1, token_1, cache, out_S
+        i, token_B, cache, state = carry
+        logits_BV, cache = decode_step(spec, params, token_B, cache)
+        token_B, state = emit(i, logits_BV, state)
+        return i + 1, token_B, cache, state
 
-    token_1, out_S = emit(0, logits_1V, jnp.zeros((spec.seq_len,), jnp.int32))
-    count, _, _, out_S = jax.lax.while_loop(cond, body, (jnp.int32(1), token_1, cache, out_S))
-    return out_S, count
+    state = (jnp.zeros((B,), bool), seen_BV, jnp.zeros((B, spec.seq_len), jnp.int32), jnp.zeros((B,), jnp.int32))
+    token_B, state = emit(0, logits_BV, state)
+    _, _, _, (_, _, out_BS, count_B) = jax.lax.while_loop(cond, body, (jnp.int32(1), token_B, cache, state))
+    return out_BS, count_B
 
 
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1))
@@ -98,8 +177,9 @@ def prompt_bucket(prompt_len: int, seq_len: int) -> int:
 
 
 def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 50, top_p: float = 0.95, seed: int = 0, eos_id: int | None = None,
-             min_new_tokens: int = 0, on_token: Callable[[int], None] | None = None) -> list[int]:
+             top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int = 0,
+             eos_id: int | None = None, min_new_tokens: int = 0,
+             on_token: Callable[[int], None] | None = None) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return the new tokens only.
 
     Context limit: max_new_tokens is capped at spec.seq_len - 1, then the prompt keeps only its last
@@ -109,27 +189,46 @@ def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: 
     continuation to a few words. `on_token` receives every
     returned token, in order, as soon as it is sampled. Same arguments and seed -> same tokens.
     """
-    if not prompt_ids:
+    sink = None if on_token is None else (lambda row, token: on_token(token))
+    return generate_batch(spec, params, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id,
+                          min_new_tokens=min_new_tokens, on_token=sink)[0]
+
+
+def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.8,
+                   top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int = 0,
+                   eos_id: int | None = None, min_new_tokens: int = 0,
+                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """`generate` for several prompts of any lengths at once, decoded together in one compiled loop.
+
+    Returns the new tokens of each prompt, in order; each row stops at its own eos. `on_token(row,
+    token)` receives every returned token as soon as it is sampled (rows interleaved, each row's
+    tokens in order). The settings apply to every row.
+    """
+    if not prompts or not all(prompts):
         raise ValueError("generate needs a non-empty prompt")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
     max_new_tokens = min(max_new_tokens, spec.seq_len - 1)
     if max_new_tokens <= 0:
-        return []
-    prompt_ids = list(prompt_ids)[-(spec.seq_len - max_new_tokens):]
-    bucket = prompt_bucket(len(prompt_ids), spec.seq_len)
-    prompt_1P = jnp.asarray([prompt_ids + [0] * (bucket - len(prompt_ids))], jnp.int32)
+        return [[] for _ in prompts]
+    prompts = [list(p)[-(spec.seq_len - max_new_tokens):] for p in prompts]
+    longest = max(len(p) for p in prompts)
+    tokens_BP, start_B = pad_prompts(prompts, prompt_bucket(longest, spec.seq_len))
 
     with _SINKS_LOCK:
         request_id = next(_REQUEST_IDS)
         if on_token is not None:
             _SINKS[request_id] = on_token
     try:
-        out_S, count = _decode_jit(
-            spec, on_token is not None, params, prompt_1P, jnp.int32(len(prompt_ids)), jnp.int32(max_new_tokens),
-            jnp.int32(min_new_tokens), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jax.random.key(seed),
+        out_BS, count_B = _decode_jit(
+            spec, on_token is not None, params, jnp.asarray(tokens_BP), jnp.asarray(start_B), jnp.int32(longest),
+            jnp.int32(max_new_tokens), jnp.int32(min_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
+            jnp.float32(top_p), jnp.float32(repetition_penalty), jax.random.key(seed),
             jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(request_id),
         )
-        tokens = out_S[: int(count)].tolist()
+        out_BS, count_B = np.asarray(out_BS), np.asarray(count_B)
     finally:
         with _SINKS_LOCK:
             _SINKS.pop(request_id, None)
-    return tokens
+    return [row[:count].tolist() for row, count in zip(out_BS, count_B)]

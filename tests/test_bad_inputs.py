@@ -67,6 +67,7 @@ def test_bad_data(capsys, files, tmp_path, name, fragment):
     (["model.num_kv_heads=3"], "must divide model.num_heads"),
     (["train.batch_size=many"], "expected int"),
     (["run_dir=/proc/nope/run"], "cannot write run dir"),
+    (["model.attention=splash"], "model.attention=splash needs a TPU"),
 ])
 def test_bad_settings(capsys, files, overrides, fragment):
     argv = ["train", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", *overrides]

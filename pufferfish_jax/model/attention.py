@@ -1,11 +1,18 @@
 """Grouped-query attention with rotary embeddings, a static-shape KV cache, and backend dispatch.
 
 One masking rule serves training, prefill and decode: query t of a call sits at cache slot
-`q_start + t` and sees key slots `s <= q_start + t`. With `q_start = 0` and S = T this is the causal
-mask; over a fixed-size cache it also hides the slots not written yet, so decode needs no separate
-validity mask and never changes shape.
+`q_start + t` and sees key slots `start_b <= s <= q_start + t`. With `q_start = 0` and S = T this is
+the causal mask; over a fixed-size cache it also hides the slots not written yet, so decode needs no
+separate validity mask and never changes shape, and `start_b` hides the left padding of row b.
+
+Backends (`model.attention`): xla (einsum, any platform), cudnn (`jax.nn.dot_product_attention`),
+pallas (our flash kernel, `kernels/flash_attention.py`), splash (TPU) and auto. Kernels are imported
+only when selected.
 """
 
+import concurrent.futures
+import functools
+import time
 from typing import TYPE_CHECKING, NamedTuple
 
 import flax.linen as nn
@@ -19,7 +26,15 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
-BACKENDS = ("auto", "xla")
+BACKENDS = ("auto", "xla", "cudnn", "pallas", "splash")
+
+# `auto` leaves sequences shorter than this to XLA: their score matrix is small enough that a fused
+# kernel buys little and a measurement would cost more than it saves.
+AUTO_MIN_SEQ = 256
+
+
+class AttentionBackendError(ValueError):
+    """model.attention names a backend this platform, dtype or shape cannot run; one-line message."""
 
 
 class KVCache(NamedTuple):
@@ -29,11 +44,15 @@ class KVCache(NamedTuple):
     length: int32 scalar, the number of filled slots, shared by the batch; the next call writes its
     T tokens at slots [length, length + T). One write offset for the whole batch keeps every write a
     single `dynamic_update_slice` (per-row offsets would become scatters).
+    start_B: int32 [batch], the first slot of each row that holds a real token. Prompts of different
+    lengths are left-padded so they all end at the same slot; no query ever sees a slot before its
+    row's start.
     """
 
     k_LBSKH: Array
     v_LBSKH: Array
     length: Array
+    start_B: Array
 
 
 def init_cache(spec: "ModelSpec", batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
@@ -42,27 +61,139 @@ def init_cache(spec: "ModelSpec", batch_size: int, max_len: int, dtype: jnp.dtyp
         raise ValueError(f"cache max_len {max_len} exceeds the model's seq_len {spec.seq_len}")
     shape = (spec.num_layers, batch_size, max_len, spec.num_kv_heads, spec.head_dim)
     dtype = spec.compute_dtype if dtype is None else dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32),
+                   jnp.zeros((batch_size,), jnp.int32))
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend for `backend`; 'auto' picks the fastest available one (XLA for now)."""
-    if backend == "auto":
-        return "xla"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    return backend
+def _platform() -> str:
+    return jax.default_backend()
 
 
-def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, q_start: Array | int = 0, backend: str = "auto") -> Array:
-    """Causal GQA attention: query t attends to key slots s <= q_start + t. Returns o_BTNH."""
-    backend = resolve_backend(backend)
+def backend_problem(backend: str, q_BTNH: Array) -> str | None:
+    """Why `backend` cannot run this call here (a short reason), or None if it can."""
+    platform, dtype, H, T = _platform(), q_BTNH.dtype, q_BTNH.shape[-1], q_BTNH.shape[1]
     if backend == "xla":
-        return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_start=q_start)
-    raise AssertionError(backend)  # resolve_backend only returns implemented backends
+        return None
+    if backend == "cudnn":
+        if platform != "gpu":
+            return f"needs an NVIDIA GPU (this platform is {platform})"
+        if dtype not in (jnp.bfloat16, jnp.float16):
+            return f"needs bfloat16 or float16 inputs, not {dtype} (set model.dtype=bfloat16)"
+        if H % 8 or H > 128:
+            return f"needs a head dim that is a multiple of 8 up to 128, not {H}"
+        return None
+    if backend == "pallas":
+        if platform == "tpu":
+            return "is our GPU (Triton) kernel; on TPU use model.attention=splash"
+        if platform == "gpu" and (H < 16 or H & (H - 1)):
+            return f"needs a power-of-two head dim >= 16 on GPU, not {H}"
+        return None
+    if backend == "splash":
+        if platform != "tpu":
+            return f"needs a TPU (this platform is {platform})"
+        from pufferfish_jax.model.kernels.splash import BLOCK, splash_supported
+
+        if not splash_supported(T):
+            return f"needs a sequence length that is a multiple of {BLOCK}, not {T}"
+        return None
+    raise AttentionBackendError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
-def xla_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, q_start: Array | int = 0) -> Array:
+def resolve_backend(backend: str, q_BTNH: Array, k_BSKH: Array, *, cached: bool = False) -> str:
+    """The backend that runs this call.
+
+    Calls on a KV cache (prefill and decode) always use XLA: one query against a cache is a
+    matrix-vector product no kernel speeds up, and only XLA implements the cache's offset mask.
+    An explicit backend that cannot run here is an error; 'auto' never fails: TPU -> splash, GPU ->
+    the fastest of cuDNN, our Pallas kernel and XLA measured on this shape, otherwise (CPU, short
+    sequences, shapes a kernel cannot take) -> XLA.
+    """
+    if backend not in BACKENDS:
+        raise AttentionBackendError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if cached or backend == "xla":
+        return "xla"
+    if backend != "auto":
+        problem = backend_problem(backend, q_BTNH)
+        if problem:
+            raise AttentionBackendError(f"model.attention={backend} {problem}; use model.attention=auto or xla")
+        return backend
+    platform = _platform()
+    if platform == "tpu" and not backend_problem("splash", q_BTNH):
+        return "splash"
+    if platform == "gpu" and q_BTNH.shape[1] >= AUTO_MIN_SEQ:
+        candidates = tuple(b for b in ("cudnn", "pallas") if not backend_problem(b, q_BTNH))
+        B, T, N, H = q_BTNH.shape
+        return fastest_backend(candidates + ("xla",), B, T, N, k_BSKH.shape[2], H, jnp.dtype(q_BTNH.dtype).name)
+    return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def fastest_backend(candidates: tuple[str, ...], B: int, T: int, N: int, K: int, H: int, dtype: str) -> str:
+    """The candidate with the shortest forward+backward time on random inputs of this shape.
+
+    Measured once per shape and process (a few compilations, seconds on a GPU); a candidate that
+    fails to compile or run is skipped, and XLA, which always runs, is the last resort.
+    """
+    # JAX's trace state is per thread: in a fresh thread the timing runs for real even when this is
+    # called while a training step is being traced.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_time_candidates, candidates, B, T, N, K, H, dtype).result()
+
+
+def _time_candidates(candidates: tuple[str, ...], B: int, T: int, N: int, K: int, H: int, dtype: str) -> str:
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, T, N, H), dtype)
+    k, v = (jax.random.normal(key, (B, T, K, H), dtype) for key in ks[1:])
+    best, best_s = "xla", float("inf")
+    for name in candidates:
+        step = jax.jit(jax.grad(lambda q, k, v, name=name: run_backend(name, q, k, v).astype(jnp.float32).sum(),
+                                argnums=(0, 1, 2)))
+        try:
+            jax.block_until_ready(step(q, k, v))
+            start = time.perf_counter()
+            for _ in range(3):
+                out = step(q, k, v)
+            jax.block_until_ready(out)
+        except Exception:  # an unsupported shape or a compiler limit: not a candidate
+            continue
+        if (elapsed := time.perf_counter() - start) < best_s:
+            best, best_s = name, elapsed
+    return best
+
+
+def run_backend(backend: str, q_BTNH: Array, k_BTKH: Array, v_BTKH: Array) -> Array:
+    """Causal GQA attention over a whole sequence (no cache) with a concrete backend; o_BTNH."""
+    if backend == "xla":
+        return xla_attention(q_BTNH, k_BTKH, v_BTKH)
+    if backend == "cudnn":
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation="cudnn")
+    if backend == "pallas":
+        from pufferfish_jax.model.kernels.flash_attention import flash_attention
+
+        return flash_attention(q_BTNH, k_BTKH, v_BTKH)
+    if backend == "splash":
+        from pufferfish_jax.model.kernels.splash import splash_attention
+
+        return splash_attention(q_BTNH, k_BTKH, v_BTKH)
+    raise AttentionBackendError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, q_start: Array | int = 0,
+              kv_start_B: Array | None = None, backend: str = "auto") -> Array:
+    """Causal GQA attention: query t attends to key slots s with kv_start_B[b] <= s <= q_start + t.
+
+    Returns o_BTNH. A call with q_start = 0, S = T and no kv_start_B is a plain training/eval
+    forward and may run on a kernel; anything else is a cache call and runs on XLA.
+    """
+    cached = kv_start_B is not None or not (isinstance(q_start, int) and q_start == 0) or k_BSKH.shape[1] != q_BTNH.shape[1]
+    backend = resolve_backend(backend, q_BTNH, k_BSKH, cached=cached)
+    if backend == "xla":
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_start=q_start, kv_start_B=kv_start_B)
+    return run_backend(backend, q_BTNH, k_BSKH, v_BSKH)
+
+
+def xla_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, q_start: Array | int = 0,
+                  kv_start_B: Array | None = None) -> Array:
     """Plain einsum attention; float32 scores and softmax whatever the compute dtype.
 
     GQA groups the N query heads as [K, N/K] against the K kv heads, so K/V are read once and
@@ -73,7 +204,8 @@ def xla_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, q_start: Array
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     scores_BKGTS = dot("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) * H**-0.5
     visible_TS = jnp.arange(S)[None, :] <= q_start + jnp.arange(T)[:, None]
-    scores_BKGTS = jnp.where(visible_TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    visible_BTS = visible_TS[None] if kv_start_B is None else visible_TS & (jnp.arange(S) >= kv_start_B[:, None, None])
+    scores_BKGTS = jnp.where(visible_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
     o_BTKGH = dot("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
@@ -116,6 +248,7 @@ class Attention(nn.Module):
                 k_LBSKH[self.layer].astype(q_BTNH.dtype),
                 v_LBSKH[self.layer].astype(q_BTNH.dtype),
                 q_start=cache.length,
+                kv_start_B=cache.start_B,
                 backend=spec.attention,
             )
         return proj("btnh,nhd->btd", o_BTNH, w_o_NHD), cache
