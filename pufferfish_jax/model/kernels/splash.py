@@ -9,7 +9,6 @@ imports this module lazily); tests run it interpreted on CPU.
 import functools
 
 import jax
-import jax.numpy as jnp
 
 Array = jax.Array
 
