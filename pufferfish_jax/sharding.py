@@ -194,21 +194,23 @@ def _cluster_from_environment() -> bool:
 
 
 def init_distributed(mesh_cfg: ml_collections.ConfigDict) -> bool:
-    """`jax.distributed.initialize` when this is one process of many: from mesh.coordinator,
-    mesh.num_processes and mesh.process_id where set, the rest from the environment. Must run
-    before anything touches a JAX device. Returns whether it initialized."""
+    """`jax.distributed.initialize` when this is one process of many: mesh.coordinator,
+    mesh.num_processes and mesh.process_id where set, JAX's cluster detection (SLURM, Open MPI,
+    Cloud TPU) for the rest. Must run before anything touches a JAX device. Returns whether it
+    initialized."""
     explicit = bool(mesh_cfg.coordinator) or mesh_cfg.num_processes > 1
     if not explicit and not _cluster_from_environment():
         return False
-    if explicit and not (mesh_cfg.coordinator and mesh_cfg.num_processes > 1 and mesh_cfg.process_id >= 0) \
-            and not _cluster_from_environment():
-        raise ConfigError("a multi-process run needs mesh.coordinator=HOST:PORT, mesh.num_processes=N and "
-                          "mesh.process_id=I together (or a SLURM/TPU/MPI launch that provides them)")
-    if mesh_cfg.process_id >= max(mesh_cfg.num_processes, 1) and mesh_cfg.num_processes > 0:
+    if mesh_cfg.num_processes > 0 and mesh_cfg.process_id >= mesh_cfg.num_processes:
         raise ConfigError(f"mesh.process_id={mesh_cfg.process_id} must be below mesh.num_processes={mesh_cfg.num_processes}")
-    jax.distributed.initialize(coordinator_address=mesh_cfg.coordinator or None,
-                               num_processes=mesh_cfg.num_processes or None,
-                               process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
+    try:
+        jax.distributed.initialize(coordinator_address=mesh_cfg.coordinator or None,
+                                   num_processes=mesh_cfg.num_processes or None,
+                                   process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"could not join the multi-process run ({first}); set mesh.coordinator=HOST:PORT, "
+                          "mesh.num_processes=N and mesh.process_id=I, or launch under SLURM/MPI/a TPU slice") from None
     return True
 
 
