@@ -90,6 +90,8 @@ def _prepare(cfg, user_keys: set[str], started_at: float, mesh):
     from pufferfish_jax.budget.planner import Plan, budget_plan, fixed_steps_plan
     from pufferfish_jax.data.pipeline import prepare_data
 
+    if not (cfg.budget.time and cfg.budget.planner == "measured" and "train.batch_size" not in user_keys):
+        sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)  # this batch is kept: fail now
     cache = config_lib.cache_dir(cfg)
     _setup_jax(cache)
     with console.status("preparing data") as status:

@@ -230,6 +230,17 @@ def agree_json(value):
     return json.loads(agree(padded).tobytes().decode())
 
 
+def everyone(values) -> np.ndarray:
+    """Every process's `values`, stacked [processes, ...] in process order (a signal received by
+    any one process must stop them all)."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values, tiled=False))
+
+
 def agree(values) -> np.ndarray:
     """Process 0's values on every process: host-side decisions (stop, save, re-fitted step count)
     that would deadlock the collectives if processes made them differently. Free on one process."""

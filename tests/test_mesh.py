@@ -55,6 +55,14 @@ def test_mesh_shape_fills_one_axis_and_refuses_what_does_not_fit():
             validate(apply_overrides(defaults(), ["steps=1", bad]))
 
 
+def test_cli_refuses_a_mesh_that_does_not_fit_in_one_line(capsys):
+    from pufferfish_jax import cli
+
+    assert cli.main(["train", "steps=1", "mesh.data=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mesh.data=3" in err and "there are 1" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_every_parameter_has_logical_axes_and_params_stay_plain(tie):
     spec = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=96", f"model.tie_embeddings={tie}"]).model)

@@ -186,9 +186,10 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                 total = refit_total_steps(step, total, now=now, train_end=deadline - reserve_s(), step_s=step_s,
                                           eval_every=eval_every, eval_s=periodic_eval_s,
                                           in_flight=int(pending is not None))
-            total, stop_now = (int(v) for v in sharding.agree([total, stop.raised]))
+            seen = sharding.everyone([total, stop.raised])  # process 0's clock, anyone's Ctrl-C
+            total, stop_now = int(seen[0, 0]), bool(seen[:, 1].any())
             if step >= total or stop_now:
-                interrupted = bool(stop_now)
+                interrupted = stop_now
                 break
             progress = max(progress, (step + 1) / max(total, 1))  # faster steps must not rewind the schedule
             lr = learning_rate(progress, cfg.train)
