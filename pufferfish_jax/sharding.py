@@ -166,11 +166,12 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh, batch_size: int) -> jax.Arr
                                                   (batch_size,) + local_rows.shape[1:])
 
 
-def local_rows(full_batch: np.ndarray, mesh: Mesh) -> np.ndarray:
-    """This process's rows of a batch every process computed whole (the small eval batches)."""
+def shard_batch(full_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The global array of a batch every process computed whole (the small eval batches): each
+    process hands over only its own rows."""
     index, count = process_part(mesh, len(full_batch))
     size = len(full_batch) // count
-    return full_batch[index * size:(index + 1) * size]
+    return global_batch(full_batch[index * size:(index + 1) * size], mesh, len(full_batch))
 
 
 def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:

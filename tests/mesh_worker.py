@@ -82,7 +82,7 @@ def main(out: Path) -> None:
                                            "w_q_shard": list(w_q.addressable_shards[0].data.shape),
                                            "mu_w_q": str(state.opt_state[1].mu["block_0"]["attn"]["w_q"].sharding.spec)}
             if shape == (2, 4, 1) and grad_accum == 1:
-                saved, saved_mesh = state, mesh_of(shape)
+                saved = state
 
     cfg = config()
     spec, optimizer = ModelSpec.from_config(cfg.model), make_optimizer(cfg.train)

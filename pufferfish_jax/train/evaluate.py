@@ -31,8 +31,7 @@ def evaluate(eval_step: Callable, params, val_tokens: np.ndarray, val_bytes: int
     """
     total_nll, total_count = 0.0, 0.0
     for window, mask in eval_batches(val_tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens):
-        nll, count = eval_step(params, sharding.global_batch(sharding.local_rows(window, mesh), mesh, batch_size),
-                               sharding.global_batch(sharding.local_rows(mask, mesh), mesh, batch_size))
+        nll, count = eval_step(params, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh))
         total_nll += float(nll)
         total_count += float(count)
     loss = total_nll / max(total_count, 1.0)

@@ -91,8 +91,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
 
     A resumed run continues exactly: the data order is a function of (seed, step), the schedule's
     progress is restored, and nothing else carries state (no dropout, no RNG in the step).
-    Every process runs this loop; decisions taken from the clock (re-fitted step count, stop,
-    save) are process 0's, so all processes run the same steps and collectives.
+    Every process runs this loop; decisions taken from the clock (re-fitted step count, save)
+    are process 0's and a stop signal to any process stops all, so all run the same steps.
     """
     spec = ModelSpec.from_config(cfg.model)
     optimizer = make_optimizer(cfg.train)
@@ -120,8 +120,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     # this machine, which sizes the time kept for periodic evals and the final full one.
     window, mask = next(eval_batches(data.val_tokens, seq_len=seq_len, batch_size=batch_size))
     eval_started = time.time()
-    jax.block_until_ready(eval_step(state.params, sharding.global_batch(sharding.local_rows(window, mesh), mesh, batch_size),
-                                    sharding.global_batch(sharding.local_rows(mask, mesh), mesh, batch_size)))
+    jax.block_until_ready(eval_step(state.params, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh)))
     eval_compile_s = time.time() - eval_started
     eval_started = time.time()
     first = run_eval(state.params, cfg.train.eval_tokens)
