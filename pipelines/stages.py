@@ -27,6 +27,8 @@ from pufferfish_jax.config import ConfigError
 STAGE_NAMES = ("corpus", "tokenizer", "tokens", "plan", "train", "evaluate", "sample", "report")
 HELD_OUT = "val"  # the eval set name for the training corpus's own held-out split
 TRAINING_KEYS = ("model", "train", "budget")
+# The mesh shape sets the global batch the planner picks; where process 0 listens does not.
+PLAN_KEYS = TRAINING_KEYS + ("mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 class Interrupted(Exception):
@@ -198,7 +200,7 @@ def plan(ctx: Context) -> dict:
     """The planner's choice for the budget (or the fixed-steps plan), as the train command makes it."""
     from pufferfish_jax import cli
 
-    _, chosen = cli._prepare(ctx.cfg, ctx.user_keys, ctx.started_at)
+    _, chosen = cli._prepare(ctx.cfg, ctx.user_keys, ctx.started_at, cli._start_mesh(ctx.cfg))
     _write_json(ctx.run_dir / "plan.json", chosen.to_dict())
     m = chosen.model
     budget = f" in a {chosen.budget_s:.0f}s budget" if chosen.budget_s else ""
@@ -231,6 +233,7 @@ def train(ctx: Context) -> dict:
 def evaluate(ctx: Context) -> dict:
     """Loss and bits per byte of the trained model on every eval set, with the unigram baseline
     (training-split token frequencies, the same tokenizer) on the same text."""
+    from pufferfish_jax import sharding
     from pufferfish_jax.data.corpora import load_documents
     from pufferfish_jax.data.pipeline import encode_documents, prepare_data, unigram_bpb
     from pufferfish_jax.train.evaluate import evaluate as evaluate_tokens
@@ -238,7 +241,8 @@ def evaluate(ctx: Context) -> dict:
 
     spec, params, tok, saved = _restore_trained(ctx)
     data = prepare_data(ctx.cfg.data, _cache(ctx.cfg))
-    eval_step = make_eval_step(spec)
+    mesh = sharding.single_device_mesh()  # where the restore put the params
+    eval_step = make_eval_step(spec, mesh)
     rows = []
     for name, source in eval_sets(ctx.cfg):
         with _status(f"evaluate: {name}") as log:
@@ -248,7 +252,7 @@ def evaluate(ctx: Context) -> dict:
                 docs = load_documents(source, _cache(ctx.cfg), max_chars=ctx.cfg.eval.max_chars, log=log)
                 stream, num_bytes = encode_documents(tok, docs)
             result = evaluate_tokens(eval_step, params, stream, num_bytes, seq_len=spec.seq_len,
-                                     batch_size=saved.train.batch_size)
+                                     batch_size=saved.train.batch_size, mesh=mesh)
         row = {"name": name, "source": source, "tokens": result.tokens, "bytes": int(num_bytes),
                "val_loss": result.loss, "val_bpb": result.bpb,
                "unigram_bpb": unigram_bpb(data.train_tokens, stream, num_bytes, spec.vocab_size)}
@@ -299,8 +303,8 @@ STAGES = (
     Stage("tokenizer", tokenizer, outputs=("tokenizer.json",), inputs=("corpus",),
           keys=("data.vocab_size", "data.tokenizer"), sources=_tokenizer_sources),
     Stage("tokens", tokens, outputs=("tokens.json",), inputs=("corpus", "tokenizer")),
-    Stage("plan", plan, outputs=("plan.json",), inputs=("tokens",), keys=TRAINING_KEYS),
-    Stage("train", train, outputs=("train", "hardware.json"), inputs=("plan", "tokens"), keys=TRAINING_KEYS),
+    Stage("plan", plan, outputs=("plan.json",), inputs=("tokens",), keys=PLAN_KEYS),
+    Stage("train", train, outputs=("train", "hardware.json"), inputs=("plan", "tokens"), keys=PLAN_KEYS),
     Stage("evaluate", evaluate, outputs=("eval.json",), inputs=("train", "tokens"), keys=("eval",),
           sources=_eval_sources),
     Stage("sample", sample, outputs=("samples.json",), inputs=("train",), keys=("sample",)),

@@ -54,6 +54,17 @@ def _setup_jax(cache_dir: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _start_mesh(cfg):
+    """Joins the other processes of a multi-host run (if this is one) and builds the device mesh;
+    every process but 0 stays quiet."""
+    from pufferfish_jax import sharding
+
+    sharding.init_distributed(cfg.mesh)
+    if not sharding.is_primary():
+        console.quiet = True
+    return sharding.make_mesh(cfg.mesh)
+
+
 def _build_config(items: list[str]):
     """config=FILE first, then key=value overrides in order; returns (cfg, keys the user set)."""
     from pufferfish_jax import config as config_lib
@@ -70,14 +81,18 @@ def _build_config(items: list[str]):
     return config_lib.validate(cfg), user_keys
 
 
-def _prepare(cfg, user_keys: set[str], started_at: float, plan=None):
-    """Data, then a plan (unless one is given): the part of train and plan before any training."""
+def _prepare(cfg, user_keys: set[str], started_at: float, mesh, plan=None):
+    """Data, then a plan (unless one is given): the part of train and plan before any training.
+    Every process plans; process 0's plan is the one all of them follow."""
     from pufferfish_jax import config as config_lib
+    from pufferfish_jax import sharding
     from pufferfish_jax.budget.calibrate import CalibrationCache
     from pufferfish_jax.budget.hardware import probe
-    from pufferfish_jax.budget.planner import budget_plan, fixed_steps_plan
+    from pufferfish_jax.budget.planner import Plan, budget_plan, fixed_steps_plan
     from pufferfish_jax.data.pipeline import prepare_data
 
+    if not (cfg.budget.time and cfg.budget.planner == "measured" and "train.batch_size" not in user_keys):
+        sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)  # this batch is kept: fail now
     cache = config_lib.cache_dir(cfg)
     _setup_jax(cache)
     with console.status("preparing data") as status:
@@ -94,11 +109,11 @@ def _prepare(cfg, user_keys: set[str], started_at: float, plan=None):
         with console.status("planning: timing candidate models on this machine") as status:
             plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
                                train_tokens=len(data.train_tokens), val_tokens=len(data.val_tokens),
-                               cache=CalibrationCache(cache), user_keys=user_keys,
+                               cache=CalibrationCache(cache), user_keys=user_keys, mesh=mesh,
                                memory_limit=probe(measure=False).memory_bytes, log=lambda s: status.update(f"planning: {s}"))
     elif plan is None:
-        plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens))
-    return data, plan
+        plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens), mesh=sharding.shape_of(mesh))
+    return data, Plan(**sharding.agree_json(plan.to_dict()))
 
 
 def _plan_table(plan) -> Table:
@@ -109,11 +124,12 @@ def _plan_table(plan) -> Table:
                   f"vocab {m['vocab_size']}, {m['dtype']}, remat {m['remat']}"),
         ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding)"),
         ("batch", f"{plan.batch_size} x {plan.seq_len} tokens"),
+        ("mesh", "data {} x fsdp {} x tensor {}".format(*plan.mesh)),
         ("steps", f"{plan.steps:,}" + (" (re-fitted to the clock as the run goes)" if plan.mode == "budget" else "")),
         ("tokens", f"{plan.tokens:,} ({plan.epochs:.2f} epochs of "
                    f"{'all' if plan.subset_fraction >= 1 else f'a {plan.subset_fraction:.0%} subset of'} the training text, "
                    f"{plan.tokens_per_param:.1f} per non-embedding param)"),
-        ("memory", f"{plan.predicted_memory_bytes / 2**20:,.0f} MiB predicted peak"),
+        ("memory", f"{plan.predicted_memory_bytes / 2**20:,.0f} MiB predicted peak per device"),
     ]
     if plan.mode == "budget":
         rows += [
@@ -129,10 +145,27 @@ def _plan_table(plan) -> Table:
 
 
 def _new_run_dir(cfg) -> Path:
+    """Process 0 names (from its clock) and prepares the run dir; the others wait for it."""
+    from pufferfish_jax import sharding
+    from pufferfish_jax.config import ConfigError
+
     if cfg.train.run_dir:
         run_dir = Path(cfg.train.run_dir)
     else:
-        run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        stamp = int(sharding.agree([int(time.time())])[0])
+        run_dir = Path("runs") / datetime.datetime.fromtimestamp(stamp).strftime("%Y%m%d-%H%M%S")
+    ready = False
+    try:
+        if sharding.is_primary():
+            _prepare_run_dir(cfg, run_dir)
+        ready = True
+    finally:  # the others learn whether process 0 could prepare it, and stop with it if not
+        if not sharding.agree([ready])[0] and ready:
+            raise ConfigError(f"process 0 could not prepare the run dir {run_dir}; see its error")
+    return run_dir
+
+
+def _prepare_run_dir(cfg, run_dir: Path) -> None:
     from pufferfish_jax.config import ConfigError
 
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= RUN_FILES:
@@ -153,14 +186,15 @@ def _new_run_dir(cfg) -> Path:
         if latest.is_symlink() or not latest.exists():
             latest.unlink(missing_ok=True)
             latest.symlink_to(run_dir.name)
-    return run_dir
 
 
 # What a run writes into its run dir (and nothing else may be there for it to start afresh).
 RUN_FILES = {"config.json", "plan.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
 # Keys a resumed run may change: where and how often it writes, not what it trains.
+# The mesh is free too: a checkpoint restores under any mesh.
 RESUME_FREE_KEYS = {"train.run_dir", "train.resume", "train.checkpoint_every_s", "train.keep_checkpoints",
-                    "train.log_every", "data.cache_dir"}
+                    "train.log_every", "data.cache_dir", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                    "mesh.coordinator", "mesh.num_processes", "mesh.process_id"}
 
 
 def cmd_train(items: list[str], started_at: float) -> int:
@@ -172,30 +206,34 @@ def train(cfg, user_keys: set[str], started_at: float, *, plan=None) -> int:
     """Trains into cfg.train.run_dir, or resumes it when it has checkpoints; returns the exit code
     (130: interrupted, checkpoint saved). A given `plan` (a pipeline's plan stage made it) is used
     instead of planning; its budget counts from `started_at`."""
+    from pufferfish_jax import sharding
     from pufferfish_jax.budget.planner import apply_plan
     from pufferfish_jax.config import ConfigError, to_json
     from pufferfish_jax.train import checkpoint
     from pufferfish_jax.train.loop import run
 
+    mesh = _start_mesh(cfg)
     if cfg.train.run_dir and checkpoint.saved_steps(Path(cfg.train.run_dir) / "checkpoints"):
         if cfg.train.resume == "never":
             raise ConfigError(f"run dir {cfg.train.run_dir} already has checkpoints; resume=auto continues it, "
                               "or choose another run_dir")
-        return _resume(cfg, user_keys, Path(cfg.train.run_dir), started_at)
-    data, plan = _prepare(cfg, user_keys, started_at, plan)
+        return _resume(cfg, user_keys, Path(cfg.train.run_dir), started_at, mesh)
+    data, plan = _prepare(cfg, user_keys, started_at, mesh, plan)
     resolved = apply_plan(cfg, plan)
     run_dir = _new_run_dir(resolved)
-    (run_dir / "config.json").write_text(to_json(resolved))
-    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
-    (run_dir / "tokenizer.json").write_text(data.tokenizer_json)
+    if sharding.is_primary():
+        (run_dir / "config.json").write_text(to_json(resolved))
+        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        (run_dir / "tokenizer.json").write_text(data.tokenizer_json)
     console.print(_plan_table(plan))
     console.print(f"run dir: {run_dir}")
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
-    outcome = run(resolved, plan, data, run_dir, deadline=deadline, started_at=started_at, display_console=console)
+    outcome = run(resolved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
+                  display_console=console)
     return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
 
 
-def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float) -> int:
+def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float, mesh) -> int:
     """Continues run_dir from its newest readable checkpoint (or train.resume=STEP) with the saved
     config and plan; a budgeted run gets what is left of its budget."""
     from pufferfish_jax import config as config_lib
@@ -223,7 +261,7 @@ def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float) -> int:
         data = prepare_data(saved.data, cache, log=lambda s: status.update(s))
     spec = ModelSpec.from_config(saved.model)
     at_most = int(cfg.train.resume) if cfg.train.resume.isdigit() else None
-    state, ref = checkpoint.restore_newest(run_dir / "checkpoints", abstract_state(spec, make_optimizer(saved.train)),
+    state, ref = checkpoint.restore_newest(run_dir / "checkpoints", abstract_state(spec, make_optimizer(saved.train), mesh),
                                            at_most=at_most, warn=err_console.print)
     record = checkpoint.load_progress(ref)
     if record["data_fingerprint"] != data.fingerprint:
@@ -232,13 +270,15 @@ def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float) -> int:
     deadline = started_at + plan.budget_s - record["elapsed_s"] if plan.mode == "budget" else None
     left = f", {deadline - time.time():.0f}s of the budget left" if deadline else ""
     console.print(f"resuming {run_dir} from step {ref.step}{left}")
-    outcome = run(saved, plan, data, run_dir, deadline=deadline, started_at=started_at, display_console=console,
-                  resumed=(state, record))
+    outcome = run(saved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
+                  display_console=console, resumed=(state, record))
     return _finish(run_dir, plan, outcome, wall_s=record["elapsed_s"] + time.time() - started_at)
 
 
 def _finish(run_dir: Path, plan, outcome, *, wall_s: float) -> int:
-    """Records the outcome in plan.json and prints it; wall_s counts every attempt of the run."""
+    """Records the outcome in plan.json (process 0) and prints it; wall_s counts every attempt of the run."""
+    from pufferfish_jax import sharding
+
     if outcome.interrupted:
         console.print(f"stopped at step {outcome.steps}; checkpoint saved. Resume with the same command "
                       f"(run_dir={run_dir}).")
@@ -246,7 +286,8 @@ def _finish(run_dir: Path, plan, outcome, *, wall_s: float) -> int:
     record = plan.to_dict() | {"outcome": {"wall_s": wall_s, "steps": outcome.steps, "tokens": outcome.tokens,
                                            "val_loss": outcome.final.loss, "val_bpb": outcome.final.bpb,
                                            "unigram_bpb": outcome.unigram_bpb}}
-    (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
+    if sharding.is_primary():
+        (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
     gain = 1 - outcome.final.bpb / outcome.unigram_bpb
     console.print(f"final: val loss {outcome.final.loss:.4f} nats/token, val bpb {outcome.final.bpb:.4f} "
                   f"(unigram bpb {outcome.unigram_bpb:.4f}, {gain:.0%} below it) after {outcome.steps} steps, "
@@ -260,7 +301,7 @@ def cmd_plan(items: list[str], started_at: float) -> int:
         from pufferfish_jax.config import ConfigError
 
         raise ConfigError("plan needs a budget, e.g. budget=1h")
-    _, plan = _prepare(cfg, user_keys, started_at)
+    _, plan = _prepare(cfg, user_keys, started_at, _start_mesh(cfg))
     console.print(_plan_table(plan))
     return 0
 
@@ -412,6 +453,7 @@ def cmd_inspect(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     from pufferfish_jax import config as config_lib
+    from pufferfish_jax import sharding
     from pufferfish_jax.data.corpora import load_documents
     from pufferfish_jax.data.pipeline import encode_documents, unigram_bpb
     from pufferfish_jax.train.evaluate import evaluate
@@ -427,7 +469,9 @@ def cmd_eval(argv: list[str]) -> int:
     spec, params, tokenizer, cfg, ref = _restore(args.path)
     docs = load_documents(args.data, config_lib.cache_dir(cfg))
     tokens, num_bytes = encode_documents(tokenizer, docs)
-    result = evaluate(make_eval_step(spec), params, tokens, num_bytes, seq_len=spec.seq_len, batch_size=args.batch_size)
+    mesh = sharding.single_device_mesh()  # where _restore put the params
+    result = evaluate(make_eval_step(spec, mesh), params, tokens, num_bytes, seq_len=spec.seq_len,
+                      batch_size=args.batch_size, mesh=mesh)
     # The unigram baseline is fitted on the evaluated text itself: the entropy of its token
     # frequencies, the best any order-0 model with this tokenizer could do on it.
     unigram = unigram_bpb(tokens, tokens, num_bytes, spec.vocab_size)

@@ -1,8 +1,8 @@
 """The configuration schema: one table of (key, default, help) from which everything else derives.
 
 A single schema keeps defaults, documentation (README, `--help`, the config editor) and validation
-from drifting apart. Configs are ml_collections ConfigDicts with sections model, train, data and
-budget; they are saved as JSON in every run dir and checkpoint, and loaded back through the same
+from drifting apart. Configs are ml_collections ConfigDicts with sections model, train, data,
+budget and mesh; they are saved as JSON in every run dir and checkpoint, and loaded back through the same
 validation, so a saved config can never smuggle in a key the code does not know.
 """
 
@@ -67,6 +67,13 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("budget.planner", "measured", "measured: time models here, pick the lowest predicted loss; none: keep the configured model; seed: the white paper's tiers."),
     ("budget.tokens_per_param", 0.0, "If > 0: pick the largest model that gets this many tokens per non-embedding parameter."),
     ("budget.margin", 0.01, "Fraction of the budget kept in reserve for jitter."),
+    # mesh
+    ("mesh.data", -1, "Data-parallel devices (batch split, params replicated); -1 = the devices left over."),
+    ("mesh.fsdp", 1, "Fully sharded data-parallel devices (batch, params and optimizer state split); -1 = the rest."),
+    ("mesh.tensor", 1, "Tensor-parallel devices (heads, FFN hidden, vocab split); -1 = the rest."),
+    ("mesh.coordinator", "", "HOST:PORT of process 0 in a multi-host run; '' = from the environment (SLURM, TPU, MPI) or one process."),
+    ("mesh.num_processes", 0, "Processes in a multi-host run; 0 = from the environment (1 without one)."),
+    ("mesh.process_id", -1, "This process's index in a multi-host run; -1 = from the environment."),
     # pipeline (`python -m pipelines CONFIG.py`; training alone ignores these three sections)
     ("pipeline.stages", "corpus,tokenizer,tokens,plan,train,evaluate,sample,report",
      "Stages to run, comma-separated; the stages they need run too, and finished ones are skipped."),
@@ -225,6 +232,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
     if t.resume not in ("auto", "never") and not t.resume.isdigit():
         raise ConfigError(f"train.resume={t.resume!r}: expected auto, never or a checkpoint step number")
+    sizes = {f"mesh.{axis}": cfg.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+    if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in sizes.items())}: each mesh axis must be positive, "
+                          "or -1 (the devices left over) on at most one axis")
+    if cfg.mesh.num_processes < 0 or cfg.mesh.process_id < -1:
+        raise ConfigError("mesh.num_processes must be >= 0 and mesh.process_id >= -1 (0 and -1 mean: from the environment)")
     if cfg.budget.time:
         parse_duration(cfg.budget.time)
     elif t.steps <= 0:

@@ -19,13 +19,13 @@ class FakeCache:
         self.model = TimeModel(overhead, 1 / rate, compile_s)
         self.measured = {}
 
-    def time_model(self, spec, train_cfg):
+    def time_model(self, spec, train_cfg, mesh):
         return self.model
 
-    def cached(self, spec, train_cfg, batch_size):
+    def cached(self, spec, train_cfg, batch_size, mesh):
         return self.measured.get((spec, batch_size))
 
-    def get(self, spec, train_cfg, batch_size, log=None):
+    def get(self, spec, train_cfg, batch_size, mesh, log=None):
         return self.measured.setdefault((spec, batch_size), self.model.predict(flops_per_step(spec, batch_size)))
 
 

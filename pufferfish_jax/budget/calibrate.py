@@ -4,6 +4,9 @@ The planner's promise rests on these numbers, so they come from the same jitted 
 will run (same shapes, same optimizer constants). A side effect is deliberate: measuring the
 chosen shape fills JAX's persistent compilation cache, so the run's own compile is a cache hit.
 
+On a mesh the step is timed on this process's block of it (the whole mesh in a one-process run)
+with the same per-device batch, and the measurements are keyed by the mesh shape.
+
 Between measurements, step time is modelled as overhead + FLOPs / rate, fitted to every shape
 measured so far on this machine with the same batch, context, dtype and remat; before any
 measurement the rate is a fraction of the measured matmul rate.
@@ -19,14 +22,15 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import jaxlib
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
+from pufferfish_jax import sharding
 from pufferfish_jax.budget.hardware import matmul_rate
 from pufferfish_jax.model.transformer import ModelSpec, flops_per_token
-from pufferfish_jax.train.state import init_state, make_optimizer
+from pufferfish_jax.train.state import create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
 
 PRIOR_EFFICIENCY = 0.3  # fraction of the probed matmul rate a whole train step reaches (0.25-0.5 measured here)
@@ -56,10 +60,14 @@ def machine_key() -> str:
             f"jax{jax.__version__}:jaxlib{jaxlib.__version__}")
 
 
-def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict) -> str:
-    """What, besides the layer shapes and the batch, changes a step's cost."""
-    return json.dumps([train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention,
-                       spec.vocab_size, spec.tie_embeddings])
+def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
+    """What, besides the layer shapes and the batch, changes a step's cost: the mesh shape too
+    (left out on one device, so measurements taken before meshes existed stay valid)."""
+    key = [train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention, spec.vocab_size,
+           spec.tie_embeddings]
+    if mesh.size > 1:
+        key.append(list(sharding.shape_of(mesh)))
+    return json.dumps(key)
 
 
 def _shape_key(spec: ModelSpec, batch_size: int) -> str:
@@ -70,13 +78,18 @@ def flops_per_step(spec: ModelSpec, batch_size: int) -> float:
     return flops_per_token(spec, spec.seq_len) * batch_size * spec.seq_len
 
 
-def measure(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int, steps: int = 3) -> Measurement:
-    """Compiles the train step for this shape and batch and times `steps` runs after a warm-up run."""
+def measure(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int, mesh: Mesh,
+            steps: int = 3) -> Measurement:
+    """Compiles the train step for this shape and global batch on `mesh` and times `steps` runs
+    after a warm-up run; on this process's block of the mesh, with the same per-device batch."""
     optimizer = make_optimizer(train_cfg)
-    state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(0))
-    window = jnp.asarray(np.random.default_rng(0).integers(0, spec.vocab_size, (batch_size, spec.seq_len + 1)), jnp.int32)
-    lr = jnp.float32(0.0)
-    step = make_train_step(spec, optimizer, train_cfg.grad_accum)
+    local = sharding.local_mesh(mesh)
+    batch_size = batch_size * sharding.data_parallel_size(local) // sharding.data_parallel_size(mesh)
+    state = create_state(spec, optimizer, 0, local)
+    window = np.random.default_rng(0).integers(0, spec.vocab_size, (batch_size, spec.seq_len + 1)).astype(np.int32)
+    window = jax.device_put(window, sharding.batch_sharding(local))
+    lr = np.float32(0.0)
+    step = make_train_step(spec, optimizer, train_cfg.grad_accum, local)
     start = time.perf_counter()
     compiled = step.lower(state, window, lr).compile()  # also fills the persistent compilation cache
     compile_s = time.perf_counter() - start
@@ -127,25 +140,26 @@ class CalibrationCache:
             self._save()
         return rates[dtype]
 
-    def cached(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int) -> Measurement | None:
-        found = self._section(family_key(spec, train_cfg)).get(_shape_key(spec, batch_size))
+    def cached(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int,
+               mesh: Mesh) -> Measurement | None:
+        found = self._section(family_key(spec, train_cfg, mesh)).get(_shape_key(spec, batch_size))
         return Measurement(**found["measurement"]) if found else None
 
-    def get(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int,
+    def get(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int, mesh: Mesh,
             log: Callable[[str], None] = lambda s: None) -> Measurement:
-        """The measurement for this shape and batch, from the cache or measured now."""
-        if (found := self.cached(spec, train_cfg, batch_size)) is not None:
+        """The measurement for this shape and global batch on `mesh`, from the cache or measured now."""
+        if (found := self.cached(spec, train_cfg, batch_size, mesh)) is not None:
             return found
         log(f"timing {spec.num_layers} layers x d{spec.d_model}, batch {batch_size} on this machine")
-        found = measure(spec, train_cfg, batch_size)
-        self._section(family_key(spec, train_cfg))[_shape_key(spec, batch_size)] = {
+        found = measure(spec, train_cfg, batch_size, mesh)
+        self._section(family_key(spec, train_cfg, mesh))[_shape_key(spec, batch_size)] = {
             "flops_per_step": flops_per_step(spec, batch_size), "measurement": asdict(found)}
         self._save()
         return found
 
-    def time_model(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict) -> TimeModel:
+    def time_model(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, mesh: Mesh) -> TimeModel:
         """Least-squares fit of step time against FLOPs over this family's measured shapes and batches."""
-        points = list(self._section(family_key(spec, train_cfg)).values())
+        points = list(self._section(family_key(spec, train_cfg, mesh)).values())
         flops = np.array([p["flops_per_step"] for p in points])
         step_s = np.array([p["measurement"]["step_s"] for p in points])
         compile_s = max([p["measurement"]["compile_s"] for p in points], default=PRIOR_COMPILE_S)
@@ -155,4 +169,4 @@ class CalibrationCache:
                 return TimeModel(float(intercept), float(slope), compile_s)
         if points:  # one point, or a fit that came out unphysical: a pure rate through the points
             return TimeModel(0.0, float(np.median(step_s / flops)), compile_s)
-        return TimeModel(0.0, 1 / (PRIOR_EFFICIENCY * self.matmul_rate(spec.dtype)), compile_s)
+        return TimeModel(0.0, 1 / (PRIOR_EFFICIENCY * self.matmul_rate(spec.dtype) * mesh.size), compile_s)

@@ -61,8 +61,8 @@ def _table_peak(kind: str) -> tuple[float, float]:
 def _device_memory(device) -> int:
     try:
         return int(device.memory_stats()["bytes_limit"])
-    except Exception:  # CPU devices have no memory_stats
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except Exception:  # CPU devices have no memory_stats: host RAM, shared by the host's devices
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
 
 
 def matmul_rate(dtype: str, size: int = 1024, seconds: float = 0.3) -> float:

@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import ml_collections
+from jax.sharding import Mesh
 
+from pufferfish_jax import sharding
 from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement, flops_per_step
 from pufferfish_jax.config import MODEL_SHAPE_KEYS, ConfigError
 from pufferfish_jax.model.transformer import ModelSpec, count_params, flops_per_token
@@ -46,7 +48,7 @@ LADDER = (
 )
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 REPEAT_HALF_LIFE = 15.4  # Muennighoff et al.: R*, the repetitions over which extra epochs fade
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per step the measured planner considers
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per data-parallel device per step considered
 # McCandlish et al. 2018: reaching a loss takes E = E_min (1 + B / B_crit) tokens at batch B, so
 # tokens beyond the critical batch buy less. B_crit grows with the data a run sees (roughly as its
 # square root, Zhang et al. 2024); the constant is fitted to 2-minute CPU runs on the wiki corpus,
@@ -90,6 +92,7 @@ class Plan:
     planning_s: float = 0.0  # command start to the end of planning
     predicted_loss: float = 0.0  # the Chinchilla-form score (nats); only comparisons mean anything
     candidates: list = field(default_factory=list)
+    mesh: list = field(default_factory=lambda: [1, 1, 1])  # (data, fsdp, tensor) planned for; memory is per device
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,20 +107,24 @@ def spec_for(model_cfg: ml_collections.ConfigDict, shape=None) -> ModelSpec:
     return ModelSpec.from_config(model_cfg)
 
 
-def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int) -> int:
-    """Peak training memory: float32 params, grads and two Adam moments, plus activations.
+def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int, mesh: tuple[int, int, int] = (1, 1, 1)) -> int:
+    """Peak training memory per device: float32 params, grads and two Adam moments, plus activations.
 
     Activations per layer and token: about 16 residual-width tensors and 3 FFN-width ones in the
     compute dtype, the attention probabilities (heads x context, float32), and the float32 logits;
-    full remat keeps only each block's input.
+    full remat keeps only each block's input. On a (data, fsdp, tensor) mesh the state is split
+    over fsdp x tensor, the tokens over data x fsdp, and the FFN, attention and logit widths over
+    tensor (the residual stream is whole on every tensor device).
     """
+    data, fsdp, tensor = mesh
     itemsize = 2 if spec.dtype == "bfloat16" else 4
-    tokens = batch_size // grad_accum * spec.seq_len
-    per_layer = tokens * (itemsize * (16 * spec.d_model + 3 * spec.ffn_hidden) + 4 * spec.num_heads * spec.seq_len)
+    tokens = batch_size // grad_accum * spec.seq_len / (data * fsdp)
+    per_layer = tokens * (itemsize * (16 * spec.d_model + 3 * spec.ffn_hidden / tensor)
+                          + 4 * spec.num_heads * spec.seq_len / tensor)
     if spec.remat == "full":
         per_layer = tokens * itemsize * spec.d_model
-    logits = tokens * spec.vocab_size * 4 * 3
-    return 16 * count_params(spec) + spec.num_layers * per_layer + logits
+    logits = tokens * spec.vocab_size * 4 * 3 / tensor
+    return int(16 * count_params(spec) / (fsdp * tensor) + spec.num_layers * per_layer + logits)
 
 
 def save_seconds(spec: ModelSpec) -> float:
@@ -150,12 +157,13 @@ def predicted_loss(params: float, effective_tokens_: float) -> float:
     return c["E"] + c["A"] / params ** c["alpha"] + c["B"] / max(effective_tokens_, 1.0) ** c["beta"]
 
 
-def fixed_steps_plan(cfg: ml_collections.ConfigDict, *, train_tokens: int) -> Plan:
-    return _plan(cfg, spec_for(cfg.model), cfg.train.batch_size, "steps", "none", cfg.train.steps, train_tokens)
+def fixed_steps_plan(cfg: ml_collections.ConfigDict, *, train_tokens: int, mesh: tuple[int, int, int] = (1, 1, 1)) -> Plan:
+    return _plan(cfg, spec_for(cfg.model), cfg.train.batch_size, "steps", "none", cfg.train.steps, train_tokens,
+                 mesh=list(mesh))
 
 
 def _plan(cfg, spec: ModelSpec, batch_size: int, mode: str, planner: str, steps: int, train_tokens: int,
-          subset_fraction: float = 1.0, **timing) -> Plan:
+          subset_fraction: float = 1.0, mesh: list = (1, 1, 1), **timing) -> Plan:
     tokens = steps * batch_size * spec.seq_len
     non_embedding = count_params(spec, embedding=False)
     shape = {k: getattr(spec, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden", "remat")}
@@ -165,7 +173,7 @@ def _plan(cfg, spec: ModelSpec, batch_size: int, mode: str, planner: str, steps:
         seq_len=spec.seq_len, steps=steps, tokens=tokens, epochs=tokens / max(train_tokens * subset_fraction, 1),
         subset_fraction=subset_fraction, tokens_per_param=tokens / non_embedding,
         flops_per_token=flops_per_token(spec, spec.seq_len),
-        predicted_memory_bytes=memory_bytes(spec, batch_size, cfg.train.grad_accum), **timing)
+        predicted_memory_bytes=memory_bytes(spec, batch_size, cfg.train.grad_accum, tuple(mesh)), mesh=list(mesh), **timing)
 
 
 def seed_tier(budget_s: float) -> tuple[tuple[int, int, int, int], float]:
@@ -175,8 +183,13 @@ def seed_tier(budget_s: float) -> tuple[tuple[int, int, int, int], float]:
 
 def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: float, train_tokens: int,
                 val_tokens: int, cache: CalibrationCache, user_keys: set[str], memory_limit: int,
-                log: Callable[[str], None] = lambda s: None, clock: Callable[[], float] = time.time) -> Plan:
-    """Chooses the model, batch and step count that fill the time left before `deadline`."""
+                mesh: Mesh | None = None, log: Callable[[str], None] = lambda s: None,
+                clock: Callable[[], float] = time.time) -> Plan:
+    """Chooses the model, global batch and step count that fill the time left before `deadline`
+    on `mesh` (default: one device); `memory_limit` is one device's memory."""
+    mesh = mesh or sharding.single_device_mesh()
+    mesh_shape = sharding.shape_of(mesh)
+    dp = sharding.data_parallel_size(mesh)
     subset_fraction = 1.0
     batches = [cfg.train.batch_size]
     if cfg.budget.planner == "seed":
@@ -186,23 +199,23 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
         shapes = [spec_for(cfg.model)] if set(MODEL_SHAPE_KEYS) & user_keys or cfg.budget.planner == "none" \
             else [spec_for(cfg.model, shape) for shape in LADDER]
         if cfg.budget.planner == "measured" and "train.batch_size" not in user_keys:
-            batches = [b for b in BATCH_SIZES if b % cfg.train.grad_accum == 0]
+            batches = [b * dp for b in BATCH_SIZES if b % cfg.train.grad_accum == 0]
     limit = MEMORY_HEADROOM * memory_limit
 
     def fitting(spec: ModelSpec, batch: int) -> ModelSpec | None:
         """The shape as is if it fits in memory, else with full remat if that fits (and the user
         left remat to the planner), else None."""
-        if memory_bytes(spec, batch, cfg.train.grad_accum) <= limit:
+        if memory_bytes(spec, batch, cfg.train.grad_accum, mesh_shape) <= limit:
             return spec
         rematted = dataclasses.replace(spec, remat="full")
-        if "model.remat" not in user_keys and memory_bytes(rematted, batch, cfg.train.grad_accum) <= limit:
+        if "model.remat" not in user_keys and memory_bytes(rematted, batch, cfg.train.grad_accum, mesh_shape) <= limit:
             return rematted
         return None
 
     pairs = [(s, b) for s in shapes for b in batches]
     fits_memory = [(fit, b) for s, b in pairs if (fit := fitting(s, b)) is not None]
     if not fits_memory:
-        need = memory_bytes(*pairs[0], cfg.train.grad_accum)
+        need = memory_bytes(*pairs[0], cfg.train.grad_accum, mesh_shape)
         raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB, more than {MEMORY_HEADROOM:.0%} of this device's "
                           f"{memory_limit / 2**30:.1f} GiB; lower train.batch_size, raise train.grad_accum or set model.remat=full")
     unique_tokens = train_tokens * subset_fraction
@@ -229,16 +242,16 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
         return by_loss
 
     def score_all() -> list[dict]:
-        model = cache.time_model(fits_memory[0][0], cfg.train)
+        model = cache.time_model(fits_memory[0][0], cfg.train, mesh)
         rows = []
         for spec, batch in fits_memory:
-            measured = cache.cached(spec, cfg.train, batch)
+            measured = cache.cached(spec, cfg.train, batch, mesh)
             timing = measured or model.predict(flops_per_step(spec, batch))
             rows.append(dict(num_layers=spec.num_layers, d_model=spec.d_model, batch_size=batch, remat=spec.remat,
                              non_embedding_params=count_params(spec, embedding=False), step_s=timing.step_s,
                              measured=measured is not None, **outlook(spec, batch, timing),
                              # the compiled executable's own figure, once measured, overrides the model
-                             memory_bytes=(measured and measured.memory_bytes) or memory_bytes(spec, batch, cfg.train.grad_accum)))
+                             memory_bytes=(measured and measured.memory_bytes) or memory_bytes(spec, batch, cfg.train.grad_accum, mesh_shape)))
         return rows
 
     # Measure until the leader and its runner-up are both measured, not predicted: a candidate the
@@ -250,11 +263,11 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
         if not unmeasured:
             break
         spec, batch = fits_memory[unmeasured[0]]
-        cache.get(spec, cfg.train, batch, log=log)
+        cache.get(spec, cfg.train, batch, mesh, log=log)
     rows = score_all()
     index = ranking(rows)[0]
     choice, batch = fits_memory[index]
-    measured = cache.get(choice, cfg.train, batch, log=log)
+    measured = cache.get(choice, cfg.train, batch, mesh, log=log)
     final = outlook(choice, batch, measured)
     if final["steps"] < MIN_STEPS:
         # what the non-training parts took, plus 20 steps, with a quarter more for their variance
@@ -264,7 +277,7 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
     return _plan(cfg, choice, batch, "budget", cfg.budget.planner, final["steps"], train_tokens, subset_fraction,
                  step_s=measured.step_s, compile_s=measured.compile_s, reserve_s=final["reserve_s"],
                  train_s=final["train_s"], budget_s=budget_s, planning_s=budget_s - (deadline - clock()),
-                 predicted_loss=final["loss"], candidates=rows if len(rows) > 1 else [])
+                 predicted_loss=final["loss"], candidates=rows if len(rows) > 1 else [], mesh=list(mesh_shape))
 
 
 def apply_plan(cfg: ml_collections.ConfigDict, plan: Plan) -> ml_collections.ConfigDict:

@@ -210,17 +210,25 @@ class _Windows:
 
 
 def _batch_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
-                   num_windows: int) -> grain.MapDataset:
-    """The infinite, randomly addressable sequence of training batches.
+                   num_windows: int, part: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+    """The infinite, randomly addressable sequence of training batches, or of one part of each.
 
     The window subset comes from one seed-fixed permutation and is materialized, so it is the
     same every epoch; grain's shuffle then draws a fresh order per epoch (its seed + epoch). The two
     seeds are hashed from `seed`, so runs with seeds s and s + 1 do not share epoch orders.
+    `part` = (index, count) keeps rows [index * b, (index + 1) * b), b = batch_size / count, of
+    every batch: batch k is windows [k * batch_size, (k + 1) * batch_size) of one shuffled stream,
+    so the parts of all processes put together are the one-process batch, and each process reads
+    only its own windows.
     """
     available = num_windows_available(tokens, seq_len)
+    index, count = part
     if seq_len <= 0 or batch_size <= 0 or seed < 0 or num_windows < 0:
         raise DataError(f"seq_len={seq_len}, batch_size={batch_size} must be positive and seed={seed}, "
                         f"num_windows={num_windows} non-negative; fix the model/train settings")
+    if count <= 0 or batch_size % count or not 0 <= index < count:
+        raise DataError(f"part {index} of {count} does not split a batch of {batch_size}; "
+                        "make train.batch_size a multiple of the data-parallel processes")
     if available == 0 or num_windows > available:
         raise DataError(f"the training text has {available:,} windows of {seq_len + 1} tokens but "
                         f"{max(num_windows, 1):,} are needed; use a bigger corpus or a shorter model.seq_len")
@@ -228,14 +236,14 @@ def _batch_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
     window_ids = (np.random.default_rng(subset_seed).permutation(available)[:num_windows]
                   if num_windows else np.arange(available))
     source = grain.MapDataset.source(_Windows(tokens, seq_len, window_ids))
-    return source.shuffle(int(order_seed)).repeat().batch(batch_size)
+    return source.shuffle(int(order_seed)).repeat().batch(batch_size // count)[index::count]
 
 
 def batch_at(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, step: int,
-             num_windows: int = 0) -> np.ndarray:
-    """Batch `step` of `train_batches`, computed directly: [batch_size, seq_len + 1] int32."""
+             num_windows: int = 0, part: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Batch `step` of `train_batches`, computed directly: [batch_size / part count, seq_len + 1] int32."""
     return _batch_dataset(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                          num_windows=num_windows)[step]
+                          num_windows=num_windows, part=part)[step]
 
 
 def _closing(iterator: grain.DatasetIterator) -> Iterator[np.ndarray]:
@@ -247,8 +255,10 @@ def _closing(iterator: grain.DatasetIterator) -> Iterator[np.ndarray]:
 
 
 def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, start_step: int = 0,
-                  num_windows: int = 0, num_threads: int = 2, prefetch: int = 4) -> Iterator[np.ndarray]:
-    """Endless training batches [batch_size, seq_len + 1] int32, from batch `start_step` on.
+                  num_windows: int = 0, part: tuple[int, int] = (0, 1), num_threads: int = 2,
+                  prefetch: int = 4) -> Iterator[np.ndarray]:
+    """Endless training batches [batch_size, seq_len + 1] int32, from batch `start_step` on; with
+    `part` = (index, count), only rows [index * b, (index + 1) * b) of each, b = batch_size / count.
 
     Windows of seq_len + 1 tokens at stride seq_len (each target is predicted once per epoch);
     `num_windows` > 0 trains on a fixed seed-chosen subset of that many windows. Every epoch is
@@ -257,7 +267,7 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: in
     iterator (or drop it) to stop them.
     """
     dataset = _batch_dataset(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                             num_windows=num_windows)[start_step:]
+                             num_windows=num_windows, part=part)[start_step:]
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return _closing(iter(dataset.to_iter_dataset(options)))
 

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pufferfish_jax.model.layers import apply_rope, dot, proj
+from pufferfish_jax.model.layers import apply_rope, dot, logical, proj
+from pufferfish_jax.sharding import constrain
 
 if TYPE_CHECKING:
     from pufferfish_jax.model.transformer import ModelSpec
@@ -227,14 +228,17 @@ class Attention(nn.Module):
         spec = self.spec
         D, N, K, H = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
         init = nn.initializers.normal(spec.init_std)
-        w_q_DNH = self.param("w_q", init, (D, N, H))
-        w_k_DKH = self.param("w_k", init, (D, K, H))
-        w_v_DKH = self.param("w_v", init, (D, K, H))
-        w_o_NHD = self.param("w_o", nn.initializers.normal(spec.out_std), (N, H, D))
+        w_q_DNH = self.param("w_q", logical(init, "embed", "heads", "head_dim"), (D, N, H))
+        w_k_DKH = self.param("w_k", logical(init, "embed", "kv_heads", "head_dim"), (D, K, H))
+        w_v_DKH = self.param("w_v", logical(init, "embed", "kv_heads", "head_dim"), (D, K, H))
+        w_o_NHD = self.param("w_o", logical(nn.initializers.normal(spec.out_std), "heads", "head_dim", "embed"), (N, H, D))
 
         q_BTNH = apply_rope(proj("btd,dnh->btnh", x_BTD, w_q_DNH), sin_BTR, cos_BTR)
         k_BTKH = apply_rope(proj("btd,dkh->btkh", x_BTD, w_k_DKH), sin_BTR, cos_BTR)
         v_BTKH = proj("btd,dkh->btkh", x_BTD, w_v_DKH)
+        q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
+        k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
+        v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
 
         if cache is None:
             o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=spec.attention)

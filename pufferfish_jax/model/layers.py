@@ -15,7 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from pufferfish_jax.sharding import constrain
+
 Array = jax.Array
+
+
+def logical(init, *names: str):
+    """`init` whose parameter carries its logical axis names (see sharding.LOGICAL_RULES).
+
+    The names live only in the boxed tree `Module.init` returns; `init_params` unboxes it, so the
+    params handed around are plain arrays and only the sharding code reads the names.
+    """
+    return nn.with_logical_partitioning(init, names)
 
 
 def dot(eqn: str, x: Array, w: Array) -> Array:
@@ -73,7 +84,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: Array) -> Array:
-        scale_D = self.param("scale", nn.initializers.ones, (x_BTD.shape[-1],), jnp.float32)
+        scale_D = self.param("scale", logical(nn.initializers.ones, "embed"), (x_BTD.shape[-1],), jnp.float32)
         x_BTD = x_BTD.astype(jnp.float32)
         inv_rms_BT1 = jax.lax.rsqrt(jnp.mean(jnp.square(x_BTD), axis=-1, keepdims=True) + self.eps)
         return (x_BTD * inv_rms_BT1 * scale_D).astype(self.dtype)
@@ -122,11 +133,13 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: Array) -> Array:
         d_model = x_BTD.shape[-1]
-        w_gate_DF = self.param("w_gate", nn.initializers.normal(self.init_std), (d_model, self.hidden))
-        w_up_DF = self.param("w_up", nn.initializers.normal(self.init_std), (d_model, self.hidden))
-        w_down_FD = self.param("w_down", nn.initializers.normal(self.out_std), (self.hidden, d_model))
-        gate_BTF = proj("btd,df->btf", x_BTD, w_gate_DF)
-        up_BTF = proj("btd,df->btf", x_BTD, w_up_DF)
+        init = logical(nn.initializers.normal(self.init_std), "embed", "mlp")
+        w_gate_DF = self.param("w_gate", init, (d_model, self.hidden))
+        w_up_DF = self.param("w_up", init, (d_model, self.hidden))
+        w_down_FD = self.param("w_down", logical(nn.initializers.normal(self.out_std), "mlp", "embed"),
+                               (self.hidden, d_model))
+        gate_BTF = constrain(proj("btd,df->btf", x_BTD, w_gate_DF), ("batch", "seq", "mlp"))
+        up_BTF = constrain(proj("btd,df->btf", x_BTD, w_up_DF), ("batch", "seq", "mlp"))
         return proj("btf,fd->btd", nn.silu(gate_BTF) * up_BTF, w_down_FD)
 
 
@@ -140,12 +153,14 @@ class Embed(nn.Module):
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", nn.initializers.normal(self.init_std), (self.vocab_size, self.d_model), jnp.float32
+            "embedding", logical(nn.initializers.normal(self.init_std), "vocab", "embed"),
+            (self.vocab_size, self.d_model), jnp.float32,
         )
 
     def __call__(self, tokens_BT: Array) -> Array:
-        return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+        x_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+        return constrain(x_BTD, ("batch", "seq", "embed"))
 
     def attend(self, x_BTD: Array) -> Array:
         """float32 logits x @ embedding.T."""
-        return dot("btd,vd->btv", x_BTD, self.embedding)
+        return constrain(dot("btd,vd->btv", x_BTD, self.embedding), ("batch", "seq", "vocab"))

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from pufferfish_jax.model.attention import BACKENDS, Attention, KVCache
-from pufferfish_jax.model.layers import Embed, RMSNorm, SwiGLU, dot, rope_angles
+from pufferfish_jax.model.layers import Embed, RMSNorm, SwiGLU, dot, logical, rope_angles
+from pufferfish_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -110,7 +111,7 @@ class Block(nn.Module):
         x_BTD = x_BTD + h_BTD
         h_BTD = RMSNorm(spec.norm_eps, dtype, name="mlp_norm")(x_BTD)
         x_BTD = x_BTD + SwiGLU(spec.ffn_hidden, spec.init_std, spec.out_std, dtype, name="mlp")(h_BTD)
-        return x_BTD, cache
+        return constrain(x_BTD, ("batch", "seq", "embed")), cache
 
 
 def remat_block(policy_name: str) -> type[Block]:
@@ -154,18 +155,25 @@ class Transformer(nn.Module):
         if spec.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
-            w_DV = self.param("lm_head", nn.initializers.normal(spec.init_std), (spec.d_model, spec.vocab_size))
-            logits_BTV = dot("btd,dv->btv", x_BTD, w_DV)
+            w_DV = self.param("lm_head", logical(nn.initializers.normal(spec.init_std), "embed", "vocab"),
+                              (spec.d_model, spec.vocab_size))
+            logits_BTV = constrain(dot("btd,dv->btv", x_BTD, w_DV), ("batch", "seq", "vocab"))
         if cache is None:
             return logits_BTV
         return logits_BTV, cache._replace(length=cache.length + T)
 
 
-def init_params(spec: ModelSpec, rng: Array) -> dict:
-    """Fresh float32 parameters; pure, so `jax.eval_shape(init_params, spec, rng)` gives the
-    abstract tree without allocating (bind spec with functools.partial or a static arg)."""
+def init_boxed_params(spec: ModelSpec, rng: Array) -> dict:
+    """Fresh float32 parameters, each boxed with its logical axis names (`nn.LogicallyPartitioned`):
+    `nn.get_partition_spec(jax.eval_shape(...))` of this tree is what the shardings derive from."""
     tokens_BT = jnp.zeros((1, 1), jnp.int32)
     return Transformer(spec).init(rng, tokens_BT)["params"]
+
+
+def init_params(spec: ModelSpec, rng: Array) -> dict:
+    """Fresh float32 parameters as plain arrays; pure, so `jax.eval_shape(init_params, spec, rng)`
+    gives the abstract tree without allocating (bind spec with functools.partial or a static arg)."""
+    return nn.meta.unbox(init_boxed_params(spec, rng))
 
 
 def count_params(spec: ModelSpec, embedding: bool = True) -> int:

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from pufferfish_jax import sharding
 from pufferfish_jax.data.pipeline import eval_batches
 
 
@@ -20,8 +21,9 @@ class EvalResult:
 
 
 def evaluate(eval_step: Callable, params, val_tokens: np.ndarray, val_bytes: int, *, seq_len: int,
-             batch_size: int, max_tokens: int = 0) -> EvalResult:
-    """Runs eval_step over the held-out stream (all of it when max_tokens is 0).
+             batch_size: int, mesh: Mesh, max_tokens: int = 0) -> EvalResult:
+    """Runs eval_step over the held-out stream (all of it when max_tokens is 0); each process
+    hands over only its rows of each batch.
 
     bpb = nats * tokens / (bytes * ln 2). A partial eval charges the bytes pro rata to the tokens
     it covered, which is exact in expectation and good enough for the progress curve; the final
@@ -29,7 +31,7 @@ def evaluate(eval_step: Callable, params, val_tokens: np.ndarray, val_bytes: int
     """
     total_nll, total_count = 0.0, 0.0
     for window, mask in eval_batches(val_tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens):
-        nll, count = eval_step(params, jnp.asarray(window), jnp.asarray(mask))
+        nll, count = eval_step(params, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh))
         total_nll += float(nll)
         total_count += float(count)
     loss = total_nll / max(total_count, 1.0)

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
+from pufferfish_jax import sharding
 from pufferfish_jax.budget.planner import EXIT_S, Plan, save_seconds
 from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
 from pufferfish_jax.model.transformer import ModelSpec
@@ -30,7 +31,7 @@ from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.display import TrainDisplay
 from pufferfish_jax.train.evaluate import EvalResult, evaluate
 from pufferfish_jax.train.metrics import MetricsWriter
-from pufferfish_jax.train.state import init_state, learning_rate, make_optimizer
+from pufferfish_jax.train.state import create_state, learning_rate, make_optimizer
 from pufferfish_jax.train.step import make_eval_step, make_train_step
 
 PERIODIC_EVALS = 6
@@ -83,32 +84,35 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir: Path, *,
+def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir: Path, *, mesh: Mesh,
         deadline: float | None, started_at: float, display_console, resumed: tuple | None = None) -> Outcome:
-    """Trains into run_dir, from scratch or from `resumed` = (state, progress record of its
-    checkpoint); returns the outcome after the final eval and save.
+    """Trains into run_dir on `mesh`, from scratch or from `resumed` = (state, progress record of
+    its checkpoint); returns the outcome after the final eval and save.
 
     A resumed run continues exactly: the data order is a function of (seed, step), the schedule's
     progress is restored, and nothing else carries state (no dropout, no RNG in the step).
+    Every process runs this loop; decisions taken from the clock (re-fitted step count, save)
+    are process 0's and a stop signal to any process stops all, so all run the same steps.
     """
     spec = ModelSpec.from_config(cfg.model)
     optimizer = make_optimizer(cfg.train)
+    batch_size, seq_len = cfg.train.batch_size, spec.seq_len
+    sharding.check_batch(batch_size, cfg.train.grad_accum, mesh)
     if resumed is None:
-        state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(cfg.train.seed))
+        state = create_state(spec, optimizer, cfg.train.seed, mesh)
         progress, used_before = 0.0, 0.0
     else:
         state, record = resumed
         progress, used_before = record["progress"], record["elapsed_s"]
-    train_step = make_train_step(spec, optimizer, cfg.train.grad_accum)
-    eval_step = make_eval_step(spec)
-    batch_size, seq_len = cfg.train.batch_size, spec.seq_len
+    train_step = make_train_step(spec, optimizer, cfg.train.grad_accum, mesh)
+    eval_step = make_eval_step(spec, mesh)
     tokens_per_step = batch_size * seq_len
 
     def run_eval(params, max_tokens: int) -> EvalResult:
         return evaluate(eval_step, params, data.val_tokens, data.val_bytes, seq_len=seq_len,
-                        batch_size=batch_size, max_tokens=max_tokens)
+                        batch_size=batch_size, mesh=mesh, max_tokens=max_tokens)
 
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=sharding.is_primary())
     manager = checkpoint.open_manager(run_dir / "checkpoints", cfg.train.keep_checkpoints)
     unigram = unigram_bpb(data.train_tokens, data.val_tokens, data.val_bytes, data.vocab_size)
 
@@ -116,7 +120,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     # this machine, which sizes the time kept for periodic evals and the final full one.
     window, mask = next(eval_batches(data.val_tokens, seq_len=seq_len, batch_size=batch_size))
     eval_started = time.time()
-    jax.block_until_ready(eval_step(state.params, jnp.asarray(window), jnp.asarray(mask)))
+    jax.block_until_ready(eval_step(state.params, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh)))
     eval_compile_s = time.time() - eval_started
     eval_started = time.time()
     first = run_eval(state.params, cfg.train.eval_tokens)
@@ -170,8 +174,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
 
     with _StopFlag() as stop:
         subset = 0 if plan.subset_fraction >= 1 else max(batch_size, round(plan.subset_fraction * num_windows_available(data.train_tokens, seq_len)))
-        for window in train_batches(data.train_tokens, seq_len=seq_len, batch_size=batch_size,
-                                    seed=cfg.train.seed, start_step=step, num_windows=subset):
+        for rows in train_batches(data.train_tokens, seq_len=seq_len, batch_size=batch_size, seed=cfg.train.seed,
+                                  start_step=step, num_windows=subset, part=sharding.process_part(mesh, batch_size)):
             now = time.time()
             if tick is not None:
                 intervals.append(now - tick)
@@ -181,12 +185,14 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                 total = refit_total_steps(step, total, now=now, train_end=deadline - reserve_s(), step_s=step_s,
                                           eval_every=eval_every, eval_s=periodic_eval_s,
                                           in_flight=int(pending is not None))
-            if step >= total or stop.raised:
-                interrupted = stop.raised
+            seen = sharding.everyone([total, stop.raised])  # process 0's clock, anyone's Ctrl-C
+            total, stop_now = int(seen[0, 0]), bool(seen[:, 1].any())
+            if step >= total or stop_now:
+                interrupted = stop_now
                 break
             progress = max(progress, (step + 1) / max(total, 1))  # faster steps must not rewind the schedule
             lr = learning_rate(progress, cfg.train)
-            state, values = train_step(state, jnp.asarray(window), jnp.float32(lr))
+            state, values = train_step(state, sharding.global_batch(rows, mesh, batch_size), np.float32(lr))
             if compiling:  # jit compiles (or loads from the persistent cache) inside the first call
                 compiling = False
                 metrics.write("compile", train_step_s=time.time() - now, eval_step_s=eval_compile_s)
@@ -204,7 +210,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                 metrics.write("eval", step=step, val_loss=result.loss, val_bpb=result.bpb, tokens=step * tokens_per_step)
                 display.print(f"step {step}: val loss {result.loss:.3f}, val bpb {result.bpb:.3f}")
                 tick = None  # the eval is not a step interval
-            if time.time() - last_save >= cfg.train.checkpoint_every_s:
+            if sharding.agree(time.time() - last_save >= cfg.train.checkpoint_every_s):
                 if pending is not None:
                     last_loss = settle(pending)
                     pending = None

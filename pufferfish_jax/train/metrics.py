@@ -8,16 +8,21 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, path: Path):
-        self._file = open(path, "a", encoding="utf-8")
+    """`enabled=False` (every process but 0 of a multi-host run) writes nothing."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self._file = open(path, "a", encoding="utf-8") if enabled else None
 
     def write(self, event: str, **fields) -> None:
+        if self._file is None:
+            return
         record = {"event": event, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

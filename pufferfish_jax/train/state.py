@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import math
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
-from pufferfish_jax.model.transformer import ModelSpec, init_params
+from pufferfish_jax import sharding
+from pufferfish_jax.model.transformer import ModelSpec, init_boxed_params
 
 
 class TrainState(struct.PyTreeNode):
@@ -44,14 +49,48 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
     return optax.chain(*parts)
 
 
-def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    params = init_params(spec, rng)
+def _boxed_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """The state with every parameter, and every optimizer moment shaped like one, still boxed
+    with its logical axis names (optax maps over the boxes, so the moments inherit them)."""
+    params = init_boxed_params(spec, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def abstract_state(spec: ModelSpec, optimizer: optax.GradientTransformation) -> TrainState:
-    """Shapes and dtypes of the state without allocating it: the restore target."""
-    return jax.eval_shape(lambda: init_state(spec, optimizer, jax.random.key(0)))
+def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """A fresh state of plain arrays."""
+    return nn.meta.unbox(_boxed_state(spec, optimizer, rng))
+
+
+def state_shardings(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Where every leaf of the state lives on `mesh`, from the logical names (no allocation)."""
+    boxed = jax.eval_shape(functools.partial(_boxed_state, spec, optimizer), jax.random.key(0))
+    return sharding.tree_shardings(nn.get_partition_spec(boxed), nn.meta.unbox(boxed), mesh)
+
+
+def params_shardings(spec: ModelSpec, mesh: Mesh) -> dict:
+    """Where every parameter lives on `mesh` (the params part of `state_shardings`)."""
+    boxed = jax.eval_shape(functools.partial(init_boxed_params, spec), jax.random.key(0))
+    return sharding.tree_shardings(nn.get_partition_spec(boxed), nn.meta.unbox(boxed), mesh)
+
+
+def create_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
+    """A fresh state born sharded: each device initializes only its own shards (nothing is built
+    whole on one device first). Same seed -> same values whatever the mesh."""
+    init = jax.jit(lambda: init_state(spec, optimizer, jax.random.key(seed)),
+                   out_shardings=state_shardings(spec, optimizer, mesh))
+    return init()
+
+
+def abstract_state(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> TrainState:
+    """Shapes, dtypes and shardings of the state without allocating it: the restore target.
+
+    The shardings are this run's, not the saving run's, so Orbax reshards on restore: a
+    checkpoint saved under one mesh restores under another, or on one device (the default).
+    """
+    mesh = mesh or sharding.single_device_mesh()
+    shapes = jax.eval_shape(lambda: init_state(spec, optimizer, jax.random.key(0)))
+    return jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+                        shapes, state_shardings(spec, optimizer, mesh))
 
 
 def learning_rate(progress: float, train_cfg: ml_collections.ConfigDict) -> float:

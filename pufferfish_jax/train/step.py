@@ -1,8 +1,11 @@
 """The pure train and eval steps.
 
-`make_train_step` closes over everything static (model spec, optimizer, accumulation) and returns
-one jitted function of (state, batch, lr) with the state donated, so the update happens in place
-and the loop never holds two copies of the parameters.
+`make_train_step` closes over everything static (model spec, optimizer, accumulation, mesh) and
+returns one jitted function of (state, batch, lr) with the state donated, so the update happens in
+place and the loop never holds two copies of the parameters. Inputs and outputs carry explicit
+shardings (state as `state_shardings` says, batch rows over data x fsdp, scalars replicated);
+XLA derives the collectives: gradient all-reduce (data), weight gathers and gradient
+reduce-scatters (fsdp), and the tensor-parallel all-reduces.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh
+
+from pufferfish_jax import sharding
 from pufferfish_jax.model.transformer import ModelSpec, Transformer
-from pufferfish_jax.train.state import TrainState
+from pufferfish_jax.train.state import TrainState, params_shardings, state_shardings
 
 
 def token_nll(params: dict, spec: ModelSpec, window_BT1: jax.Array) -> jax.Array:
@@ -23,8 +29,12 @@ def token_nll(params: dict, spec: ModelSpec, window_BT1: jax.Array) -> jax.Array
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), window_BT1[:, 1:])
 
 
-def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation, grad_accum: int) -> Callable:
-    """Returns jitted `train_step(state, window_BT1, lr) -> (state, metrics)`."""
+def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation, grad_accum: int, mesh: Mesh) -> Callable:
+    """Returns jitted `train_step(state, window_BT1, lr) -> (state, metrics)`.
+
+    With accumulation, micro-batch a takes rows a, a + A, a + 2A, ...: every micro-batch is then
+    spread over all data-parallel devices (contiguous blocks would each sit on a few of them).
+    """
 
     def loss_fn(params, window_BT1):
         return token_nll(params, spec, window_BT1).mean()
@@ -32,10 +42,15 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation, gr
     grad_fn = jax.value_and_grad(loss_fn)
 
     def train_step(state: TrainState, window_BT1: jax.Array, lr: jax.Array):
+        with sharding.activation_sharding(mesh):
+            return _update(state, window_BT1, lr)
+
+    def _update(state: TrainState, window_BT1: jax.Array, lr: jax.Array):
         if grad_accum == 1:
             loss, grads = grad_fn(state.params, window_BT1)
         else:
-            micro_ABT1 = window_BT1.reshape(grad_accum, -1, window_BT1.shape[-1])
+            micro_ABT1 = window_BT1.reshape(-1, grad_accum, window_BT1.shape[-1]).swapaxes(0, 1)
+            micro_ABT1 = sharding.constrain(micro_ABT1, (None, "batch", "seq"))
 
             def accumulate(carry, micro_BT1):
                 loss, grads = grad_fn(state.params, micro_BT1)
@@ -49,14 +64,19 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation, gr
         metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    state_sharding = state_shardings(spec, optimizer, mesh)
+    rows, scalar = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(train_step, in_shardings=(state_sharding, rows, scalar),
+                   out_shardings=(state_sharding, scalar), donate_argnums=0)
 
 
-def make_eval_step(spec: ModelSpec) -> Callable:
+def make_eval_step(spec: ModelSpec, mesh: Mesh) -> Callable:
     """Returns jitted `eval_step(params, window_BT1, mask_BT) -> (sum of nll, token count)`."""
 
     def eval_step(params, window_BT1, mask_BT):
-        nll_BT = token_nll(params, spec, window_BT1)
-        return (nll_BT * mask_BT).sum(), mask_BT.sum()
+        with sharding.activation_sharding(mesh):
+            nll_BT = token_nll(params, spec, window_BT1)
+            return (nll_BT * mask_BT).sum(), mask_BT.sum()
 
-    return jax.jit(eval_step)
+    rows, scalar = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(eval_step, in_shardings=(params_shardings(spec, mesh), rows, rows), out_shardings=(scalar, scalar))
