@@ -24,7 +24,7 @@ import jaxlib
 import ml_collections
 import numpy as np
 
-from pufferfish_jax.budget.hardware import matmul_rate
+from pufferfish_jax.budget.hardware import matmul_rate, probe
 from pufferfish_jax.model.transformer import ModelSpec, flops_per_token
 from pufferfish_jax.train.state import init_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
@@ -126,6 +126,15 @@ class CalibrationCache:
             rates[dtype] = matmul_rate(dtype)
             self._save()
         return rates[dtype]
+
+    def peak_flops(self, dtype: str) -> tuple[float, str]:
+        """The MFU denominator for all devices and where it comes from: the data-sheet peak
+        (hardware.PEAK_TFLOPS) where the device is known, else the measured matmul rate (every CPU),
+        measured once per machine and cached like the step times."""
+        hw = probe(measure=False)
+        if peak := hw.peak(dtype):  # without a probe, only the data sheet answers
+            return peak * hw.device_count, "data-sheet peak"
+        return self.matmul_rate(dtype) * jax.device_count(), f"measured {dtype} matmul"
 
     def cached(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int) -> Measurement | None:
         found = self._section(family_key(spec, train_cfg)).get(_shape_key(spec, batch_size))
