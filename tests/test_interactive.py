@@ -2,6 +2,8 @@
 config editor, the generation REPL and guided mode; and the training display through a pipe."""
 
 import fcntl
+import io
+import math
 import os
 import pty
 import random
@@ -10,18 +12,21 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import jax
 import pexpect
 import pytest
 from pexpect.fdpexpect import fdspawn
+from rich.console import Console
 
 from pufferfish_jax.config import apply_overrides, defaults, flatten, load_file, validate
 from pufferfish_jax.configure import KEYS
 from pufferfish_jax.data.tokenizer import train_tokenizer
 from pufferfish_jax.model.transformer import ModelSpec
 from pufferfish_jax.train import checkpoint
+from pufferfish_jax.train.display import SPARK_LEVELS, History, TrainDisplay, moe_summary, sparkline
 from pufferfish_jax.train.state import init_state, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,3 +275,47 @@ def test_piped_training_output_is_plain_lines(env, corpus, tmp_path):
     progress = re.findall(r"^step (\d+)/20  loss [\d.]+  [\d,]+ tok/s  MFU [\d.]+%  mem .*$", out, re.MULTILINE)
     assert [int(s) for s in progress] == [5, 10, 15, 20], out
     assert "final: val loss" in out
+
+
+# The display's pieces, in-process.
+
+def test_sparkline_scales_between_min_and_max_and_fits_its_width():
+    line = sparkline([float(v) for v in range(100)], width=20)
+    assert len(line) == 20 and line[0] == SPARK_LEVELS[0] and line[-1] == SPARK_LEVELS[-1]
+    assert list(line) == sorted(line, key=SPARK_LEVELS.index)  # a rising series never dips
+    assert sparkline([3.0, math.nan, 3.0]) == SPARK_LEVELS[0] * 2 and sparkline([]) == ""
+
+
+def test_history_stays_bounded_and_keeps_the_whole_run():
+    history = History(capacity=16)
+    values = [float(v) for v in range(1000)]
+    for v in values:
+        history.add(v)
+    assert len(history.values) < 16
+    # Each point is the mean of one block of `stride` consecutive steps, blocks tiling the run from
+    # its start: for the series 0, 1, 2, ... the points are (stride - 1) / 2 + k * stride.
+    stride = history.values[1] - history.values[0]
+    assert stride > 1 and history.values == [(stride - 1) / 2 + k * stride for k in range(len(history.values))]
+    assert len(history.values) * stride <= len(values) < (len(history.values) + 2) * stride  # the whole run
+
+
+def test_moe_summary_names_the_extreme_layers():
+    phrases = moe_summary({"moe.0.max_load": 1.2, "moe.1.max_load": 2.0, "moe.2.max_load": 1.0, "moe.aux": 0.5})
+    assert "max_load mean 1.4, min 1 (layer 2), max 2 (layer 1)" in phrases and "aux 0.5" in phrases
+
+
+def test_display_without_a_terminal_prints_plain_lines():
+    out = io.StringIO()
+    console = Console(file=out, width=300)  # a file: not a terminal
+    display = TrainDisplay(console, 20, time.time(), None, 5, tokens_per_step=512, flops_per_token=1e6,
+                           peak_flops=1e12, peak_source="data-sheet peak")
+    display.observe_moe({"moe.0.dropped": 0.25, "moe.1.dropped": 0.5})
+    for step in range(1, 21):
+        display.update(step, 20, 4.0 - step / 10, 1000.0)
+    display.record_eval(20, 2.5, 1.2)
+    display.close()
+    lines = out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
+    assert [line.split()[1] for line in lines[:4]] == ["5/20", "10/20", "15/20", "20/20"]
+    assert "loss 2.000  1,000 tok/s  MFU 0.1%" in lines[3]  # 1000 tok/s x 1 MFLOP/token over 1 TFLOP/s
+    assert "dropped mean 0.375" in lines[3] and lines[4] == "step 20: val loss 2.500, val bpb 1.200"
