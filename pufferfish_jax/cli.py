@@ -56,22 +56,15 @@ def _setup_jax(cache_dir: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _changed_keys(cfg) -> set[str]:
-    """The keys a config file sets away from the defaults: the planner keeps what the user chose."""
-    from pufferfish_jax import config as config_lib
-
-    base = config_lib.flatten(config_lib.defaults())
-    return {k for k, v in config_lib.flatten(cfg).items() if v != base[k]}
-
-
 def _build_config(items: list[str]):
     """config=FILE first, then key=value overrides in order; returns (cfg, keys the user set)."""
     from pufferfish_jax import config as config_lib
+    from pufferfish_jax.configure import changed_keys
 
     files = [i.split("=", 1)[1] for i in items if i.startswith("config=")]
     overrides = [i for i in items if not i.startswith("config=")]
     cfg = config_lib.load_file(files[-1]) if files else config_lib.defaults()
-    user_keys = _changed_keys(cfg)
+    user_keys = set(changed_keys(cfg))  # what a config file sets, the planner keeps
     cfg = config_lib.apply_overrides(cfg, overrides)
     user_keys |= {config_lib.ALIASES.get(k, k) for k in (o.split("=", 1)[0].strip() for o in overrides)}
     if cfg.budget.time and cfg.train.steps:
@@ -273,9 +266,10 @@ def _show_plan(cfg) -> None:
     import ml_collections
 
     from pufferfish_jax.config import ConfigError
+    from pufferfish_jax.configure import changed_keys
 
     try:
-        _, plan = _prepare(ml_collections.ConfigDict(cfg.to_dict()), _changed_keys(cfg), time.time())
+        _, plan = _prepare(ml_collections.ConfigDict(cfg.to_dict()), set(changed_keys(cfg)), time.time())
     except _user_errors() as e:
         raise ConfigError(str(e)) from None
     console.print(_plan_table(plan))
@@ -284,8 +278,12 @@ def _show_plan(cfg) -> None:
 def cmd_configure(argv: list[str]) -> int:
     """`configure [FILE] [key=value ...]`: the table editor, starting from FILE (or the defaults)."""
     from pufferfish_jax import config as config_lib
-    from pufferfish_jax.configure import check, edit
+    from pufferfish_jax.configure import check, commands, edit
 
+    if any(a in ("-h", "--help") for a in argv):
+        console.print("usage: python -m pufferfish_jax configure [FILE.py|FILE.json] [key=value ...]\n"
+                      "A table of every config key, edited by typing at the prompt:\n" + commands(guided=False))
+        return 0
     files = [a.removeprefix("config=") for a in argv if "=" not in a or a.startswith("config=")]
     if len(files) > 1:
         raise config_lib.ConfigError(f"configure takes one config file, not {len(files)} ({', '.join(files)})")

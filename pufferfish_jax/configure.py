@@ -97,17 +97,22 @@ def table(cfg: ml_collections.ConfigDict, section: str | None = None) -> Table:
     return grid
 
 
-def overrides(cfg: ml_collections.ConfigDict) -> list[str]:
-    """`key=value` for every value that differs from its default: the command line's form of cfg."""
+def changed_keys(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The keys whose values differ from the defaults, in table order."""
     flat = config_lib.flatten(cfg)
-    return [f"{key}={flat[key]}" for key in KEYS if flat[key] != DEFAULTS[key]]
+    return [key for key in KEYS if flat[key] != DEFAULTS[key]]
+
+
+def overrides(cfg: ml_collections.ConfigDict) -> list[str]:
+    """`key=value` for every changed key: the command line's form of cfg."""
+    flat = config_lib.flatten(cfg)
+    return [f"{key}={flat[key]}" for key in changed_keys(cfg)]
 
 
 def render_python(cfg: ml_collections.ConfigDict, path: Path) -> str:
     """A configs/*.py file that rebuilds cfg: the defaults, then each changed value."""
     flat = config_lib.flatten(cfg)
-    changed = [key for key in KEYS if flat[key] != DEFAULTS[key]]
-    lines = [f"    cfg.{key} = {flat[key]!r}" for key in changed]
+    lines = [f"    cfg.{key} = {flat[key]!r}" for key in changed_keys(cfg)]
     usage = f"just train config={path}" + ("" if cfg.budget.time or cfg.train.steps else " budget=5m")
     return (f'"""Written by `python -m pufferfish_jax configure`: the defaults, then the values changed.\n\n'
             f'    {usage}\n"""\n\nfrom pufferfish_jax.config import defaults\n\n\n'
@@ -219,13 +224,13 @@ def edit(cfg: ml_collections.ConfigDict, *, plan: Callable[[ml_collections.Confi
             elif command == "changed":
                 flat = config_lib.flatten(cfg)
                 rows = [f"{key} = {show_value(flat[key])} (default {show_value(DEFAULTS[key])})"
-                        for key in KEYS if flat[key] != DEFAULTS[key]]
+                        for key in changed_keys(cfg)]
                 console.print("\n".join(rows) or "everything is at its default")
             elif command == "reset":
                 if not args:
                     raise ConfigError("reset needs a key, a row number or all")
                 keys = KEYS if args == ["all"] else [resolve(a) for a in args]
-                apply([(key, DEFAULTS[key]) for key in keys if config_lib.flatten(cfg)[key] != DEFAULTS[key]])
+                apply([(key, DEFAULTS[key]) for key in keys if key in changed_keys(cfg)])
             elif command == "plan":
                 do_plan(args)
             elif command == "save":
