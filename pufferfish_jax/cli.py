@@ -282,7 +282,8 @@ def cmd_configure(argv: list[str]) -> int:
 
     if any(a in ("-h", "--help") for a in argv):
         console.print("usage: python -m pufferfish_jax configure [FILE.py|FILE.json] [key=value ...]\n"
-                      "A table of every config key, edited by typing at the prompt:\n" + commands(guided=False))
+                      "A table of every config key, edited by typing at the prompt:\n" + commands(guided=False),
+                      markup=False)
         return 0
     files = [a.removeprefix("config=") for a in argv if "=" not in a or a.startswith("config=")]
     if len(files) > 1:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 
 from pufferfish_jax.config import ConfigError
 from pufferfish_jax.prompting import enable_line_editing
@@ -165,7 +166,7 @@ def run_repl(spec, params, tokenizer, sampling: Sampling, *, interactive: bool,
             try:
                 sampling = apply_command(stripped, sampling, spec.seq_len)
             except ConfigError as e:
-                err_console.print(f"error: {e}")
+                err_console.print(f"error: {escape(str(e))}")
                 continue
             if stripped.split()[0] == "/seed":
                 turn = 0
@@ -177,7 +178,7 @@ def run_repl(spec, params, tokenizer, sampling: Sampling, *, interactive: bool,
         try:
             tokens = write_continuation(spec, params, tokenizer, line, this_turn, terminal=terminal)
         except ConfigError as e:  # a too-long prompt should not end the session
-            err_console.print(f"error: {e}")
+            err_console.print(f"error: {escape(str(e))}")
             continue
         except KeyboardInterrupt:
             console.print("\n(interrupted)")
