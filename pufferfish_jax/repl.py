@@ -128,8 +128,7 @@ def apply_command(line: str, sampling: Sampling, seq_len: int) -> Sampling:
     return check_sampling(dataclasses.replace(sampling, **{field: value}), seq_len)
 
 
-def run_repl(spec, params, tokenizer, sampling: Sampling, *, interactive: bool,
-             read: Callable[[str], str] = input) -> int:
+def run_repl(spec, params, tokenizer, sampling: Sampling, *, interactive: bool) -> int:
     """Reads prompts and /commands until /quit or end of input. `interactive` (stdin is a
     terminal) adds the greeting, the `> ` prompt and a timing line after each turn; piped input
     gets only the text."""
@@ -143,7 +142,7 @@ def run_repl(spec, params, tokenizer, sampling: Sampling, *, interactive: bool,
                       f"{sampling.describe()}. /help lists the commands, /quit ends.")
     while True:
         try:
-            line = read("> " if interactive else "")
+            line = input("> " if interactive else "")
         except EOFError:
             if interactive:
                 console.print()
