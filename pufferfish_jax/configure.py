@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import ml_collections
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -78,22 +79,37 @@ def show_value(value) -> str:
     return escape(typed(value))
 
 
-def table(cfg: ml_collections.ConfigDict, section: str | None = None) -> Table:
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def table(cfg: ml_collections.ConfigDict, section: str | None = None, width: int = 200) -> Table:
+    """The editor's table for a terminal `width` columns wide: one line per key, so the whole
+    config fits on a screen. Long values and help are cut with an ellipsis; picking the row shows
+    them in full."""
     flat = config_lib.flatten(cfg)
-    grid = Table(title="config (* = changed from the default)", title_justify="left", expand=False)
-    for name, style in (("#", "dim"), ("section", "cyan"), ("key", "bold"), ("value", None), ("default", "dim"),
-                        ("help", None)):
-        grid.add_column(name, style=style, justify="right" if name == "#" else "left",
-                        no_wrap=name != "help", overflow="fold")
+    value_width, default_width = (28, 16) if width >= 100 else (14, 10)
+    rows = []
     for row, key in enumerate(KEYS, start=1):
         part, name = key.split(".")
         if section and part != section:
             continue
         changed = flat[key] != DEFAULTS[key]
-        value = show_value(flat[key]) + (" *" if changed else "")
-        last_of_section = row == len(KEYS) or KEYS[row].split(".")[0] != part
-        grid.add_row(str(row), part, name, f"[yellow]{value}[/]" if changed else value, show_value(DEFAULTS[key]),
-                     HELP[key], end_section=last_of_section)
+        rows.append([str(row), part, name, _cut(typed(flat[key]), value_width) + (" *" if changed else ""),
+                     _cut(typed(DEFAULTS[key]), default_width), HELP[key], changed,
+                     row == len(KEYS) or KEYS[row].split(".")[0] != part])
+    headers = ("#", "section", "key", "value", "default")
+    widths = [max([len(header)] + [len(r[i]) for r in rows]) for i, header in enumerate(headers)]
+    help_width = max(width - sum(widths) - 2 * len(headers) - 3, 12)  # padding: 2 between columns, 1 at each edge, 1 spare
+    grid = Table(title="config (* = changed from the default)", title_justify="left", box=box.SIMPLE_HEAD,
+                 collapse_padding=True)
+    for header, style, column_width in zip(headers, ("dim", "cyan", "bold", None, "dim"), widths):
+        grid.add_column(header, style=style, justify="right" if header == "#" else "left", no_wrap=True,
+                        min_width=column_width)
+    grid.add_column("help", no_wrap=True)
+    for number, part, name, value, default, help_text, changed, last_of_section in rows:
+        grid.add_row(number, part, name, f"[yellow]{escape(value)}[/]" if changed else escape(value), escape(default),
+                     _cut(help_text, help_width), end_section=last_of_section)
     return grid
 
 
@@ -144,7 +160,7 @@ def edit(cfg: ml_collections.ConfigDict, *, plan: Callable[[ml_collections.Confi
     check(cfg)
     saved = config_lib.flatten(cfg)  # what is on disk (or the starting point): quit warns when it differs
     warned_unsaved = False
-    console.print(table(cfg))
+    console.print(table(cfg, width=console.width))
     console.print(commands(guided))
 
     def apply(assignments: list[tuple[str, str]]) -> None:
@@ -220,7 +236,7 @@ def edit(cfg: ml_collections.ConfigDict, *, plan: Callable[[ml_collections.Confi
             elif command in ("show", "table", "ls"):
                 if args and args[0] not in {key.split(".")[0] for key in KEYS}:
                     raise ConfigError(f"no section '{args[0]}'; sections are model, train, data, budget")
-                console.print(table(cfg, args[0] if args else None))
+                console.print(table(cfg, args[0] if args else None, width=console.width))
             elif command == "changed":
                 flat = config_lib.flatten(cfg)
                 rows = [f"{key} = {show_value(flat[key])} (default {show_value(DEFAULTS[key])})"
