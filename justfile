@@ -4,6 +4,10 @@ set positional-arguments
 # The budget covers the whole command, so the clock starts when `just` does.
 export PUFFERFISH_T0 := `date +%s.%N`
 
+# `just` alone: guided mode on a terminal (data, budget, plan, edit, train, write); usage elsewhere.
+guided:
+    python -m pufferfish_jax
+
 # Train: `just train budget=5m [config=configs/X.py] [run_dir=DIR] [key=value ...]` or `steps=N`.
 train *ARGS:
     python -m pufferfish_jax train "$@"
@@ -12,9 +16,13 @@ train *ARGS:
 plan *ARGS:
     python -m pufferfish_jax plan "$@"
 
-# Write text from a run dir or checkpoint: `just generate runs/latest "The history of"`.
+# Write text from a run dir or checkpoint: `just generate runs/latest "The history of"`; no prompt: the REPL.
 generate *ARGS:
-    tools/generate.sh "$@"
+    python -m pufferfish_jax generate "$@"
+
+# Edit a config in a table and save it for `just train config=...`: `just configure [configs/X.py]`.
+configure *ARGS:
+    python -m pufferfish_jax configure "$@"
 
 # Loss and bits per byte of a checkpoint on any text: `just eval runs/latest --data kjv`.
 eval *ARGS:

@@ -1,4 +1,5 @@
-"""Command line: `python -m pufferfish_jax {train,plan,generate,eval,inspect} ...`.
+"""Command line: `python -m pufferfish_jax {train,plan,generate,eval,inspect,hardware,configure} ...`,
+or no command on a terminal for the guided mode.
 
 Commands are thin: they parse, call the library, and print. Every user mistake surfaces as one
 line on stderr and a non-zero exit; `--debug` shows the traceback instead.
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from pufferfish_jax.prompting import is_interactive
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -68,12 +71,12 @@ def _start_mesh(cfg):
 def _build_config(items: list[str]):
     """config=FILE first, then key=value overrides in order; returns (cfg, keys the user set)."""
     from pufferfish_jax import config as config_lib
+    from pufferfish_jax.configure import changed_keys
 
     files = [i.split("=", 1)[1] for i in items if i.startswith("config=")]
     overrides = [i for i in items if not i.startswith("config=")]
     cfg = config_lib.load_file(files[-1]) if files else config_lib.defaults()
-    base = config_lib.flatten(config_lib.defaults())
-    user_keys = {k for k, v in config_lib.flatten(cfg).items() if v != base[k]}
+    user_keys = set(changed_keys(cfg))  # what a config file sets, the planner keeps
     cfg = config_lib.apply_overrides(cfg, overrides)
     user_keys |= {config_lib.ALIASES.get(k, k) for k in (o.split("=", 1)[0].strip() for o in overrides)}
     if cfg.budget.time and cfg.train.steps:
@@ -306,6 +309,54 @@ def cmd_plan(items: list[str], started_at: float) -> int:
     return 0
 
 
+def _show_plan(cfg) -> None:
+    """Prints what `just plan` would for this config (the config editor's and guided mode's review);
+    any user error comes back as a ConfigError, so the caller can show it and carry on."""
+    import ml_collections
+
+    from pufferfish_jax.config import ConfigError
+    from pufferfish_jax.configure import changed_keys
+
+    try:
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        _, plan = _prepare(cfg, set(changed_keys(cfg)), time.time(), _start_mesh(cfg))
+    except _user_errors() as e:
+        raise ConfigError(str(e)) from None
+    console.print(_plan_table(plan))
+
+
+def cmd_configure(argv: list[str]) -> int:
+    """`configure [FILE] [key=value ...]`: the table editor, starting from FILE (or the defaults)."""
+    from pufferfish_jax import config as config_lib
+    from pufferfish_jax.configure import check, commands, edit
+
+    if any(a in ("-h", "--help") for a in argv):
+        console.print("usage: python -m pufferfish_jax configure [FILE.py|FILE.json] [key=value ...]\n"
+                      "A table of every config key, edited by typing at the prompt:\n" + commands(guided=False),
+                      markup=False)
+        return 0
+    files = [a.removeprefix("config=") for a in argv if "=" not in a or a.startswith("config=")]
+    if len(files) > 1:
+        raise config_lib.ConfigError(f"configure takes one config file, not {len(files)} ({', '.join(files)})")
+    cfg = config_lib.load_file(files[0]) if files else config_lib.defaults()
+    cfg = check(config_lib.apply_overrides(cfg, [a for a in argv if "=" in a and not a.startswith("config=")]))
+    edit(cfg, plan=_show_plan, source=Path(files[0]) if files else None, console=console)
+    return 0
+
+
+def _guided() -> int:
+    """`python -m pufferfish_jax` with no arguments on a terminal."""
+    from pufferfish_jax.configure import overrides
+    from pufferfish_jax.guided import run_guided
+
+    def train(cfg) -> tuple[int, Path]:
+        code = cmd_train(overrides(cfg), time.time())  # the budget starts when the user says train
+        return code, Path(cfg.train.run_dir) if cfg.train.run_dir else Path("runs/latest").resolve()
+
+    return run_guided(plan=_show_plan, train=train, generate=lambda run_dir: cmd_generate([str(run_dir)]),
+                      console=console)
+
+
 def cmd_hardware(argv: list[str]) -> int:
     from pufferfish_jax.budget.hardware import probe
 
@@ -338,70 +389,31 @@ def _restore(path: str):
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from pufferfish_jax.config import ConfigError
-    from pufferfish_jax.data.tokenizer import eos_id
-    from pufferfish_jax.generate import generate
+    from pufferfish_jax.repl import Sampling, check_sampling, run_repl, write_continuation
 
     parser = argparse.ArgumentParser(prog="tools/generate.sh", description="Write text with a trained checkpoint.")
     parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
-    parser.add_argument("prompt", nargs="?", help="text to continue; omit for an interactive prompt loop")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--min-new-tokens", type=int, default=50,
+    parser.add_argument("prompt", nargs="?", help="text to continue; omit for the interactive REPL (/help inside)")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"default {Sampling.max_new_tokens}, or half the model's context if that is shorter")
+    parser.add_argument("--min-new-tokens", type=int, default=Sampling.min_new_tokens,
                         help="the end-of-text token is not sampled before this many tokens")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+    parser.add_argument("--temperature", type=float, default=Sampling.temperature)
+    parser.add_argument("--top-k", type=int, default=Sampling.top_k)
+    parser.add_argument("--top-p", type=float, default=Sampling.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=Sampling.repetition_penalty,
                         help="> 1 makes tokens already in the prompt or output less likely (1.1-1.3 is typical); 1 = off")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=Sampling.seed)
     args = parser.parse_args(argv)
     spec, params, tokenizer, _, _ = _restore(args.path)
-    eos = eos_id(tokenizer)
-
-    if args.repetition_penalty <= 0:
-        raise ConfigError(f"--repetition-penalty {args.repetition_penalty} must be positive (1 = off, 1.1-1.3 is typical)")
-    if not 0 < args.max_new_tokens < spec.seq_len:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be between 1 and {spec.seq_len - 1} "
-                          f"(the model's context is {spec.seq_len} tokens)")
-
-    def write(prompt: str) -> None:
-        ids = tokenizer.encode(prompt).ids or [eos]
-        if len(ids) + args.max_new_tokens > spec.seq_len:
-            raise ConfigError(f"the prompt is {len(ids)} tokens and --max-new-tokens {args.max_new_tokens}, more than the "
-                              f"model's context of {spec.seq_len}; shorten the prompt or lower --max-new-tokens")
-        out: list[int] = []
-        shown = 0
-
-        def on_token(token: int) -> None:
-            nonlocal shown
-            out.append(token)
-            text = tokenizer.decode(out)
-            if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-
-        sys.stdout.write(prompt)
-        generate(spec, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, eos_id=eos,
-                 min_new_tokens=min(args.min_new_tokens, args.max_new_tokens), on_token=on_token)
-        sys.stdout.write(tokenizer.decode(out)[shown:] + "\n")
-        sys.stdout.flush()
-
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(Sampling.max_new_tokens, spec.seq_len // 2)
+    sampling = check_sampling(Sampling(max_new_tokens=max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       repetition_penalty=args.repetition_penalty, seed=args.seed), spec.seq_len)
     if args.prompt is not None:
-        write(args.prompt)
+        write_continuation(spec, params, tokenizer, args.prompt, sampling, terminal=sys.stdout.isatty())
         return 0
-    while True:  # interactive loop; Ctrl-D or an empty line ends it
-        try:
-            prompt = input("prompt> ")
-        except EOFError:
-            return 0
-        if not prompt.strip():
-            return 0
-        try:
-            write(prompt)
-        except ConfigError as e:  # a too-long prompt should not end the session
-            err_console.print(f"error: {e}")
+    return run_repl(spec, params, tokenizer, sampling, interactive=sys.stdin.isatty())
 
 
 def params_digest(params) -> str:
@@ -490,12 +502,18 @@ def main(argv: list[str], started_at: float | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     commands = {"train": lambda a: cmd_train(a, started_at), "plan": lambda a: cmd_plan(a, started_at),
-                "generate": cmd_generate, "eval": cmd_eval, "hardware": cmd_hardware, "inspect": cmd_inspect}
-    if not argv or argv[0] not in commands:
-        err_console.print(f"usage: python -m pufferfish_jax {{{','.join(commands)}}} ... [--debug]")
+                "generate": cmd_generate, "eval": cmd_eval, "hardware": cmd_hardware, "inspect": cmd_inspect,
+                "configure": cmd_configure}
+    if argv:
+        command = commands.get(argv[0])
+    else:  # guided mode asks questions, so only a person at a terminal gets it; pipes and CI get usage
+        command = (lambda _: _guided()) if is_interactive() else None
+    if command is None:
+        err_console.print(f"usage: python -m pufferfish_jax {{{','.join(commands)}}} ... [--debug]  "
+                          "(no command, on a terminal: guided mode)")
         return 2
     try:
-        return commands[argv[0]](argv[1:])
+        return command(argv[1:])
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
-from pufferfish_jax.budget.hardware import matmul_rate
+from pufferfish_jax.budget.hardware import matmul_rate, probe
 from pufferfish_jax.model.transformer import ModelSpec, flops_per_token
 from pufferfish_jax.train.state import create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
@@ -139,6 +139,16 @@ class CalibrationCache:
             rates[dtype] = matmul_rate(dtype)
             self._save()
         return rates[dtype]
+
+    def peak_flops(self, dtype: str) -> tuple[float, str]:
+        """The MFU denominator for all devices and where it comes from: the data-sheet peak
+        (hardware.PEAK_TFLOPS) where the device is known, else the measured matmul rate (every CPU:
+        measured for the whole machine, however many host devices it is split into), measured once
+        per machine and cached like the step times."""
+        hw = probe(measure=False)
+        if peak := hw.peak(dtype):  # without a probe, only the data sheet answers
+            return peak * hw.device_count, "data-sheet peak"
+        return self.matmul_rate(dtype), f"measured {dtype} matmul"
 
     def cached(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int,
                mesh: Mesh) -> Measurement | None:

@@ -23,7 +23,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from pufferfish_jax import config as config_lib
 from pufferfish_jax import sharding
+from pufferfish_jax.budget.calibrate import CalibrationCache
 from pufferfish_jax.budget.planner import EXIT_S, Plan, save_seconds
 from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
 from pufferfish_jax.model.transformer import ModelSpec
@@ -135,7 +137,11 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     total = plan.steps
     eval_every = cfg.train.eval_every or max(1, total // PERIODIC_EVALS)
     periodic_eval_s = eval_s_per_token * first.tokens
-    display = TrainDisplay(display_console, total, started_at, deadline, cfg.train.log_every)
+    peak_flops, peak_source = CalibrationCache(config_lib.cache_dir(cfg)).peak_flops(spec.dtype)
+    display = TrainDisplay(display_console, total, started_at, deadline, cfg.train.log_every,
+                           tokens_per_step=tokens_per_step, flops_per_token=plan.flops_per_token,
+                           peak_flops=peak_flops, peak_source=peak_source)
+    display.record_eval(step, first.loss, first.bpb)
     intervals = deque(maxlen=25)
     pending, last_loss, tick, compiling = None, float("nan"), None, True
     last_save, saved_step = time.time(), (step if resumed is not None else None)
@@ -159,6 +165,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
         """Reads a finished step's metrics; stops the run on a non-finite loss."""
         done_step, values, lr = pending
         loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
+        display.observe_moe({k: float(v) for k, v in values.items() if k.startswith("moe.")})
         if not math.isfinite(loss):
             manager.wait_until_finished()
             kept = f"the last good checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved yet"
@@ -208,7 +215,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                 pending = None
                 result = run_eval(state.params, cfg.train.eval_tokens)
                 metrics.write("eval", step=step, val_loss=result.loss, val_bpb=result.bpb, tokens=step * tokens_per_step)
-                display.print(f"step {step}: val loss {result.loss:.3f}, val bpb {result.bpb:.3f}")
+                display.record_eval(step, result.loss, result.bpb)
                 tick = None  # the eval is not a step interval
             if sharding.agree(time.time() - last_save >= cfg.train.checkpoint_every_s):
                 if pending is not None:
