@@ -213,7 +213,7 @@ def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float) -> int:
     _setup_jax(cache)
     with console.status("preparing data") as status:
         data = prepare_data(saved.data, cache, log=lambda s: status.update(s))
-    spec = ModelSpec.from_config(saved.model)
+    spec = ModelSpec.from_config(saved.model, saved.moe)
     at_most = int(cfg.train.resume) if cfg.train.resume.isdigit() else None
     state, ref = checkpoint.restore_newest(run_dir / "checkpoints", abstract_state(spec, make_optimizer(saved.train)),
                                            at_most=at_most, warn=err_console.print)
@@ -274,7 +274,7 @@ def cmd_hardware(argv: list[str]) -> int:
 
 
 def _restore(path: str):
-    """(spec, params, tokenizer, cfg) from a run dir or checkpoint, shapes from the saved config."""
+    """(spec, state, tokenizer, cfg, ref) from a run dir or checkpoint, shapes from the saved config."""
     from tokenizers import Tokenizer
 
     from pufferfish_jax.model.transformer import ModelSpec
@@ -283,9 +283,9 @@ def _restore(path: str):
 
     ref = checkpoint.locate(path)
     cfg, tokenizer_json = checkpoint.load_metadata(ref)
-    spec = ModelSpec.from_config(cfg.model)
+    spec = ModelSpec.from_config(cfg.model, cfg.moe)
     state = checkpoint.restore_state(ref, abstract_state(spec, make_optimizer(cfg.train)))
-    return spec, state.params, Tokenizer.from_str(tokenizer_json), cfg, ref
+    return spec, state, Tokenizer.from_str(tokenizer_json), cfg, ref
 
 
 def cmd_generate(argv: list[str]) -> int:
@@ -304,7 +304,7 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    spec, params, tokenizer, _, _ = _restore(args.path)
+    spec, state, tokenizer, _, _ = _restore(args.path)
     eos = eos_id(tokenizer)
 
     if not 0 < args.max_new_tokens < spec.seq_len:
@@ -329,9 +329,10 @@ def cmd_generate(argv: list[str]) -> int:
                 shown = len(text)
 
         sys.stdout.write(prompt)
-        generate(spec, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        generate(spec, state.params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
-                 min_new_tokens=min(args.min_new_tokens, args.max_new_tokens), on_token=on_token)
+                 min_new_tokens=min(args.min_new_tokens, args.max_new_tokens), on_token=on_token,
+                 moe_state=state.moe_state)
         sys.stdout.write(tokenizer.decode(out)[shown:] + "\n")
         sys.stdout.flush()
 
@@ -351,18 +352,20 @@ def cmd_generate(argv: list[str]) -> int:
             err_console.print(f"error: {e}")
 
 
-def params_digest(params) -> str:
-    """SHA-256 over every parameter's path, dtype, shape and bytes, in tree order."""
+def params_digest(*trees) -> str:
+    """SHA-256 over every array's path, dtype, shape and bytes, tree by tree in tree order (the
+    params, then a MoE model's routing biases: both decide what the model computes)."""
     import hashlib
 
     import jax
     import numpy as np
 
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        digest.update(array.tobytes())
+    for tree in trees:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            array = np.asarray(leaf)
+            digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+            digest.update(array.tobytes())
     return digest.hexdigest()
 
 
@@ -374,9 +377,9 @@ def cmd_inspect(argv: list[str]) -> int:
     parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
     parser.add_argument("--digest", action="store_true", help="print only the SHA-256 of the parameters")
     args = parser.parse_args(argv)
-    spec, params, _, _, ref = _restore(args.path)
+    spec, state, _, _, ref = _restore(args.path)
     if args.digest:
-        print(params_digest(params))
+        print(params_digest(state.params, state.moe_state))
         return 0
     table = Table(title=f"checkpoint {ref.root / str(ref.step)}", show_header=False, title_justify="left")
     table.add_row("step", str(ref.step))
@@ -384,6 +387,11 @@ def cmd_inspect(argv: list[str]) -> int:
                                   f"head dim {spec.head_dim}, ffn {spec.ffn_hidden}, vocab {spec.vocab_size}, context {spec.seq_len}, "
                                   f"{'tied' if spec.tie_embeddings else 'untied'} embeddings, {spec.dtype}")
     table.add_row("params", f"{count_params(spec):,} ({count_params(spec, embedding=False):,} non-embedding)")
+    if spec.moe is not None:
+        m = spec.moe
+        table.add_row("experts", f"{m.num_experts} routed (top {m.top_k}, {m.score}) + {m.num_shared_experts} shared, "
+                                 f"width {m.expert_hidden}, in blocks {', '.join(map(str, m.layers))}; "
+                                 f"{count_params(spec, active=True):,} params active per token; balance {m.balance}")
     metrics_path = ref.root.parent / "metrics.jsonl"
     if metrics_path.is_file():
         from pufferfish_jax.train.metrics import read_metrics
@@ -412,10 +420,10 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    spec, params, tokenizer, cfg, ref = _restore(args.path)
+    spec, state, tokenizer, cfg, ref = _restore(args.path)
     docs = load_documents(args.data, config_lib.cache_dir(cfg))
     tokens, num_bytes = encode_documents(tokenizer, docs)
-    result = evaluate(make_eval_step(spec), params, tokens, num_bytes, seq_len=spec.seq_len, batch_size=args.batch_size)
+    result = evaluate(make_eval_step(spec), state.variables, tokens, num_bytes, seq_len=spec.seq_len, batch_size=args.batch_size)
     # The unigram baseline is fitted on the evaluated text itself: the entropy of its token
     # frequencies, the best any order-0 model with this tokenizer could do on it.
     unigram = unigram_bpb(tokens, tokens, num_bytes, spec.vocab_size)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import io_callback
 
 from pufferfish_jax.model.attention import init_cache
+from pufferfish_jax.model.moe import MOE_STATE
 from pufferfish_jax.model.transformer import ModelSpec, Transformer
 
 Array = jax.Array
@@ -55,12 +56,12 @@ def _deliver(request_id, token) -> None:
     _SINKS[int(request_id)](int(token))
 
 
-def _decode(spec: ModelSpec, stream: bool, params, prompt_1P, prompt_len, max_new_tokens, min_new_tokens,
+def _decode(spec: ModelSpec, stream: bool, variables, prompt_1P, prompt_len, max_new_tokens, min_new_tokens,
             temperature, top_k, top_p, rng, eos_id, request_id):
     """Prefill prompt_1P[:, :prompt_len] and decode up to max_new_tokens; returns (tokens_S, count)."""
     model = Transformer(spec)
     cache = init_cache(spec, 1, spec.seq_len)
-    logits_1PV, cache = model.apply({"params": params}, prompt_1P, cache=cache)
+    logits_1PV, cache = model.apply(variables, prompt_1P, cache=cache)
     # Slots past prompt_len hold padding; rewinding the length lets decode overwrite them.
     cache = cache._replace(length=prompt_len)
     logits_1V = jax.lax.dynamic_index_in_dim(logits_1PV, prompt_len - 1, axis=1, keepdims=False)
@@ -80,7 +81,7 @@ def _decode(spec: ModelSpec, stream: bool, params, prompt_1P, prompt_len, max_ne
 
     def body(carry):
         i, token_1, cache, out_S = carry
-        logits_11V, cache = model.apply({"params": params}, token_1[:, None], cache=cache)
+        logits_11V, cache = model.apply(variables, token_1[:, None], cache=cache)
         token_1, out_S = emit(i, logits_11V[:, 0], out_S)
         return i + 1, token_1, cache, out_S
 
@@ -99,7 +100,8 @@ def prompt_bucket(prompt_len: int, seq_len: int) -> int:
 
 def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.8,
              top_k: int = 50, top_p: float = 0.95, seed: int = 0, eos_id: int | None = None,
-             min_new_tokens: int = 0, on_token: Callable[[int], None] | None = None) -> list[int]:
+             min_new_tokens: int = 0, on_token: Callable[[int], None] | None = None,
+             moe_state: dict | None = None) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return the new tokens only.
 
     Context limit: max_new_tokens is capped at spec.seq_len - 1, then the prompt keeps only its last
@@ -108,9 +110,12 @@ def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: 
     the first `min_new_tokens` tokens: a short document's end should not cut a requested
     continuation to a few words. `on_token` receives every
     returned token, in order, as soon as it is sampled. Same arguments and seed -> same tokens.
+    A MoE model also needs its `moe_state` (the routing biases it was trained with).
     """
     if not prompt_ids:
         raise ValueError("generate needs a non-empty prompt")
+    if spec.moe is not None and moe_state is None:
+        raise ValueError("a MoE model needs its moe_state (the routing biases) to generate")
     max_new_tokens = min(max_new_tokens, spec.seq_len - 1)
     if max_new_tokens <= 0:
         return []
@@ -124,7 +129,8 @@ def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: 
             _SINKS[request_id] = on_token
     try:
         out_S, count = _decode_jit(
-            spec, on_token is not None, params, prompt_1P, jnp.int32(len(prompt_ids)), jnp.int32(max_new_tokens),
+            spec, on_token is not None, {"params": params, MOE_STATE: moe_state or {}}, prompt_1P,
+            jnp.int32(len(prompt_ids)), jnp.int32(max_new_tokens),
             jnp.int32(min_new_tokens), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jax.random.key(seed),
             jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(request_id),
         )

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from pufferfish_jax.budget.hardware import matmul_rate
+from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import ModelSpec, flops_per_token
 from pufferfish_jax.train.state import init_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
@@ -57,13 +58,23 @@ def machine_key() -> str:
 
 
 def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict) -> str:
-    """What, besides the layer shapes and the batch, changes a step's cost."""
+    """What, besides the layer shapes and the batch, changes a step's cost. MoE steps pay for
+    routing and dispatch on top of their FLOPs, so every MoE setting that shapes the work is in
+    the key (the layers and expert width follow the shape, and the shape key has them)."""
+    moe = None
+    if spec.moe is not None:
+        m = spec.moe
+        moe = [m.num_experts, m.top_k, m.num_shared_experts, m.score, m.balance, m.capacity_factor,
+               resolve_dispatch(m), m.router_z_loss_weight > 0]
     return json.dumps([train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention,
-                       spec.vocab_size, spec.tie_embeddings])
+                       spec.vocab_size, spec.tie_embeddings] + ([moe] if moe else []))
 
 
 def _shape_key(spec: ModelSpec, batch_size: int) -> str:
-    return json.dumps([asdict(spec), batch_size], sort_keys=True)
+    fields = asdict(spec)
+    if fields["moe"] is None:  # a dense spec keeps the key it had before MoE existed
+        del fields["moe"]
+    return json.dumps([fields, batch_size], sort_keys=True)
 
 
 def flops_per_step(spec: ModelSpec, batch_size: int) -> float:

@@ -20,6 +20,7 @@ class TrainDisplay:
         self._console, self._started_at, self._deadline, self._every = console, started_at, deadline, every
         self._live = console.is_terminal
         self._printed_step = -1
+        self._routing = ""
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), TextColumn("{task.fields[text]}"), console=console, transient=False)
         self._task = self._progress.add_task("train", total=total_steps, text="compiling...")
@@ -34,12 +35,26 @@ class TrainDisplay:
         else:
             rate = step / max(elapsed, 1e-9)
             timing = f"{_clock(elapsed)} elapsed, ETA {_clock((total_steps - step) / max(rate, 1e-9))}"
-        text = f"step {step}/{total_steps}  loss {loss:.3f}  {tokens_per_s:,.0f} tok/s  {timing}"
+        text = f"step {step}/{total_steps}  loss {loss:.3f}  {tokens_per_s:,.0f} tok/s{self._routing}  {timing}"
         if self._live:
             self._progress.update(self._task, completed=step, total=total_steps, text=text)
         elif (step % self._every == 0 or step == total_steps) and step != self._printed_step:
             self._printed_step = step
             self._console.print(text, highlight=False)
+
+    def show_routing(self, metrics: dict[str, float]) -> None:
+        """Summarises the per-layer `moe.{i}.*` metrics over the MoE layers: the worst layer's
+        max/mean expert load, its dropped fraction (when any) and the mean router entropy."""
+        def over_layers(name: str) -> list[float]:
+            return [v for k, v in metrics.items() if k.startswith("moe.") and k.endswith(f".{name}")]
+
+        loads, dropped, entropy = over_layers("max_load"), over_layers("dropped"), over_layers("entropy")
+        if not loads:
+            return
+        self._routing = f"  load max/mean {max(loads):.2f}"
+        if max(dropped) > 0:
+            self._routing += f", dropped {max(dropped):.1%}"
+        self._routing += f", router entropy {sum(entropy) / len(entropy):.2f}"
 
     def print(self, text: str) -> None:
         (self._progress.console if self._live else self._console).print(text, highlight=False)

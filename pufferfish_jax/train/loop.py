@@ -91,7 +91,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     A resumed run continues exactly: the data order is a function of (seed, step), the schedule's
     progress is restored, and nothing else carries state (no dropout, no RNG in the step).
     """
-    spec = ModelSpec.from_config(cfg.model)
+    spec = ModelSpec.from_config(cfg.model, cfg.moe)
     optimizer = make_optimizer(cfg.train)
     if resumed is None:
         state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(cfg.train.seed))
@@ -104,8 +104,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     batch_size, seq_len = cfg.train.batch_size, spec.seq_len
     tokens_per_step = batch_size * seq_len
 
-    def run_eval(params, max_tokens: int) -> EvalResult:
-        return evaluate(eval_step, params, data.val_tokens, data.val_bytes, seq_len=seq_len,
+    def run_eval(state, max_tokens: int) -> EvalResult:
+        return evaluate(eval_step, state.variables, data.val_tokens, data.val_bytes, seq_len=seq_len,
                         batch_size=batch_size, max_tokens=max_tokens)
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
@@ -116,10 +116,10 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     # this machine, which sizes the time kept for periodic evals and the final full one.
     window, mask = next(eval_batches(data.val_tokens, seq_len=seq_len, batch_size=batch_size))
     eval_started = time.time()
-    jax.block_until_ready(eval_step(state.params, jnp.asarray(window), jnp.asarray(mask)))
+    jax.block_until_ready(eval_step(state.variables, jnp.asarray(window), jnp.asarray(mask)))
     eval_compile_s = time.time() - eval_started
     eval_started = time.time()
-    first = run_eval(state.params, cfg.train.eval_tokens)
+    first = run_eval(state, cfg.train.eval_tokens)
     eval_s_per_token = (time.time() - eval_started) / max(first.tokens, 1)
     step = int(state.step)
     metrics.write("eval", step=step, val_loss=first.loss, val_bpb=first.bpb, tokens=step * tokens_per_step)
@@ -162,10 +162,12 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
                                    f"lower train.lr (was {cfg.train.lr:g}) or set train.grad_clip")
         if (done_step + 1) % cfg.train.log_every == 0:
             step_s = float(np.median(intervals)) if intervals else float("nan")
+            routing = {k: float(v) for k, v in values.items() if k.startswith("moe.")}
+            display.show_routing(routing)
             metrics.write("train", step=done_step + 1, loss=loss, grad_norm=grad_norm, lr=lr,
                           tokens=(done_step + 1) * tokens_per_step, step_s=step_s,
                           tokens_per_s=tokens_per_step / step_s if intervals else None,
-                          elapsed_s=used_before + time.time() - started_at)
+                          elapsed_s=used_before + time.time() - started_at, **routing)
         return loss
 
     with _StopFlag() as stop:
@@ -200,7 +202,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
             if step % eval_every == 0 and step < total:
                 last_loss = settle(pending)
                 pending = None
-                result = run_eval(state.params, cfg.train.eval_tokens)
+                result = run_eval(state, cfg.train.eval_tokens)
                 metrics.write("eval", step=step, val_loss=result.loss, val_bpb=result.bpb, tokens=step * tokens_per_step)
                 display.print(f"step {step}: val loss {result.loss:.3f}, val bpb {result.bpb:.3f}")
                 tick = None  # the eval is not a step interval
@@ -218,7 +220,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     display.close()
     final = None
     if not interrupted:  # an interrupted run is not finished: its final eval comes when it is
-        final = run_eval(state.params, 0)
+        final = run_eval(state, 0)
         metrics.write("eval", step=step, val_loss=final.loss, val_bpb=final.bpb, unigram_bpb=unigram,
                       tokens=step * tokens_per_step, final=True)
     try:

@@ -15,13 +15,24 @@ import ml_collections
 import optax
 from flax import struct
 
-from pufferfish_jax.model.transformer import ModelSpec, init_params
+from pufferfish_jax.model.moe import MOE_STATE
+from pufferfish_jax.model.transformer import ModelSpec, init_variables
 
 
 class TrainState(struct.PyTreeNode):
+    """`moe_state` holds the MoE routing biases ({} for a dense model): state the train step
+    updates itself, outside `params`, so no gradient, optimizer or weight decay ever touches it.
+    It is checkpointed with the rest."""
+
     step: jax.Array
     params: dict
     opt_state: optax.OptState
+    moe_state: dict = struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict:
+        """What `Transformer.apply` needs: the params and the routing state."""
+        return {"params": self.params, MOE_STATE: self.moe_state}
 
 
 def _decay_mask(params: dict) -> dict:
@@ -45,8 +56,8 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 
 
 def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    params = init_params(spec, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    params, moe_state = init_variables(spec, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), moe_state=moe_state)
 
 
 def abstract_state(spec: ModelSpec, optimizer: optax.GradientTransformation) -> TrainState:
