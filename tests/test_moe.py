@@ -323,9 +323,12 @@ def test_calibration_keys_tell_moe_settings_apart():
 
 @pytest.mark.slow
 def test_train_generate_inspect_on_a_moe_run_dir(tmp_path):
-    corpus = tmp_path / "corpus.txt"
+    corpus = tmp_path / "corpus"  # a folder of small documents, so some can be held out
+    corpus.mkdir()
     words = "the river ran past the old mill and the miller sang of bread and stone".split()
-    corpus.write_text("\n\n".join(" ".join(words[i % 7:] + words[: i % 7]) for i in range(600)))
+    for doc in range(40):
+        lines = (" ".join(words[(doc + i) % 7:] + words[: (doc + i) % 7]) for i in range(30))
+        (corpus / f"{doc}.txt").write_text("\n".join(lines))
     run_dir = tmp_path / "run"
     env = {**os.environ, "PUFFERFISH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     train = subprocess.run([sys.executable, "-m", "pufferfish_jax", "train", "steps=20", f"run_dir={run_dir}",

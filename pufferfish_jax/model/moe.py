@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from pufferfish_jax.model.layers import SwiGLU, proj
+from pufferfish_jax.model.layers import SwiGLU, dot, proj
 
 Array = jax.Array
 
@@ -126,13 +126,20 @@ def _swiglu_experts(x_ECD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD
 
 
 def _dense_dispatch(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD) -> Array:
-    """Every expert on every token; the combine weight is zero where the token did not choose it."""
-    E = w_gate_EDF.shape[0]
+    """Every expert on every token; the combine weight is zero where the token did not choose it.
+
+    The experts are laid side by side ([D, E*F]) so each projection is one plain matmul, and the
+    combine weights scale the hidden units before the down projection (it is linear, so that is
+    the weighted sum of the experts' outputs). Plain matmuls also keep to what XLA:CPU runs in
+    bf16: it has no bf16 kernel for some batched-dot layouts its optimiser picks.
+    """
+    (N, D), (E, _, F) = x_ND.shape, w_gate_EDF.shape
     combine_NE = jnp.sum(jax.nn.one_hot(experts_NK, E, dtype=jnp.float32) * weights_NK[..., None], axis=1)
-    # Expert axis leading: XLA:CPU has no bf16 kernel for a batched dot whose batch axis is not.
-    h_ENF = nn.silu(proj("nd,edf->enf", x_ND, w_gate_EDF)) * proj("nd,edf->enf", x_ND, w_up_EDF)
-    y_END = proj("enf,efd->end", h_ENF, w_down_EFD)
-    return jnp.einsum("end,ne->nd", y_END, combine_NE, preferred_element_type=jnp.float32)
+    w_gate_DG = w_gate_EDF.transpose(1, 0, 2).reshape(D, E * F)
+    w_up_DG = w_up_EDF.transpose(1, 0, 2).reshape(D, E * F)
+    h_NG = nn.silu(proj("nd,dg->ng", x_ND, w_gate_DG)) * proj("nd,dg->ng", x_ND, w_up_DG)
+    h_NG = (h_NG.reshape(N, E, F) * combine_NE[:, :, None]).astype(x_ND.dtype).reshape(N, E * F)
+    return dot("ng,gd->nd", h_NG, w_down_EFD.reshape(E * F, D))
 
 
 def _sorted_dispatch(x_ND, experts_NK, weights_NK, order_A, counts_E, rank_A, capacity,
