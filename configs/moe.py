@@ -22,6 +22,6 @@ def get_config():
     cfg.moe.layers = "all"
     cfg.moe.score = "sigmoid"
     cfg.moe.balance = "loss_free"
-    cfg.moe.bias_update_rate = 1e-3
+    cfg.moe.bias_update_rate = 0.01
     cfg.moe.capacity_factor = 1.25
     return cfg

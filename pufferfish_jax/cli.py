@@ -106,7 +106,8 @@ def _plan_table(plan) -> Table:
     rows = [
         ("model", f"{m['num_layers']} layers, d {m['d_model']}, {m['num_heads']} heads ({m['num_kv_heads']} kv), "
                   f"vocab {m['vocab_size']}, {m['dtype']}, remat {m['remat']}"),
-        ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding)"),
+        ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding"
+                   + (f", {plan.active_params:,} active per token)" if 0 < plan.active_params < plan.params else ")")),
         ("batch", f"{plan.batch_size} x {plan.seq_len} tokens"),
         ("steps", f"{plan.steps:,}" + (" (re-fitted to the clock as the run goes)" if plan.mode == "budget" else "")),
         ("tokens", f"{plan.tokens:,} ({plan.epochs:.2f} epochs of "

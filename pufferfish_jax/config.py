@@ -75,7 +75,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("moe.expert_hidden", 0, "Hidden width of each expert; 0 = model.ffn_hidden / (top_k + num_shared_experts) rounded up to 64."),
     ("moe.score", "sigmoid", "Router score: sigmoid (gates renormalised over the k, DeepSeek-V3) | softmax."),
     ("moe.balance", "loss_free", "Load balancing: loss_free (per-expert routing bias) | aux_loss (Switch-style loss) | none."),
-    ("moe.bias_update_rate", 0.001, "loss_free: bias step per optimizer step, rate * sign(mean load - load)."),
+    ("moe.bias_update_rate", 0.01, "loss_free: bias step per optimizer step, rate * sign(mean load - load)."),
     ("moe.aux_loss_weight", 0.01, "aux_loss: weight of the balance loss (per MoE layer)."),
     ("moe.router_z_loss_weight", 0.0, "Weight of the router z-loss (squared logsumexp of the logits); 0 = off."),
     ("moe.capacity_factor", 0.0, "Expert capacity as a multiple of an even share of the tokens; 0 = dropless."),

@@ -2,7 +2,6 @@
 (selection, per-layer update, untouched by the optimizer, checkpointed), and MoE runs end to end."""
 
 import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from tokenizers import Tokenizer, models
 

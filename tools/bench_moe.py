@@ -9,7 +9,9 @@ fits the number of steps to the budget. The MoE rows use configs/moe.py (top-2 o
 experts plus one shared expert, each a third of the dense FFN's width, so a token's active
 parameters stay close to the dense model's). Prints one table: wall time over budget, training
 tokens/s, active and total parameters, final validation bits per byte, and the max / mean expert
-load at the last logged step (the mean over MoE layers, and the worst layer).
+load at the last logged step (the mean over MoE layers, and the worst layer). Each run is preceded
+by an untimed `plan` with the same settings, so every row starts from a warm step-time and
+compilation cache, as any run after the first one on a machine does.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ MODELS = (
 def run(name: str, overrides: list[str], args, out: Path) -> dict:
     run_dir = out / name.replace(" ", "-")
     layers, width = (int(v) for v in args.shape.split("x"))
+    settings = [*overrides, f"budget={args.budget}", "budget.planner=none", f"data.corpus={args.corpus}",
+                f"model.num_layers={layers}", f"model.d_model={width}", f"model.num_heads={max(1, width // 32)}",
+                f"model.num_kv_heads={max(1, width // 64)}", f"train.batch_size={args.batch}"]
+    # `plan` first, untimed: it measures the step once on this machine (cached, as after any first
+    # run) and fills the compilation cache, so no row pays a one-time cost the others do not.
+    subprocess.run([sys.executable, "-m", "pufferfish_jax", "plan", *settings], cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, check=True)
     started = time.time()
     env = {**os.environ, "PUFFERFISH_T0": repr(started), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "pufferfish_jax", "train", *overrides, f"budget={args.budget}",
-               "budget.planner=none", f"data.corpus={args.corpus}", f"run_dir={run_dir}",
-               f"model.num_layers={layers}", f"model.d_model={width}", f"model.num_heads={max(1, width // 32)}",
-               f"model.num_kv_heads={max(1, width // 64)}", f"train.batch_size={args.batch}"]
+    command = [sys.executable, "-m", "pufferfish_jax", "train", *settings, f"run_dir={run_dir}"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - started
     if result.returncode != 0:

@@ -54,7 +54,7 @@ class MoESpec:
     expert_hidden: int
     score: str = "sigmoid"
     balance: str = "loss_free"
-    bias_update_rate: float = 1e-3
+    bias_update_rate: float = 0.01
     aux_loss_weight: float = 0.01
     router_z_loss_weight: float = 0.0
     capacity_factor: float = 0.0  # 0 = dropless
