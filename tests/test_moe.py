@@ -144,6 +144,20 @@ def test_one_expert_top_1_equals_the_dense_swiglu(score, dispatch):
     np.testing.assert_allclose(np.asarray(moe), np.asarray(dense), rtol=1e-5, atol=2e-5)  # float32 rounding
 
 
+def test_balance_loss_is_the_switch_loss_of_the_routing():
+    spec = moe_spec(num_experts=6, top_k=2, score="softmax")
+    layer, variables = _layer_variables(spec, X_BTD, np.zeros(6))
+    _, got = layer.apply(variables, X_BTD, mutable=[MOE_STATS])
+    stats = got[MOE_STATS]
+    logits_NE = np.asarray(X_BTD.reshape(-1, 16) @ variables["params"]["router"], np.float64)
+    probs_NE = np.exp(logits_NE) / np.exp(logits_NE).sum(-1, keepdims=True)
+    chosen_NK = np.argsort(-probs_NE, axis=1)[:, :2]
+    fraction_E = np.bincount(chosen_NK.ravel(), minlength=6) / chosen_NK.size
+    assert float(stats["balance_loss"][0]) == pytest.approx(6 * np.sum(fraction_E * probs_NE.mean(0)), rel=1e-5)
+    z = np.log(np.exp(logits_NE).sum(-1))
+    assert float(stats["z_loss"][0]) == pytest.approx(np.mean(z**2), rel=1e-5)
+
+
 # ---- the bias: update rule, isolation from the optimizer, checkpoints -------------------------
 
 def test_update_bias_uses_each_layers_own_counts():
@@ -179,7 +193,10 @@ def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch():
 
 
 def test_optimizer_and_weight_decay_never_touch_the_bias():
-    cfg = model_config("moe.balance=none", "train.weight_decay=0.5", "train.grad_clip=0")
+    """With a balance loss instead of the bias update, the router gets gradients from three
+    losses, and the bias must still stay exactly where it was."""
+    cfg = model_config("moe.balance=aux_loss", "moe.router_z_loss_weight=0.01", "train.weight_decay=0.5",
+                       "train.grad_clip=0")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
     state = init_state(spec, optimizer, jax.random.key(0))
     state = state.replace(moe_state=jax.tree.map(lambda b: b + 0.3, state.moe_state))
@@ -191,7 +208,8 @@ def test_optimizer_and_weight_decay_never_touch_the_bias():
     step = make_train_step(spec, optimizer, 1)
     params_before, bias_before = jax.tree.map(np.asarray, (state.params, state.moe_state))
     for seed in range(3):
-        state, _ = step(state, jax.random.randint(jax.random.key(seed), (4, 17), 0, 64), jnp.float32(1.0))
+        state, metrics = step(state, jax.random.randint(jax.random.key(seed), (4, 17), 0, 64), jnp.float32(1.0))
+        assert float(metrics["moe.aux_loss"]) > 0
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, np.asarray(b)), bias_before, state.moe_state)))
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), params_before, state.params)
     assert all(jax.tree.leaves(changed))  # while every parameter, the router's included, did move

@@ -74,6 +74,9 @@ def _shape_key(spec: ModelSpec, batch_size: int) -> str:
     fields = asdict(spec)
     if fields["moe"] is None:  # a dense spec keeps the key it had before MoE existed
         del fields["moe"]
+    else:  # loss weights and the bias rate change no cost: one measurement serves them all
+        for name in ("bias_update_rate", "aux_loss_weight", "router_z_loss_weight"):
+            del fields["moe"][name]
     return json.dumps([fields, batch_size], sort_keys=True)
 
 
