@@ -128,7 +128,8 @@ def _ffn_activation_width(spec: ModelSpec, layer: int) -> int:
 
 
 def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int) -> int:
-    """Peak training memory: float32 params, grads and two Adam moments, plus activations.
+    """Peak training memory: float32 params, grads and two Adam moments (every expert of a MoE
+    model, not only the active ones), plus activations.
 
     Activations per layer and token: about 16 residual-width tensors and 3 FFN-width ones in the
     compute dtype, the attention probabilities (heads x context, float32), and the float32 logits;
