@@ -127,12 +127,12 @@ def _eval_sources(cfg: ml_collections.ConfigDict) -> list:
 
 
 def _restore_trained(ctx: Context):
-    """(spec, params, tokenizer, resolved config) of the train stage's final checkpoint."""
+    """(spec, state, tokenizer, resolved config) of the train stage's final checkpoint."""
     from pufferfish_jax import cli
 
     cli._setup_jax(_cache(ctx.cfg))
-    spec, params, tokenizer, saved, _ = cli._restore(ctx.run_dir / "train")
-    return spec, params, tokenizer, saved
+    spec, state, tokenizer, saved, _ = cli._restore(ctx.run_dir / "train")
+    return spec, state, tokenizer, saved
 
 
 def _cpu_name() -> str:
@@ -239,7 +239,7 @@ def evaluate(ctx: Context) -> dict:
     from pufferfish_jax.train.evaluate import evaluate as evaluate_tokens
     from pufferfish_jax.train.step import make_eval_step
 
-    spec, params, tok, saved = _restore_trained(ctx)
+    spec, state, tok, saved = _restore_trained(ctx)
     data = prepare_data(ctx.cfg.data, _cache(ctx.cfg))
     mesh = sharding.single_device_mesh()  # where the restore put the params
     eval_step = make_eval_step(spec, mesh)
@@ -251,7 +251,7 @@ def evaluate(ctx: Context) -> dict:
             else:
                 docs = load_documents(source, _cache(ctx.cfg), max_chars=ctx.cfg.eval.max_chars, log=log)
                 stream, num_bytes = encode_documents(tok, docs)
-            result = evaluate_tokens(eval_step, params, stream, num_bytes, seq_len=spec.seq_len,
+            result = evaluate_tokens(eval_step, state.variables, stream, num_bytes, seq_len=spec.seq_len,
                                      batch_size=saved.train.batch_size, mesh=mesh)
         row = {"name": name, "source": source, "tokens": result.tokens, "bytes": int(num_bytes),
                "val_loss": result.loss, "val_bpb": result.bpb,
@@ -268,7 +268,7 @@ def sample(ctx: Context) -> dict:
     from pufferfish_jax.data.tokenizer import eos_id
     from pufferfish_jax.generate import generate
 
-    spec, params, tok, _ = _restore_trained(ctx)
+    spec, state, tok, _ = _restore_trained(ctx)
     s, eos = ctx.cfg.sample, eos_id(tok)
     samples = []
     for number, prompt in enumerate(prompts(ctx.cfg), 1):
@@ -277,9 +277,9 @@ def sample(ctx: Context) -> dict:
             raise ConfigError(f"sample prompt {number} is {len(ids)} tokens and sample.max_new_tokens "
                               f"{s.max_new_tokens}, more than the model's context of {spec.seq_len}; shorten "
                               "the prompt or lower sample.max_new_tokens")
-        new = generate(spec, params, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        new = generate(spec, state.params, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, eos_id=eos,
-                       min_new_tokens=min(s.min_new_tokens, s.max_new_tokens))
+                       min_new_tokens=min(s.min_new_tokens, s.max_new_tokens), moe_state=state.moe_state)
         samples.append({"prompt": prompt, "continuation": tok.decode(new), "new_tokens": len(new)})
         _console().print(f"sample {number}: {prompt}{samples[-1]['continuation']}", markup=False)
     settings = {k: s[k] for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed")}

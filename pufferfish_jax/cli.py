@@ -125,7 +125,8 @@ def _plan_table(plan) -> Table:
     rows = [
         ("model", f"{m['num_layers']} layers, d {m['d_model']}, {m['num_heads']} heads ({m['num_kv_heads']} kv), "
                   f"vocab {m['vocab_size']}, {m['dtype']}, remat {m['remat']}"),
-        ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding)"),
+        ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding"
+                   + (f", {plan.active_params:,} active per token)" if 0 < plan.active_params < plan.params else ")")),
         ("batch", f"{plan.batch_size} x {plan.seq_len} tokens"),
         ("mesh", "data {} x fsdp {} x tensor {}".format(*plan.mesh)),
         ("steps", f"{plan.steps:,}" + (" (re-fitted to the clock as the run goes)" if plan.mode == "budget" else "")),
@@ -262,7 +263,7 @@ def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float, mesh) ->
     _setup_jax(cache)
     with console.status("preparing data") as status:
         data = prepare_data(saved.data, cache, log=lambda s: status.update(s))
-    spec = ModelSpec.from_config(saved.model)
+    spec = ModelSpec.from_config(saved.model, saved.moe)
     at_most = int(cfg.train.resume) if cfg.train.resume.isdigit() else None
     state, ref = checkpoint.restore_newest(run_dir / "checkpoints", abstract_state(spec, make_optimizer(saved.train), mesh),
                                            at_most=at_most, warn=err_console.print)
@@ -374,7 +375,7 @@ def cmd_hardware(argv: list[str]) -> int:
 
 
 def _restore(path: str):
-    """(spec, params, tokenizer, cfg) from a run dir or checkpoint, shapes from the saved config."""
+    """(spec, state, tokenizer, cfg, ref) from a run dir or checkpoint, shapes from the saved config."""
     from tokenizers import Tokenizer
 
     from pufferfish_jax.model.transformer import ModelSpec
@@ -383,9 +384,9 @@ def _restore(path: str):
 
     ref = checkpoint.locate(path)
     cfg, tokenizer_json = checkpoint.load_metadata(ref)
-    spec = ModelSpec.from_config(cfg.model)
+    spec = ModelSpec.from_config(cfg.model, cfg.moe)
     state = checkpoint.restore_state(ref, abstract_state(spec, make_optimizer(cfg.train)))
-    return spec, state.params, Tokenizer.from_str(tokenizer_json), cfg, ref
+    return spec, state, Tokenizer.from_str(tokenizer_json), cfg, ref
 
 
 def cmd_generate(argv: list[str]) -> int:
@@ -405,29 +406,32 @@ def cmd_generate(argv: list[str]) -> int:
                         help="> 1 makes tokens already in the prompt or output less likely (1.1-1.3 is typical); 1 = off")
     parser.add_argument("--seed", type=int, default=Sampling.seed)
     args = parser.parse_args(argv)
-    spec, params, tokenizer, _, _ = _restore(args.path)
+    spec, state, tokenizer, _, _ = _restore(args.path)
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(Sampling.max_new_tokens, spec.seq_len // 2)
     sampling = check_sampling(Sampling(max_new_tokens=max_new_tokens, min_new_tokens=args.min_new_tokens,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                        repetition_penalty=args.repetition_penalty, seed=args.seed), spec.seq_len)
     if args.prompt is not None:
-        write_continuation(spec, params, tokenizer, args.prompt, sampling, terminal=sys.stdout.isatty())
+        write_continuation(spec, state.params, tokenizer, args.prompt, sampling, moe_state=state.moe_state,
+                           terminal=sys.stdout.isatty())
         return 0
-    return run_repl(spec, params, tokenizer, sampling, interactive=sys.stdin.isatty())
+    return run_repl(spec, state.params, tokenizer, sampling, moe_state=state.moe_state, interactive=sys.stdin.isatty())
 
 
-def params_digest(params) -> str:
-    """SHA-256 over every parameter's path, dtype, shape and bytes, in tree order."""
+def params_digest(*trees) -> str:
+    """SHA-256 over every array's path, dtype, shape and bytes, tree by tree in tree order (the
+    params, then a MoE model's routing biases: both decide what the model computes)."""
     import hashlib
 
     import jax
     import numpy as np
 
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
-        digest.update(array.tobytes())
+    for tree in trees:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            array = np.asarray(leaf)
+            digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+            digest.update(array.tobytes())
     return digest.hexdigest()
 
 
@@ -439,9 +443,9 @@ def cmd_inspect(argv: list[str]) -> int:
     parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
     parser.add_argument("--digest", action="store_true", help="print only the SHA-256 of the parameters")
     args = parser.parse_args(argv)
-    spec, params, _, _, ref = _restore(args.path)
+    spec, state, _, _, ref = _restore(args.path)
     if args.digest:
-        print(params_digest(params))
+        print(params_digest(state.params, state.moe_state))
         return 0
     table = Table(title=f"checkpoint {ref.root / str(ref.step)}", show_header=False, title_justify="left")
     table.add_row("step", str(ref.step))
@@ -449,6 +453,11 @@ def cmd_inspect(argv: list[str]) -> int:
                                   f"head dim {spec.head_dim}, ffn {spec.ffn_hidden}, vocab {spec.vocab_size}, context {spec.seq_len}, "
                                   f"{'tied' if spec.tie_embeddings else 'untied'} embeddings, {spec.dtype}")
     table.add_row("params", f"{count_params(spec):,} ({count_params(spec, embedding=False):,} non-embedding)")
+    if spec.moe is not None:
+        m = spec.moe
+        table.add_row("experts", f"{m.num_experts} routed (top {m.top_k}, {m.score}) + {m.num_shared_experts} shared, "
+                                 f"width {m.expert_hidden}, in blocks {', '.join(map(str, m.layers))}; "
+                                 f"{count_params(spec, active=True):,} params active per token; balance {m.balance}")
     metrics_path = ref.root.parent / "metrics.jsonl"
     if metrics_path.is_file():
         from pufferfish_jax.train.metrics import read_metrics
@@ -478,11 +487,11 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    spec, params, tokenizer, cfg, ref = _restore(args.path)
+    spec, state, tokenizer, cfg, ref = _restore(args.path)
     docs = load_documents(args.data, config_lib.cache_dir(cfg))
     tokens, num_bytes = encode_documents(tokenizer, docs)
-    mesh = sharding.single_device_mesh()  # where _restore put the params
-    result = evaluate(make_eval_step(spec, mesh), params, tokens, num_bytes, seq_len=spec.seq_len,
+    mesh = sharding.single_device_mesh()  # where _restore put the state
+    result = evaluate(make_eval_step(spec, mesh), state.variables, tokens, num_bytes, seq_len=spec.seq_len,
                       batch_size=args.batch_size, mesh=mesh)
     # The unigram baseline is fitted on the evaluated text itself: the entropy of its token
     # frequencies, the best any order-0 model with this tokenizer could do on it.

@@ -2,7 +2,8 @@
 
 A single schema keeps defaults, documentation (README, `--help`, the config editor) and validation
 from drifting apart. Configs are ml_collections ConfigDicts with sections model, train, data,
-budget and mesh; they are saved as JSON in every run dir and checkpoint, and loaded back through the same
+budget, mesh and moe (mixture of experts, off by default), plus the pipeline's pipeline, eval and
+sample; they are saved as JSON in every run dir and checkpoint, and loaded back through the same
 validation, so a saved config can never smuggle in a key the code does not know.
 """
 
@@ -67,6 +68,19 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("budget.planner", "measured", "measured: time models here, pick the lowest predicted loss; none: keep the configured model; seed: the white paper's tiers."),
     ("budget.tokens_per_param", 0.0, "If > 0: pick the largest model that gets this many tokens per non-embedding parameter."),
     ("budget.margin", 0.01, "Fraction of the budget kept in reserve for jitter."),
+    # moe (mixture of experts; off while num_experts is 0)
+    ("moe.num_experts", 0, "Routed experts per MoE layer; 0 = no MoE (every FFN dense)."),
+    ("moe.top_k", 2, "Routed experts each token uses."),
+    ("moe.num_shared_experts", 1, "Experts every token uses, outside the router."),
+    ("moe.layers", "all", "Blocks whose FFN is a MoE: all | after_first | every_other (blocks 1, 3, ...) | indices like 1,3."),
+    ("moe.expert_hidden", 0, "Hidden width of each expert; 0 = model.ffn_hidden / (top_k + num_shared_experts) rounded up to 64."),
+    ("moe.score", "sigmoid", "Router score: sigmoid (gates renormalised over the k, DeepSeek-V3) | softmax."),
+    ("moe.balance", "loss_free", "Load balancing: loss_free (per-expert routing bias) | aux_loss (Switch-style loss) | none."),
+    ("moe.bias_update_rate", 0.01, "loss_free: bias step per optimizer step, rate * sign(mean load - load)."),
+    ("moe.aux_loss_weight", 0.01, "aux_loss: weight of the balance loss (per MoE layer)."),
+    ("moe.router_z_loss_weight", 0.0, "Weight of the router z-loss (squared logsumexp of the logits); 0 = off."),
+    ("moe.capacity_factor", 0.0, "Expert capacity as a multiple of an even share of the tokens; 0 = dropless."),
+    ("moe.dispatch", "auto", "Expert dispatch: auto | dense (every expert on every token) | sorted (sort and gather)."),
     # mesh
     ("mesh.data", -1, "Data-parallel devices (batch split, params replicated); -1 = the devices left over."),
     ("mesh.fsdp", 1, "Fully sharded data-parallel devices (batch, params and optimizer state split); -1 = the rest."),
@@ -95,6 +109,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("auto", "xla", "cudnn", "pallas", "splash"),
     "budget.planner": ("measured", "none", "seed"),
+    "moe.score": ("sigmoid", "softmax"),
+    "moe.balance": ("loss_free", "aux_loss", "none"),
+    "moe.dispatch": ("auto", "dense", "sorted"),
 }
 # Shortcuts accepted on the command line: `just train budget=5m steps=100 run_dir=out`.
 ALIASES: dict[str, str] = {"budget": "budget.time", "steps": "train.steps", "run_dir": "train.run_dir",
@@ -238,11 +255,46 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           "or -1 (the devices left over) on at most one axis")
     if cfg.mesh.num_processes < 0 or cfg.mesh.process_id < -1:
         raise ConfigError("mesh.num_processes must be >= 0 and mesh.process_id >= -1 (0 and -1 mean: from the environment)")
+    _validate_moe(cfg)
     if cfg.budget.time:
         parse_duration(cfg.budget.time)
     elif t.steps <= 0:
         raise ConfigError("give a budget (budget=5m) or a number of steps (steps=200)")
     return cfg
+
+
+def _validate_moe(cfg: ml_collections.ConfigDict) -> None:
+    moe = cfg.moe
+    nonnegative = ("num_experts", "num_shared_experts", "expert_hidden", "bias_update_rate", "aux_loss_weight",
+                   "router_z_loss_weight", "capacity_factor")
+    for name in nonnegative:
+        if moe[name] < 0:
+            raise ConfigError(f"moe.{name}={moe[name]} must not be negative")
+    if moe.num_experts == 0:
+        return
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
+    if not moe_layer_indices(moe.layers, cfg.model.num_layers):
+        raise ConfigError(f"moe.layers={moe.layers!r} selects no block of a {cfg.model.num_layers}-layer model; "
+                          "use all, or lower moe.num_experts to 0 for a dense model")
+
+
+def moe_layer_indices(pattern: str, num_layers: int) -> tuple[int, ...]:
+    """The blocks a moe.layers pattern selects in a num_layers-deep model.
+
+    Named patterns follow the depth (the planner may choose it); explicit indices must exist.
+    """
+    pattern = pattern.strip()
+    named = {"all": range(num_layers), "after_first": range(1, num_layers), "every_other": range(1, num_layers, 2)}
+    if pattern in named:
+        return tuple(named[pattern])
+    try:
+        indices = sorted({int(part) for part in pattern.split(",")})
+    except ValueError:
+        raise ConfigError(f"moe.layers={pattern!r}: expected all, after_first, every_other or block indices like 1,3") from None
+    if indices[0] < 0 or indices[-1] >= num_layers:
+        raise ConfigError(f"moe.layers={pattern!r} names a block outside the model's {num_layers} (0 to {num_layers - 1})")
+    return tuple(indices)
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([hms])")

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from pufferfish_jax.model.attention import KVCache, init_cache
+from pufferfish_jax.model.moe import MOE_STATE
 from pufferfish_jax.model.transformer import ModelSpec, Transformer
 
 Array = jax.Array
@@ -94,7 +95,7 @@ def pad_prompts(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.n
     return tokens_BP, start_B
 
 
-def prefill(spec: ModelSpec, params, tokens_BP: Array, start_B: Array, length) -> tuple[Array, KVCache]:
+def prefill(spec: ModelSpec, variables: dict, tokens_BP: Array, start_B: Array, length) -> tuple[Array, KVCache]:
     """Run padded prompts through the model into a fresh cache; returns (logits_BPV, cache).
 
     `length` (traced) is the longest prompt: the cache is rewound to it, so decoding continues at
@@ -102,14 +103,14 @@ def prefill(spec: ModelSpec, params, tokens_BP: Array, start_B: Array, length) -
     """
     cache = init_cache(spec, tokens_BP.shape[0], spec.seq_len)._replace(start_B=start_B)
     positions_BP = jnp.clip(jnp.arange(tokens_BP.shape[1])[None, :] - start_B[:, None], 0, spec.seq_len - 1)
-    logits_BPV, cache = Transformer(spec).apply({"params": params}, tokens_BP, cache=cache, positions_BT=positions_BP)
+    logits_BPV, cache = Transformer(spec).apply(variables, tokens_BP, cache=cache, positions_BT=positions_BP)
     return logits_BPV, cache._replace(length=jnp.asarray(length, jnp.int32))
 
 
-def decode_step(spec: ModelSpec, params, token_B: Array, cache: KVCache) -> tuple[Array, KVCache]:
+def decode_step(spec: ModelSpec, variables: dict, token_B: Array, cache: KVCache) -> tuple[Array, KVCache]:
     """One new token per row at slot cache.length; returns (logits_BV, cache)."""
     positions_B1 = (cache.length - cache.start_B)[:, None]
-    logits_B1V, cache = Transformer(spec).apply({"params": params}, token_B[:, None], cache=cache,
+    logits_B1V, cache = Transformer(spec).apply(variables, token_B[:, None], cache=cache,
                                                 positions_BT=positions_B1)
     return logits_B1V[:, 0], cache
 
@@ -127,14 +128,14 @@ def _deliver(request_id, tokens_B, active_B) -> None:
             sink(row, token)
 
 
-def _decode(spec: ModelSpec, stream: bool, params, tokens_BP, start_B, longest, max_new_tokens, min_new_tokens,
+def _decode(spec: ModelSpec, stream: bool, variables, tokens_BP, start_B, longest, max_new_tokens, min_new_tokens,
             temperature, top_k, top_p, repetition_penalty, rng, eos_id, request_id):
     """Prefill the padded prompts and decode up to max_new_tokens per row; returns (tokens_BS, count_B).
 
     A row stops after its eos; the loop stops when every row has, or after max_new_tokens.
     """
     B, V = tokens_BP.shape[0], spec.vocab_size
-    logits_BPV, cache = prefill(spec, params, tokens_BP, start_B, longest)
+    logits_BPV, cache = prefill(spec, variables, tokens_BP, start_B, longest)
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BPV, longest - 1, axis=1, keepdims=False)
     real_BP = (jnp.arange(tokens_BP.shape[1])[None, :] >= start_B[:, None]) & (jnp.arange(tokens_BP.shape[1]) < longest)
     seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], tokens_BP].max(real_BP)
@@ -158,7 +159,7 @@ def _decode(spec: ModelSpec, stream: bool, params, tokens_BP, start_B, longest, 
 
     def body(carry):
         i, token_B, cache, state = carry
-        logits_BV, cache = decode_step(spec, params, token_B, cache)
+        logits_BV, cache = decode_step(spec, variables, token_B, cache)
         token_B, state = emit(i, logits_BV, state)
         return i + 1, token_B, cache, state
 
@@ -179,7 +180,7 @@ def prompt_bucket(prompt_len: int, seq_len: int) -> int:
 def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.8,
              top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int = 0,
              eos_id: int | None = None, min_new_tokens: int = 0,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None, moe_state: dict | None = None) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return the new tokens only.
 
     Context limit: max_new_tokens is capped at spec.seq_len - 1, then the prompt keeps only its last
@@ -188,17 +189,19 @@ def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: 
     the first `min_new_tokens` tokens: a short document's end should not cut a requested
     continuation to a few words. `on_token` receives every
     returned token, in order, as soon as it is sampled. Same arguments and seed -> same tokens.
+    A MoE model needs its `moe_state` (the routing biases: they choose the experts).
     """
     sink = None if on_token is None else (lambda row, token: on_token(token))
     return generate_batch(spec, params, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id,
-                          min_new_tokens=min_new_tokens, on_token=sink)[0]
+                          min_new_tokens=min_new_tokens, on_token=sink, moe_state=moe_state)[0]
 
 
 def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.8,
                    top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int = 0,
                    eos_id: int | None = None, min_new_tokens: int = 0,
-                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                   on_token: Callable[[int, int], None] | None = None,
+                   moe_state: dict | None = None) -> list[list[int]]:
     """`generate` for several prompts of any lengths at once, decoded together in one compiled loop.
 
     Returns the new tokens of each prompt, in order; each row stops at its own eos. `on_token(row,
@@ -209,6 +212,8 @@ def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], *, max_new
         raise ValueError("generate needs a non-empty prompt")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
+    if spec.moe is not None and moe_state is None:
+        raise ValueError("a MoE model needs its moe_state (the routing biases) to generate")
     max_new_tokens = min(max_new_tokens, spec.seq_len - 1)
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
@@ -222,7 +227,7 @@ def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], *, max_new
             _SINKS[request_id] = on_token
     try:
         out_BS, count_B = _decode_jit(
-            spec, on_token is not None, params, jnp.asarray(tokens_BP), jnp.asarray(start_B), jnp.int32(longest),
+            spec, on_token is not None, {"params": params, MOE_STATE: moe_state or {}}, jnp.asarray(tokens_BP), jnp.asarray(start_B), jnp.int32(longest),
             jnp.int32(max_new_tokens), jnp.int32(min_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
             jnp.float32(top_p), jnp.float32(repetition_penalty), jax.random.key(seed),
             jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(request_id),

@@ -60,8 +60,8 @@ def check_sampling(sampling: Sampling, seq_len: int) -> Sampling:
     return sampling
 
 
-def write_continuation(spec, params, tokenizer, prompt: str, sampling: Sampling, *, out: TextIO = sys.stdout,
-                       terminal: bool = False) -> list[int]:
+def write_continuation(spec, params, tokenizer, prompt: str, sampling: Sampling, *, moe_state: dict | None = None,
+                       out: TextIO = sys.stdout, terminal: bool = False) -> list[int]:
     """Writes the prompt, then its continuation token by token as it is sampled; returns the new
     tokens. On a terminal, control characters in the model's output are shown as U+FFFD."""
     from pufferfish_jax.data.tokenizer import eos_id
@@ -91,7 +91,8 @@ def write_continuation(spec, params, tokenizer, prompt: str, sampling: Sampling,
     generate(spec, params, ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
              top_k=sampling.top_k, top_p=sampling.top_p,
              repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, eos_id=eos,
-             min_new_tokens=min(sampling.min_new_tokens, sampling.max_new_tokens), on_token=on_token)
+             min_new_tokens=min(sampling.min_new_tokens, sampling.max_new_tokens), on_token=on_token,
+             moe_state=moe_state)
     show(tokenizer.decode(tokens)[shown:] + "\n")
     return tokens
 
@@ -136,7 +137,7 @@ def apply_command(line: str, sampling: Sampling, seq_len: int) -> Sampling:
     return check_sampling(dataclasses.replace(sampling, **{field: value}), seq_len)
 
 
-def run_repl(spec, params, tokenizer, sampling: Sampling, *, interactive: bool) -> int:
+def run_repl(spec, params, tokenizer, sampling: Sampling, *, moe_state: dict | None = None, interactive: bool) -> int:
     """Reads prompts and /commands until /quit or end of input. `interactive` (stdin is a
     terminal) adds the greeting, the `> ` prompt and a timing line after each turn; piped input
     gets only the text."""
@@ -183,7 +184,7 @@ def run_repl(spec, params, tokenizer, sampling: Sampling, *, interactive: bool) 
         this_turn = dataclasses.replace(sampling, seed=sampling.seed + turn)
         started = time.perf_counter()
         try:
-            tokens = write_continuation(spec, params, tokenizer, line, this_turn, terminal=terminal)
+            tokens = write_continuation(spec, params, tokenizer, line, this_turn, moe_state=moe_state, terminal=terminal)
         except ConfigError as e:  # a too-long prompt should not end the session
             err_console.print(f"error: {escape(str(e))}")
             continue

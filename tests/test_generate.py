@@ -127,11 +127,11 @@ def test_batched_cache_logits_equal_full_forward_at_every_position(params):
     continuations = rng.integers(1, SPEC.vocab_size, (3, 6))
     longest = max(map(len, prompts))
     tokens_BP, start_B = pad_prompts(prompts, 16)
-    logits_BPV, cache = jax.jit(prefill, static_argnums=0)(SPEC, params, tokens_BP, start_B, longest)
+    logits_BPV, cache = jax.jit(prefill, static_argnums=0)(SPEC, {"params": params}, tokens_BP, start_B, longest)
     step = jax.jit(decode_step, static_argnums=0)
     decoded = []
     for t in range(continuations.shape[1]):
-        logits_BV, cache = step(SPEC, params, jnp.asarray(continuations[:, t]), cache)
+        logits_BV, cache = step(SPEC, {"params": params}, jnp.asarray(continuations[:, t]), cache)
         decoded.append(logits_BV)
     decoded_BCV = jnp.stack(decoded, axis=1)
 

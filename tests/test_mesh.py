@@ -27,7 +27,7 @@ from pufferfish_jax.budget import planner
 from pufferfish_jax.cli import params_digest
 from pufferfish_jax.config import ConfigError, apply_overrides, defaults, validate
 from pufferfish_jax.data.pipeline import batch_at
-from pufferfish_jax.model.transformer import ModelSpec, init_boxed_params, init_params
+from pufferfish_jax.model.transformer import ModelSpec, init_boxed_variables, init_params
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.metrics import read_metrics
 from pufferfish_jax.train.state import abstract_state, make_optimizer
@@ -63,10 +63,12 @@ def test_cli_refuses_a_mesh_that_does_not_fit_in_one_line(capsys):
     assert "mesh.data=3" in err and "there are 1" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_every_parameter_has_logical_axes_and_params_stay_plain(tie):
-    spec = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=96", f"model.tie_embeddings={tie}"]).model)
-    boxed = jax.eval_shape(lambda: init_boxed_params(spec, jax.random.key(0)))
+@pytest.mark.parametrize("overrides", [["model.tie_embeddings=True"], ["model.tie_embeddings=False"],
+                                       ["moe.num_experts=4", "moe.layers=after_first"]])
+def test_every_parameter_has_logical_axes_and_params_stay_plain(overrides):
+    cfg = apply_overrides(defaults(), ["model.vocab_size=96", *overrides])
+    spec = ModelSpec.from_config(cfg.model, cfg.moe)
+    boxed = jax.eval_shape(lambda: init_boxed_variables(spec, jax.random.key(0))[0])
     names = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, tuple))
     shapes = jax.tree.leaves(nn.meta.unbox(boxed))
     ruled = {name for name, _ in sharding.LOGICAL_RULES} | {"head_dim"}

@@ -79,7 +79,8 @@ def _run(config, run_dir, *overrides, stages=STAGES):
 def _digest(train_dir):
     from pufferfish_jax import cli
 
-    return cli.params_digest(cli._restore(train_dir)[1])
+    state = cli._restore(train_dir)[1]
+    return cli.params_digest(state.params, state.moe_state)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
 from pufferfish_jax.budget.hardware import matmul_rate, probe
+from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import ModelSpec, flops_per_token
 from pufferfish_jax.train.state import create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
@@ -61,17 +62,29 @@ def machine_key() -> str:
 
 
 def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
-    """What, besides the layer shapes and the batch, changes a step's cost: the mesh shape too
-    (left out on one device, so measurements taken before meshes existed stay valid)."""
+    """What, besides the layer shapes and the batch, changes a step's cost. The mesh shape (left
+    out on one device, so measurements taken before meshes existed stay valid). MoE steps pay for
+    routing and dispatch on top of their FLOPs, so every MoE setting that shapes the work is in
+    the key (the layers and expert width follow the shape, and the shape key has them)."""
     key = [train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention, spec.vocab_size,
            spec.tie_embeddings]
+    if spec.moe is not None:
+        m = spec.moe
+        key.append([m.num_experts, m.top_k, m.num_shared_experts, m.score, m.balance, m.capacity_factor,
+                    resolve_dispatch(m), m.router_z_loss_weight > 0])
     if mesh.size > 1:
         key.append(list(sharding.shape_of(mesh)))
     return json.dumps(key)
 
 
 def _shape_key(spec: ModelSpec, batch_size: int) -> str:
-    return json.dumps([asdict(spec), batch_size], sort_keys=True)
+    fields = asdict(spec)
+    if fields["moe"] is None:  # a dense spec keeps the key it had before MoE existed
+        del fields["moe"]
+    else:  # loss weights and the bias rate change no cost: one measurement serves them all
+        for name in ("bias_update_rate", "aux_loss_weight", "router_z_loss_weight"):
+            del fields["moe"][name]
+    return json.dumps([fields, batch_size], sort_keys=True)
 
 
 def flops_per_step(spec: ModelSpec, batch_size: int) -> float:

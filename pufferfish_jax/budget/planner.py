@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from pufferfish_jax import sharding
 from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement, flops_per_step
 from pufferfish_jax.config import MODEL_SHAPE_KEYS, ConfigError
+from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import ModelSpec, count_params, flops_per_token
 
 # (num_layers, d_model, num_heads, num_kv_heads): head width 32 below d 384, 64 from there. It
@@ -82,8 +83,8 @@ class Plan:
     epochs: float
     subset_fraction: float  # of the training windows; 1.0 = all of them
     tokens_per_param: float
-    flops_per_token: float
-    predicted_memory_bytes: int
+    flops_per_token: float  # active parameters only, for a MoE model
+    predicted_memory_bytes: int  # every parameter, for a MoE model
     step_s: float = 0.0
     compile_s: float = 0.0
     reserve_s: float = 0.0  # evals + final checkpoint + exit + margin
@@ -93,22 +94,45 @@ class Plan:
     predicted_loss: float = 0.0  # the Chinchilla-form score (nats); only comparisons mean anything
     candidates: list = field(default_factory=list)
     mesh: list = field(default_factory=lambda: [1, 1, 1])  # (data, fsdp, tensor) planned for; memory is per device
+    active_params: int = 0  # the parameters one token uses (all of them for a dense model)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def spec_for(model_cfg: ml_collections.ConfigDict, shape=None) -> ModelSpec:
-    """The config's model, with a ladder shape written in when given."""
-    model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+def spec_for(cfg: ml_collections.ConfigDict, shape=None) -> ModelSpec:
+    """The config's model (with its MoE section), with a ladder shape written in when given."""
+    model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
     if shape is not None:
         model_cfg.num_layers, model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads = shape
         model_cfg.head_dim = model_cfg.ffn_hidden = 0
-    return ModelSpec.from_config(model_cfg)
+    return ModelSpec.from_config(model_cfg, cfg.moe)
+
+
+def ladder_specs(cfg: ml_collections.ConfigDict) -> list[ModelSpec]:
+    """The ladder's shapes for this config; explicit moe.layers indices skip the shallower rungs."""
+    specs = []
+    for shape in LADDER:
+        try:
+            specs.append(spec_for(cfg, shape))
+        except ConfigError:
+            continue
+    return specs
+
+
+def _ffn_activation_width(spec: ModelSpec, layer: int) -> int:
+    """FFN hidden units held per token: a MoE block keeps every expert's (dense dispatch) or the
+    routed ones' times the capacity factor (sorted), plus the shared experts'."""
+    if not spec.is_moe(layer):
+        return spec.ffn_hidden
+    m = spec.moe
+    routed = m.num_experts if resolve_dispatch(m) == "dense" else m.top_k * max(m.capacity_factor, 1.0)
+    return math.ceil((routed + m.num_shared_experts) * m.expert_hidden + m.num_experts)
 
 
 def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int, mesh: tuple[int, int, int] = (1, 1, 1)) -> int:
-    """Peak training memory per device: float32 params, grads and two Adam moments, plus activations.
+    """Peak training memory per device: float32 params, grads and two Adam moments (every expert of
+    a MoE model, not only the active ones), plus activations.
 
     Activations per layer and token: about 16 residual-width tensors and 3 FFN-width ones in the
     compute dtype, the attention probabilities (heads x context, float32), and the float32 logits;
@@ -119,12 +143,13 @@ def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int, mesh: tuple[
     data, fsdp, tensor = mesh
     itemsize = 2 if spec.dtype == "bfloat16" else 4
     tokens = batch_size // grad_accum * spec.seq_len / (data * fsdp)
-    per_layer = tokens * (itemsize * (16 * spec.d_model + 3 * spec.ffn_hidden / tensor)
-                          + 4 * spec.num_heads * spec.seq_len / tensor)
     if spec.remat == "full":
-        per_layer = tokens * itemsize * spec.d_model
+        activations = spec.num_layers * tokens * itemsize * spec.d_model
+    else:
+        activations = sum(tokens * (itemsize * (16 * spec.d_model + 3 * _ffn_activation_width(spec, i) / tensor)
+                                    + 4 * spec.num_heads * spec.seq_len / tensor) for i in range(spec.num_layers))
     logits = tokens * spec.vocab_size * 4 * 3 / tensor
-    return int(16 * count_params(spec) / (fsdp * tensor) + spec.num_layers * per_layer + logits)
+    return int(16 * count_params(spec) / (fsdp * tensor) + activations + logits)
 
 
 def save_seconds(spec: ModelSpec) -> float:
@@ -158,7 +183,7 @@ def predicted_loss(params: float, effective_tokens_: float) -> float:
 
 
 def fixed_steps_plan(cfg: ml_collections.ConfigDict, *, train_tokens: int, mesh: tuple[int, int, int] = (1, 1, 1)) -> Plan:
-    return _plan(cfg, spec_for(cfg.model), cfg.train.batch_size, "steps", "none", cfg.train.steps, train_tokens,
+    return _plan(cfg, spec_for(cfg), cfg.train.batch_size, "steps", "none", cfg.train.steps, train_tokens,
                  mesh=list(mesh))
 
 
@@ -169,7 +194,8 @@ def _plan(cfg, spec: ModelSpec, batch_size: int, mode: str, planner: str, steps:
     shape = {k: getattr(spec, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden", "remat")}
     return Plan(
         mode=mode, planner=planner, model={**cfg.model.to_dict(), **shape},
-        params=count_params(spec), non_embedding_params=non_embedding, batch_size=batch_size,
+        params=count_params(spec), non_embedding_params=non_embedding, active_params=count_params(spec, active=True),
+        batch_size=batch_size,
         seq_len=spec.seq_len, steps=steps, tokens=tokens, epochs=tokens / max(train_tokens * subset_fraction, 1),
         subset_fraction=subset_fraction, tokens_per_param=tokens / non_embedding,
         flops_per_token=flops_per_token(spec, spec.seq_len),
@@ -194,10 +220,10 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
     batches = [cfg.train.batch_size]
     if cfg.budget.planner == "seed":
         shape, subset_fraction = seed_tier(budget_s)
-        shapes = [spec_for(cfg.model, shape)]
+        shapes = [spec_for(cfg, shape)]
     else:
-        shapes = [spec_for(cfg.model)] if set(MODEL_SHAPE_KEYS) & user_keys or cfg.budget.planner == "none" \
-            else [spec_for(cfg.model, shape) for shape in LADDER]
+        shapes = [spec_for(cfg)] if set(MODEL_SHAPE_KEYS) & user_keys or cfg.budget.planner == "none" \
+            else ladder_specs(cfg)
         if cfg.budget.planner == "measured" and "train.batch_size" not in user_keys:
             batches = [b * dp for b in BATCH_SIZES if b % cfg.train.grad_accum == 0]
     limit = MEMORY_HEADROOM * memory_limit

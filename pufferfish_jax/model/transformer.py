@@ -5,7 +5,9 @@ Parameter tree (all float32, no biases):
     block_{i}/attn_norm/scale [D]
     block_{i}/attn/{w_q [D, N, H], w_k [D, K, H], w_v [D, K, H], w_o [N, H, D]}
     block_{i}/mlp_norm/scale [D]
-    block_{i}/mlp/{w_gate [D, F], w_up [D, F], w_down [F, D]}
+    block_{i}/mlp/{w_gate [D, F], w_up [D, F], w_down [F, D]}        (dense blocks)
+    block_{i}/moe/{router [D, E], w_gate [E, D, Fe], w_up [E, D, Fe], w_down [E, Fe, D],
+                   shared/{w_gate [D, S*Fe], w_up [D, S*Fe], w_down [S*Fe, D]}}   (MoE blocks; see model/moe.py)
     final_norm/scale [D]
     lm_head [D, V]                   (untied only)
 """
@@ -17,8 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pufferfish_jax.config import moe_layer_indices
 from pufferfish_jax.model.attention import BACKENDS, Attention, KVCache
 from pufferfish_jax.model.layers import Embed, RMSNorm, SwiGLU, dot, logical, rope_angles
+from pufferfish_jax.model.moe import MOE_STATE, MoE, MoESpec
 from pufferfish_jax.sharding import constrain
 
 Array = jax.Array
@@ -55,6 +59,7 @@ class ModelSpec:
     remat: str = "none"
     attention: str = "auto"
     init_std: float = 0.02
+    moe: MoESpec | None = None  # None: every block has a dense SwiGLU FFN
 
     def __post_init__(self):
         if min(self.vocab_size, self.num_layers, self.d_model, self.num_heads, self.num_kv_heads,
@@ -70,18 +75,38 @@ class ModelSpec:
             raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
         if self.attention not in BACKENDS:
             raise ValueError(f"unknown attention backend {self.attention!r}; expected one of {BACKENDS}")
+        if self.moe is not None and any(not 0 <= i < self.num_layers for i in self.moe.layers):
+            raise ValueError(f"MoE layers {self.moe.layers} outside the model's {self.num_layers} blocks")
 
     @classmethod
-    def from_config(cls, cfg) -> "ModelSpec":
-        """Resolve head_dim = 0 to d_model // num_heads and ffn_hidden = 0 to 8/3 * d_model rounded up to 64."""
-        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
+    def from_config(cls, cfg, moe_cfg=None) -> "ModelSpec":
+        """Resolve head_dim = 0 to d_model // num_heads and ffn_hidden = 0 to 8/3 * d_model rounded up to 64.
+
+        `moe_cfg` is the config's separate `moe` section; with num_experts > 0 it becomes `spec.moe`,
+        its layer pattern resolved against num_layers and expert_hidden = 0 resolved to
+        ffn_hidden / (top_k + num_shared_experts) rounded up to 64, so a token's active FFN
+        compute stays close to the dense block's.
+        """
+        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg and f.name != "moe"}
         if not fields["head_dim"]:
             if cfg.d_model % cfg.num_heads:
                 raise ValueError(f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}; set head_dim")
             fields["head_dim"] = cfg.d_model // cfg.num_heads
         if not fields["ffn_hidden"]:
             fields["ffn_hidden"] = 64 * math.ceil(8 * cfg.d_model / (3 * 64))
+        if moe_cfg is not None and moe_cfg.num_experts > 0:
+            active = moe_cfg.top_k + moe_cfg.num_shared_experts
+            fields["moe"] = MoESpec(
+                num_experts=moe_cfg.num_experts, top_k=moe_cfg.top_k, num_shared_experts=moe_cfg.num_shared_experts,
+                layers=moe_layer_indices(moe_cfg.layers, cfg.num_layers),
+                expert_hidden=moe_cfg.expert_hidden or 64 * math.ceil(fields["ffn_hidden"] / (64 * active)),
+                score=moe_cfg.score, balance=moe_cfg.balance, bias_update_rate=moe_cfg.bias_update_rate,
+                aux_loss_weight=moe_cfg.aux_loss_weight, router_z_loss_weight=moe_cfg.router_z_loss_weight,
+                capacity_factor=moe_cfg.capacity_factor, dispatch=moe_cfg.dispatch)
         return cls(**fields)
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.layers
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -110,7 +135,11 @@ class Block(nn.Module):
         h_BTD, cache = Attention(spec, self.layer, name="attn")(h_BTD, sin_BTR, cos_BTR, cache)
         x_BTD = x_BTD + h_BTD
         h_BTD = RMSNorm(spec.norm_eps, dtype, name="mlp_norm")(x_BTD)
-        x_BTD = x_BTD + SwiGLU(spec.ffn_hidden, spec.init_std, spec.out_std, dtype, name="mlp")(h_BTD)
+        if spec.is_moe(self.layer):
+            ffn = MoE(spec.moe, spec.init_std, spec.out_std, dtype, name="moe")
+        else:
+            ffn = SwiGLU(spec.ffn_hidden, spec.init_std, spec.out_std, dtype, name="mlp")
+        x_BTD = x_BTD + ffn(h_BTD)
         return constrain(x_BTD, ("batch", "seq", "embed")), cache
 
 
@@ -163,29 +192,49 @@ class Transformer(nn.Module):
         return logits_BTV, cache._replace(length=cache.length + T)
 
 
-def init_boxed_params(spec: ModelSpec, rng: Array) -> dict:
-    """Fresh float32 parameters, each boxed with its logical axis names (`nn.LogicallyPartitioned`):
-    `nn.get_partition_spec(jax.eval_shape(...))` of this tree is what the shardings derive from."""
+def init_boxed_variables(spec: ModelSpec, rng: Array) -> tuple[dict, dict]:
+    """(params, moe_state): fresh float32 parameters, each boxed with its logical axis names
+    (`nn.LogicallyPartitioned`; `nn.get_partition_spec(jax.eval_shape(...))` of this tree is what
+    the shardings derive from), and the MoE routing biases (zeros, replicated; an empty dict for a
+    dense model)."""
     tokens_BT = jnp.zeros((1, 1), jnp.int32)
-    return Transformer(spec).init(rng, tokens_BT)["params"]
+    variables = Transformer(spec).init(rng, tokens_BT)
+    return variables["params"], variables.get(MOE_STATE, {})
 
 
 def init_params(spec: ModelSpec, rng: Array) -> dict:
     """Fresh float32 parameters as plain arrays; pure, so `jax.eval_shape(init_params, spec, rng)`
     gives the abstract tree without allocating (bind spec with functools.partial or a static arg)."""
-    return nn.meta.unbox(init_boxed_params(spec, rng))
+    return init_variables(spec, rng)[0]
 
 
-def count_params(spec: ModelSpec, embedding: bool = True) -> int:
+def init_variables(spec: ModelSpec, rng: Array) -> tuple[dict, dict]:
+    """(params, moe_state) as plain arrays."""
+    return nn.meta.unbox(init_boxed_variables(spec, rng))
+
+
+def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
+    """FFN weights of one block; a MoE block counts its router, shared experts and either every
+    routed expert or (active) only the top_k a token passes through."""
+    D = spec.d_model
+    if not spec.is_moe(layer):
+        return 3 * D * spec.ffn_hidden
+    m = spec.moe
+    routed = m.top_k if active else m.num_experts
+    return D * m.num_experts + 3 * D * m.expert_hidden * (routed + m.num_shared_experts)
+
+
+def count_params(spec: ModelSpec, embedding: bool = True, active: bool = False) -> int:
     """Exact parameter count, analytic (equals the size of `init_params`' tree).
 
     embedding=False gives the non-embedding count N of scaling laws: it leaves out the token
     embedding and, when untied, the LM head (both are lookups/readouts whose size tracks V, not
-    model capacity).
+    model capacity). active=True counts, in MoE blocks, only the experts one token uses (the
+    top_k routed and the shared ones): what compute scales with, where memory scales with the total.
     """
-    D, N, K, H, F, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.ffn_hidden, spec.vocab_size
-    per_block = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
-    total = spec.num_layers * per_block + D
+    D, N, K, H, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size
+    per_block = 2 * D + D * N * H + 2 * D * K * H + N * H * D
+    total = spec.num_layers * per_block + sum(_ffn_params(spec, i, active) for i in range(spec.num_layers)) + D
     if embedding:
         total += V * D * (1 if spec.tie_embeddings else 2)
     return total
@@ -196,12 +245,14 @@ def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
 
         6 * P_matmul + 12 * L * T * N * H
 
-    P_matmul = the weights every token multiplies by: per block D*N*H + 2*D*K*H + N*H*D + 3*D*F, plus
-    the LM head D*V (tied or not; the embedding lookup itself is free). Each weight costs 2 FLOPs
+    P_matmul = the weights every token multiplies by: per block D*N*H + 2*D*K*H + N*H*D + 3*D*F (a MoE
+    block: its router and active experts only), plus the LM head D*V (tied or not; the embedding
+    lookup itself is free). Each weight costs 2 FLOPs
     forward and 4 backward. Attention adds q.k and p.v, 2 * 2 * T * N * H forward per layer, times 3
     for training. Not halved for causality: the XLA backend computes the full T x S score matrix and
     masks it, so this counts the work actually done (the PaLM MFU convention).
     """
-    D, N, K, H, F, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.ffn_hidden, spec.vocab_size
-    matmul_params = spec.num_layers * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V
+    D, N, K, H, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size
+    ffn = sum(_ffn_params(spec, i, active=True) for i in range(spec.num_layers))
+    matmul_params = spec.num_layers * (D * N * H + 2 * D * K * H + N * H * D) + ffn + D * V
     return 6.0 * matmul_params + 12.0 * spec.num_layers * seq_len * N * H

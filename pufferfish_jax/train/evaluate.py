@@ -20,10 +20,11 @@ class EvalResult:
     tokens: int
 
 
-def evaluate(eval_step: Callable, params, val_tokens: np.ndarray, val_bytes: int, *, seq_len: int,
+def evaluate(eval_step: Callable, variables: dict, val_tokens: np.ndarray, val_bytes: int, *, seq_len: int,
              batch_size: int, mesh: Mesh, max_tokens: int = 0) -> EvalResult:
-    """Runs eval_step over the held-out stream (all of it when max_tokens is 0); each process
-    hands over only its rows of each batch.
+    """Runs eval_step over the held-out stream (all of it when max_tokens is 0); `variables` is
+    what the model applies (`TrainState.variables`); each process hands over only its rows of
+    each batch.
 
     bpb = nats * tokens / (bytes * ln 2). A partial eval charges the bytes pro rata to the tokens
     it covered, which is exact in expectation and good enough for the progress curve; the final
@@ -31,7 +32,7 @@ def evaluate(eval_step: Callable, params, val_tokens: np.ndarray, val_bytes: int
     """
     total_nll, total_count = 0.0, 0.0
     for window, mask in eval_batches(val_tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens):
-        nll, count = eval_step(params, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh))
+        nll, count = eval_step(variables, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh))
         total_nll += float(nll)
         total_count += float(count)
     loss = total_nll / max(total_count, 1.0)

@@ -96,7 +96,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     Every process runs this loop; decisions taken from the clock (re-fitted step count, save)
     are process 0's and a stop signal to any process stops all, so all run the same steps.
     """
-    spec = ModelSpec.from_config(cfg.model)
+    spec = ModelSpec.from_config(cfg.model, cfg.moe)
     optimizer = make_optimizer(cfg.train)
     batch_size, seq_len = cfg.train.batch_size, spec.seq_len
     sharding.check_batch(batch_size, cfg.train.grad_accum, mesh)
@@ -110,8 +110,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     eval_step = make_eval_step(spec, mesh)
     tokens_per_step = batch_size * seq_len
 
-    def run_eval(params, max_tokens: int) -> EvalResult:
-        return evaluate(eval_step, params, data.val_tokens, data.val_bytes, seq_len=seq_len,
+    def run_eval(state, max_tokens: int) -> EvalResult:
+        return evaluate(eval_step, state.variables, data.val_tokens, data.val_bytes, seq_len=seq_len,
                         batch_size=batch_size, mesh=mesh, max_tokens=max_tokens)
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=sharding.is_primary())
@@ -122,10 +122,10 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     # this machine, which sizes the time kept for periodic evals and the final full one.
     window, mask = next(eval_batches(data.val_tokens, seq_len=seq_len, batch_size=batch_size))
     eval_started = time.time()
-    jax.block_until_ready(eval_step(state.params, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh)))
+    jax.block_until_ready(eval_step(state.variables, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh)))
     eval_compile_s = time.time() - eval_started
     eval_started = time.time()
-    first = run_eval(state.params, cfg.train.eval_tokens)
+    first = run_eval(state, cfg.train.eval_tokens)
     eval_s_per_token = (time.time() - eval_started) / max(first.tokens, 1)
     step = int(state.step)
     metrics.write("eval", step=step, val_loss=first.loss, val_bpb=first.bpb, tokens=step * tokens_per_step)
@@ -165,7 +165,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
         """Reads a finished step's metrics; stops the run on a non-finite loss."""
         done_step, values, lr = pending
         loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
-        display.observe_moe({k: float(v) for k, v in values.items() if k.startswith("moe.")})
+        routing = {k: float(v) for k, v in values.items() if k.startswith("moe.")}
+        display.observe_moe(routing)
         if not math.isfinite(loss):
             manager.wait_until_finished()
             kept = f"the last good checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was saved yet"
@@ -176,7 +177,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
             metrics.write("train", step=done_step + 1, loss=loss, grad_norm=grad_norm, lr=lr,
                           tokens=(done_step + 1) * tokens_per_step, step_s=step_s,
                           tokens_per_s=tokens_per_step / step_s if intervals else None,
-                          elapsed_s=used_before + time.time() - started_at)
+                          elapsed_s=used_before + time.time() - started_at, **routing)
         return loss
 
     with _StopFlag() as stop:
@@ -213,7 +214,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
             if step % eval_every == 0 and step < total:
                 last_loss = settle(pending)
                 pending = None
-                result = run_eval(state.params, cfg.train.eval_tokens)
+                result = run_eval(state, cfg.train.eval_tokens)
                 metrics.write("eval", step=step, val_loss=result.loss, val_bpb=result.bpb, tokens=step * tokens_per_step)
                 display.record_eval(step, result.loss, result.bpb)
                 tick = None  # the eval is not a step interval
@@ -231,7 +232,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     display.close()
     final = None
     if not interrupted:  # an interrupted run is not finished: its final eval comes when it is
-        final = run_eval(state.params, 0)
+        final = run_eval(state, 0)
         metrics.write("eval", step=step, val_loss=final.loss, val_bpb=final.bpb, unigram_bpb=unigram,
                       tokens=step * tokens_per_step, final=True)
     try:

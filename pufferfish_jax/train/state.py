@@ -20,13 +20,24 @@ from flax import struct
 from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
-from pufferfish_jax.model.transformer import ModelSpec, init_boxed_params
+from pufferfish_jax.model.moe import MOE_STATE
+from pufferfish_jax.model.transformer import ModelSpec, init_boxed_variables
 
 
 class TrainState(struct.PyTreeNode):
+    """`moe_state` holds the MoE routing biases ({} for a dense model): state the train step
+    updates itself, outside `params`, so no gradient, optimizer or weight decay ever touches it.
+    It is checkpointed with the rest."""
+
     step: jax.Array
     params: dict
     opt_state: optax.OptState
+    moe_state: dict = struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict:
+        """What `Transformer.apply` needs: the params and the routing state."""
+        return {"params": self.params, MOE_STATE: self.moe_state}
 
 
 def _decay_mask(params: dict) -> dict:
@@ -51,9 +62,11 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 
 def _boxed_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """The state with every parameter, and every optimizer moment shaped like one, still boxed
-    with its logical axis names (optax maps over the boxes, so the moments inherit them)."""
-    params = init_boxed_params(spec, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    with its logical axis names (optax maps over the boxes, so the moments inherit them); the MoE
+    routing biases are unboxed, so they are replicated."""
+    params, moe_state = init_boxed_variables(spec, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      moe_state=moe_state)
 
 
 def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -67,10 +80,12 @@ def state_shardings(spec: ModelSpec, optimizer: optax.GradientTransformation, me
     return sharding.tree_shardings(nn.get_partition_spec(boxed), nn.meta.unbox(boxed), mesh)
 
 
-def params_shardings(spec: ModelSpec, mesh: Mesh) -> dict:
-    """Where every parameter lives on `mesh` (the params part of `state_shardings`)."""
-    boxed = jax.eval_shape(functools.partial(init_boxed_params, spec), jax.random.key(0))
-    return sharding.tree_shardings(nn.get_partition_spec(boxed), nn.meta.unbox(boxed), mesh)
+def variables_shardings(spec: ModelSpec, mesh: Mesh) -> dict:
+    """Where every parameter and routing bias lives on `mesh` (`TrainState.variables`' part of
+    `state_shardings`)."""
+    params, moe_state = jax.eval_shape(lambda: init_boxed_variables(spec, jax.random.key(0)))
+    return {"params": sharding.tree_shardings(nn.get_partition_spec(params), nn.meta.unbox(params), mesh),
+            MOE_STATE: jax.tree.map(lambda _: sharding.replicated(mesh), moe_state)}
 
 
 def create_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
