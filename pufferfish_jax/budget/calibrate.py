@@ -31,6 +31,9 @@ from pufferfish_jax.train.step import make_train_step
 
 PRIOR_EFFICIENCY = 0.3  # fraction of the probed matmul rate a whole train step reaches (0.25-0.5 measured here)
 PRIOR_COMPILE_S = 4.0
+# Part of every cached timing's key: bump it when the train step's code changes its speed (e.g.
+# the blocked attention), so the planner re-measures instead of trusting the old code's timings.
+STEP_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def machine_key() -> str:
 
 def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict) -> str:
     """What, besides the layer shapes and the batch, changes a step's cost."""
-    return json.dumps([train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention,
+    return json.dumps([STEP_REVISION, train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention,
                        spec.vocab_size, spec.tie_embeddings])
 
 

