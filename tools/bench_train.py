@@ -24,6 +24,7 @@ torch is a benchmark-only dependency (`pip install torch`); nothing else in the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -275,6 +276,8 @@ def main() -> None:
     p.add_argument("--ours-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--loss-tol", type=float, default=0.05, help="max |final loss ours - torch fp32| (nats)")
     p.add_argument("--json", default="", help="also write the raw results here")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    p.add_argument("--report", default="", help="print the table of a --json file written earlier (same flags)")
     # worker-only
     p.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -289,9 +292,14 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if importlib.util.find_spec("torch") is None and not args.report:
+        raise SystemExit("bench_train needs PyTorch for the baseline: pip install torch==2.13.0 (CPU build; benchmark only)")
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        return report(saved["runs"], shapes, saved["peak"], args)
     common = dict(vocab=args.vocab, steps=args.steps, warmup=args.warmup)
-    print(f"matmul peak ...", file=sys.stderr)
+    print("matmul peak ...", file=sys.stderr)
     peak = spawn("peak")
     runs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,12 +322,11 @@ def report(runs: dict, shapes, peak: dict, args) -> None:
 
     from pufferfish_jax.model.transformer import count_params, flops_per_token
 
-    table = Table(title=f"train step speed, median of {args.repeats} (vocab {args.vocab}, {args.steps} steps after "
-                        f"{args.warmup} warm-up; matmul peak fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s)")
-    for col in ("shape L x D x T x B", "params", "run", "tokens/s", "GFLOP/s", "MFU", "compile s", "peak RSS MiB",
-                "loss@N", "ours/torch"):
-        table.add_column(col, justify="left" if col in ("shape L x D x T x B", "run") else "right")
-    failures, summary = [], {}
+    title = (f"train step speed, median of {args.repeats} (vocab {args.vocab}, {args.steps} steps after {args.warmup} "
+             f"warm-up; matmul peak fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s)")
+    columns = ("shape L x D x T x B", "params", "run", "tokens/s", "GFLOP/s", "MFU", "compile s", "peak RSS MiB",
+               "loss@N", "ours/torch")
+    rows, failures, summary = [], [], {}
     for shape in shapes:
         key = "x".join(map(str, shape))
         spec, _ = model_spec(shape, args.vocab, args.ours_dtype)
@@ -344,11 +351,20 @@ def report(runs: dict, shapes, peak: dict, args) -> None:
             bf16 = name == "torch bf16" or (name == "ours" and args.ours_dtype == "bfloat16")
             flops = m["tps"] * fpt
             label = f"{name} ({args.ours_dtype})" if name == "ours" else name
-            table.add_row(key if name == "ours" else "", f"{m['params']:,}" if name == "ours" else "", label,
-                          f"{m['tps']:,.0f}", f"{flops / 1e9:.1f}", f"{flops / peak['bf16' if bf16 else 'fp32']:.0%}",
-                          f"{m['compile']:.1f}" if name == "ours" else "-", f"{m['rss']:,.0f}", f"{m['loss']:.3f}",
-                          f"{ratio:.2f}" if name == "ours" else "")
+            rows.append((key if name == "ours" else "", f"{m['params']:,}" if name == "ours" else "", label,
+                         f"{m['tps']:,.0f}", f"{flops / 1e9:.1f}", f"{flops / peak['bf16' if bf16 else 'fp32']:.0%}",
+                         f"{m['compile']:.1f}" if name == "ours" else "-", f"{m['rss']:,.0f}", f"{m['loss']:.3f}",
+                         f"{ratio:.2f}" if name == "ours" else ""))
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("shape L x D x T x B", "run") else "right")
+    for row in rows:
+        table.add_row(*row)
     Console(highlight=False, width=160).print(table)
+    if args.markdown:
+        print(f"\n{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
     print("MFU: achieved FLOP/s over the matmul rate measured in this run in the run's precision "
           "(bf16 inputs with fp32 accumulation for bf16 runs); loss@N: mean of the last 3 step losses.")
     if args.json:

@@ -48,8 +48,8 @@ def init_cache(spec: "ModelSpec", batch_size: int, max_len: int, dtype: jnp.dtyp
 
 def resolve_backend(backend: str, *, causal_self: bool = False) -> str:
     """The concrete backend for `backend`; 'auto' picks the fastest available one: the blocked
-    form for causal self-attention over the whole sequence (training, eval, first prefill), where
-    it measured 2x faster than einsum on CPU; XLA einsum for cache reads (decode)."""
+    form for causal self-attention over the whole sequence (training, eval), where it measured
+    1.8x faster than einsum on CPU (docs/perf.md); XLA einsum for cache reads (prefill, decode)."""
     if backend == "auto":
         return "blocked" if causal_self else "xla"
     if backend not in BACKENDS:
