@@ -34,7 +34,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("model.tie_embeddings", True, "Share the token embedding with the LM head."),
     ("model.dtype", "bfloat16", "Compute dtype: bfloat16 | float32 (params and optimizer state stay float32)."),
     ("model.remat", "none", "Activation recomputation policy: none | full | save_dots."),
-    ("model.attention", "auto", "Attention backend: auto | xla | cudnn | pallas | splash (auto: the fastest this platform runs)."),
+    ("model.attention", "auto", "Attention backend: auto | xla | blocked | cudnn | pallas | splash (auto: the fastest this platform runs; blocked: causal query blocks, fast on CPU)."),
     ("model.init_std", 0.02, "Std of the normal initializer for weights."),
     # train
     ("train.steps", 0, "Optimizer steps; 0 = as many as the budget allows."),
@@ -107,7 +107,7 @@ HELP: dict[str, str] = {key: text for key, _, text in SCHEMA}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("bfloat16", "float32"),
     "model.remat": ("none", "full", "save_dots"),
-    "model.attention": ("auto", "xla", "cudnn", "pallas", "splash"),
+    "model.attention": ("auto", "xla", "blocked", "cudnn", "pallas", "splash"),
     "budget.planner": ("measured", "none", "seed"),
     "moe.score": ("sigmoid", "softmax"),
     "moe.balance": ("loss_free", "aux_loss", "none"),

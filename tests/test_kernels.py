@@ -123,9 +123,10 @@ def platform(monkeypatch):
     return pretend
 
 
-def test_auto_on_cpu_is_xla(platform):
+def test_auto_on_cpu_is_blocked(platform):
     platform("cpu")
-    assert resolve_backend("auto", *_qk(1024)) == "xla"
+    assert resolve_backend("auto", *_qk(1024)) == "blocked"
+    assert resolve_backend("auto", *_qk(1024), cached=True) == "xla"
 
 
 def test_auto_on_gpu_races_what_runs_for_long_sequences(platform):

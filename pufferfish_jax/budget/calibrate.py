@@ -36,6 +36,9 @@ from pufferfish_jax.train.step import make_train_step
 
 PRIOR_EFFICIENCY = 0.3  # fraction of the probed matmul rate a whole train step reaches (0.25-0.5 measured here)
 PRIOR_COMPILE_S = 4.0
+# Part of every cached timing's key: bump it when the train step's code changes its speed (e.g.
+# the blocked attention), so the planner re-measures instead of trusting the old code's timings.
+STEP_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, mesh: Mesh
     out on one device, so measurements taken before meshes existed stay valid). MoE steps pay for
     routing and dispatch on top of their FLOPs, so every MoE setting that shapes the work is in
     the key (the layers and expert width follow the shape, and the shape key has them)."""
-    key = [train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention, spec.vocab_size,
+    key = [STEP_REVISION, train_cfg.grad_accum, spec.seq_len, spec.dtype, spec.remat, spec.attention, spec.vocab_size,
            spec.tie_embeddings]
     if spec.moe is not None:
         m = spec.moe

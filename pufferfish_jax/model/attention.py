@@ -5,7 +5,8 @@ One masking rule serves training, prefill and decode: query t of a call sits at 
 the causal mask; over a fixed-size cache it also hides the slots not written yet, so decode needs no
 separate validity mask and never changes shape, and `start_b` hides the left padding of row b.
 
-Backends (`model.attention`): xla (einsum, any platform), cudnn (`jax.nn.dot_product_attention`),
+Backends (`model.attention`): xla (einsum, any platform), blocked (causal query blocks with a
+hand-written backward, `blocked_attention.py`; the fast one on CPU), cudnn (`jax.nn.dot_product_attention`),
 pallas (our flash kernel, `kernels/flash_attention.py`), splash (TPU) and auto. Kernels are imported
 only when selected.
 """
@@ -19,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pufferfish_jax.model.blocked_attention import causal_attention
 from pufferfish_jax.model.layers import apply_rope, dot, logical, proj
 from pufferfish_jax.sharding import constrain
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
-BACKENDS = ("auto", "xla", "cudnn", "pallas", "splash")
+BACKENDS = ("auto", "xla", "blocked", "cudnn", "pallas", "splash")
 
 # `auto` leaves sequences shorter than this to XLA: their score matrix is small enough that a fused
 # kernel buys little and a measurement would cost more than it saves.
@@ -73,7 +75,7 @@ def _platform() -> str:
 def backend_problem(backend: str, q_BTNH: Array) -> str | None:
     """Why `backend` cannot run this call here (a short reason), or None if it can."""
     platform, dtype, H, T = _platform(), q_BTNH.dtype, q_BTNH.shape[-1], q_BTNH.shape[1]
-    if backend == "xla":
+    if backend in ("xla", "blocked"):
         return None
     if backend == "cudnn":
         if platform != "gpu":
@@ -106,8 +108,9 @@ def resolve_backend(backend: str, q_BTNH: Array, k_BSKH: Array, *, cached: bool 
     Calls on a KV cache (prefill and decode) always use XLA: one query against a cache is a
     matrix-vector product no kernel speeds up, and only XLA implements the cache's offset mask.
     An explicit backend that cannot run here is an error; 'auto' never fails: TPU -> splash, GPU ->
-    the fastest of cuDNN, our Pallas kernel and XLA measured on this shape, otherwise (CPU, short
-    sequences, shapes a kernel cannot take) -> XLA.
+    the fastest of cuDNN, our Pallas kernel and XLA measured on this shape, CPU -> blocked (1.8x
+    the einsum form there, docs/perf.md), otherwise (short sequences, shapes a kernel cannot
+    take) -> XLA.
     """
     if backend not in BACKENDS:
         raise AttentionBackendError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
@@ -125,7 +128,7 @@ def resolve_backend(backend: str, q_BTNH: Array, k_BSKH: Array, *, cached: bool 
         candidates = tuple(b for b in ("cudnn", "pallas") if not backend_problem(b, q_BTNH))
         B, T, N, H = q_BTNH.shape
         return fastest_backend(candidates + ("xla",), B, T, N, k_BSKH.shape[2], H, jnp.dtype(q_BTNH.dtype).name)
-    return "xla"
+    return "blocked" if platform == "cpu" else "xla"
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,6 +169,8 @@ def run_backend(backend: str, q_BTNH: Array, k_BTKH: Array, v_BTKH: Array) -> Ar
     """Causal GQA attention over a whole sequence (no cache) with a concrete backend; o_BTNH."""
     if backend == "xla":
         return xla_attention(q_BTNH, k_BTKH, v_BTKH)
+    if backend == "blocked":
+        return causal_attention(q_BTNH, k_BTKH, v_BTKH)
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation="cudnn")
     if backend == "pallas":
