@@ -28,7 +28,7 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite (slow tests included; about 5 minutes on 2 cores).
+# The whole test suite (slow tests included; about 7 minutes on 2 cores).
 test *ARGS:
     python -m pytest -q tests "$@"
 

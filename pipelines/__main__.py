@@ -26,7 +26,7 @@ def build(argv: list[str]):
         raise ConfigError(f"name one config file; {USAGE}")
     overrides = [("pipeline.run_dir=" + a.split("=", 1)[1]) if a.startswith("run_dir=") else a
                  for a in argv if "=" in a]
-    cfg, user_keys = cli._build_config([f"config={files[0]}", *overrides])
+    cfg, user_keys = cli.build_config([f"config={files[0]}", *overrides])
     check(cfg)
     run_dir = Path(cfg.pipeline.run_dir or Path("runs") / Path(files[0]).stem)
     cfg.train.run_dir = str(run_dir / "train")
@@ -38,7 +38,7 @@ def main(argv: list[str], started_at: float | None = None) -> int:
     from pipelines.stages import STAGES, Interrupted, stage_names
     from pufferfish_jax import cli
 
-    started_at = cli._start_time(started_at)
+    started_at = cli.start_time(started_at)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
@@ -56,7 +56,7 @@ def main(argv: list[str], started_at: float | None = None) -> int:
         if isinstance(error, Interrupted):
             cli.err_console.print(str(e), markup=False)
             return 130
-        if debug or not isinstance(error, cli._user_errors()):
+        if debug or not isinstance(error, cli.user_errors()):
             raise
         cli.err_console.print(f"error: {e}", markup=False)
         return 1 if type(error).__name__ == "TrainingDiverged" else 2

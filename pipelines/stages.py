@@ -130,8 +130,8 @@ def _restore_trained(ctx: Context):
     """(spec, state, tokenizer, resolved config) of the train stage's final checkpoint."""
     from pufferfish_jax import cli
 
-    cli._setup_jax(_cache(ctx.cfg))
-    spec, state, tokenizer, saved, _ = cli._restore(ctx.run_dir / "train")
+    cli.setup_jax(_cache(ctx.cfg))
+    spec, state, tokenizer, saved, _ = cli.restore(ctx.run_dir / "train")
     return spec, state, tokenizer, saved
 
 
@@ -200,7 +200,7 @@ def plan(ctx: Context) -> dict:
     """The planner's choice for the budget (or the fixed-steps plan), as the train command makes it."""
     from pufferfish_jax import cli
 
-    _, chosen = cli._prepare(ctx.cfg, ctx.user_keys, ctx.started_at, cli._start_mesh(ctx.cfg))
+    _, chosen = cli.prepare(ctx.cfg, ctx.user_keys, ctx.started_at, cli.start_mesh(ctx.cfg))
     _write_json(ctx.run_dir / "plan.json", chosen.to_dict())
     m = chosen.model
     budget = f" in a {chosen.budget_s:.0f}s budget" if chosen.budget_s else ""

@@ -25,7 +25,7 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     from pufferfish_jax.config import ConfigError
     from pufferfish_jax.data.corpora import DataError
     from pufferfish_jax.model.attention import AttentionBackendError
@@ -35,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, CheckpointError, TrainingDiverged, AttentionBackendError
 
 
-def _start_time(started_at: float | None) -> float:
+def start_time(started_at: float | None) -> float:
     """The earliest known start of this command: `just` exports PUFFERFISH_T0."""
     candidates = [t for t in (started_at, _float_env("PUFFERFISH_T0")) if t]
     return min(candidates) if candidates else time.time()
@@ -48,7 +48,7 @@ def _float_env(name: str) -> float | None:
         return None
 
 
-def _setup_jax(cache_dir: Path) -> None:
+def setup_jax(cache_dir: Path) -> None:
     """Persistent compilation cache: a rerun of the same shapes skips XLA compilation."""
     import jax
 
@@ -57,7 +57,7 @@ def _setup_jax(cache_dir: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _start_mesh(cfg):
+def start_mesh(cfg):
     """Joins the other processes of a multi-host run (if this is one) and builds the device mesh;
     every process but 0 stays quiet."""
     from pufferfish_jax import sharding
@@ -68,7 +68,7 @@ def _start_mesh(cfg):
     return sharding.make_mesh(cfg.mesh)
 
 
-def _build_config(items: list[str]):
+def build_config(items: list[str]):
     """config=FILE first, then key=value overrides in order; returns (cfg, keys the user set)."""
     from pufferfish_jax import config as config_lib
     from pufferfish_jax.configure import changed_keys
@@ -84,7 +84,7 @@ def _build_config(items: list[str]):
     return config_lib.validate(cfg), user_keys
 
 
-def _prepare(cfg, user_keys: set[str], started_at: float, mesh, plan=None):
+def prepare(cfg, user_keys: set[str], started_at: float, mesh, plan=None):
     """Data, then a plan (unless one is given): the part of train and plan before any training.
     Every process plans; process 0's plan is the one all of them follow."""
     from pufferfish_jax import config as config_lib
@@ -97,7 +97,7 @@ def _prepare(cfg, user_keys: set[str], started_at: float, mesh, plan=None):
     if not (cfg.budget.time and cfg.budget.planner == "measured" and "train.batch_size" not in user_keys):
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)  # this batch is kept: fail now
     cache = config_lib.cache_dir(cfg)
-    _setup_jax(cache)
+    setup_jax(cache)
     with console.status("preparing data") as status:
         data = prepare_data(cfg.data, cache, log=lambda s: status.update(s))
     console.print(f"data: {cfg.data.corpus}: {len(data.train_tokens):,} train tokens, {len(data.val_tokens):,} "
@@ -202,7 +202,7 @@ RESUME_FREE_KEYS = {"train.run_dir", "train.resume", "train.checkpoint_every_s",
 
 
 def cmd_train(items: list[str], started_at: float) -> int:
-    cfg, user_keys = _build_config(items)
+    cfg, user_keys = build_config(items)
     return train(cfg, user_keys, started_at)
 
 
@@ -216,13 +216,13 @@ def train(cfg, user_keys: set[str], started_at: float, *, plan=None) -> int:
     from pufferfish_jax.train import checkpoint
     from pufferfish_jax.train.loop import run
 
-    mesh = _start_mesh(cfg)
+    mesh = start_mesh(cfg)
     if cfg.train.run_dir and checkpoint.saved_steps(Path(cfg.train.run_dir) / "checkpoints"):
         if cfg.train.resume == "never":
             raise ConfigError(f"run dir {cfg.train.run_dir} already has checkpoints; resume=auto continues it, "
                               "or choose another run_dir")
         return _resume(cfg, user_keys, Path(cfg.train.run_dir), started_at, mesh)
-    data, plan = _prepare(cfg, user_keys, started_at, mesh, plan)
+    data, plan = prepare(cfg, user_keys, started_at, mesh, plan)
     resolved = apply_plan(cfg, plan)
     run_dir = _new_run_dir(resolved)
     if sharding.is_primary():
@@ -260,7 +260,7 @@ def _resume(cfg, user_keys: set[str], run_dir: Path, started_at: float, mesh) ->
     plan_record = json.loads((run_dir / "plan.json").read_text())
     plan = Plan(**{k: v for k, v in plan_record.items() if k != "outcome"})
     cache = config_lib.cache_dir(saved)
-    _setup_jax(cache)
+    setup_jax(cache)
     with console.status("preparing data") as status:
         data = prepare_data(saved.data, cache, log=lambda s: status.update(s))
     spec = ModelSpec.from_config(saved.model, saved.moe)
@@ -300,12 +300,12 @@ def _finish(run_dir: Path, plan, outcome, *, wall_s: float) -> int:
 
 
 def cmd_plan(items: list[str], started_at: float) -> int:
-    cfg, user_keys = _build_config(items)
+    cfg, user_keys = build_config(items)
     if not cfg.budget.time:
         from pufferfish_jax.config import ConfigError
 
         raise ConfigError("plan needs a budget, e.g. budget=1h")
-    _, plan = _prepare(cfg, user_keys, started_at, _start_mesh(cfg))
+    _, plan = prepare(cfg, user_keys, started_at, start_mesh(cfg))
     console.print(_plan_table(plan))
     return 0
 
@@ -320,8 +320,8 @@ def _show_plan(cfg) -> None:
 
     try:
         cfg = ml_collections.ConfigDict(cfg.to_dict())
-        _, plan = _prepare(cfg, set(changed_keys(cfg)), time.time(), _start_mesh(cfg))
-    except _user_errors() as e:
+        _, plan = prepare(cfg, set(changed_keys(cfg)), time.time(), start_mesh(cfg))
+    except user_errors() as e:
         raise ConfigError(str(e)) from None
     console.print(_plan_table(plan))
 
@@ -374,7 +374,7 @@ def cmd_hardware(argv: list[str]) -> int:
     return 0
 
 
-def _restore(path: str):
+def restore(path: str):
     """(spec, state, tokenizer, cfg, ref) from a run dir or checkpoint, shapes from the saved config."""
     from tokenizers import Tokenizer
 
@@ -406,7 +406,7 @@ def cmd_generate(argv: list[str]) -> int:
                         help="> 1 makes tokens already in the prompt or output less likely (1.1-1.3 is typical); 1 = off")
     parser.add_argument("--seed", type=int, default=Sampling.seed)
     args = parser.parse_args(argv)
-    spec, state, tokenizer, _, _ = _restore(args.path)
+    spec, state, tokenizer, _, _ = restore(args.path)
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(Sampling.max_new_tokens, spec.seq_len // 2)
     sampling = check_sampling(Sampling(max_new_tokens=max_new_tokens, min_new_tokens=args.min_new_tokens,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -443,7 +443,7 @@ def cmd_inspect(argv: list[str]) -> int:
     parser.add_argument("path", help="run dir, its checkpoints/ folder, or one checkpoint step folder")
     parser.add_argument("--digest", action="store_true", help="print only the SHA-256 of the parameters")
     args = parser.parse_args(argv)
-    spec, state, _, _, ref = _restore(args.path)
+    spec, state, _, _, ref = restore(args.path)
     if args.digest:
         print(params_digest(state.params, state.moe_state))
         return 0
@@ -487,10 +487,10 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    spec, state, tokenizer, cfg, ref = _restore(args.path)
+    spec, state, tokenizer, cfg, ref = restore(args.path)
     docs = load_documents(args.data, config_lib.cache_dir(cfg))
     tokens, num_bytes = encode_documents(tokenizer, docs)
-    mesh = sharding.single_device_mesh()  # where _restore put the state
+    mesh = sharding.single_device_mesh()  # where restore put the state
     result = evaluate(make_eval_step(spec, mesh), state.variables, tokens, num_bytes, seq_len=spec.seq_len,
                       batch_size=args.batch_size, mesh=mesh)
     # The unigram baseline is fitted on the evaluated text itself: the entropy of its token
@@ -507,7 +507,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def main(argv: list[str], started_at: float | None = None) -> int:
-    started_at = _start_time(started_at)
+    started_at = start_time(started_at)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     commands = {"train": lambda a: cmd_train(a, started_at), "plan": lambda a: cmd_plan(a, started_at),
@@ -527,7 +527,7 @@ def main(argv: list[str], started_at: float | None = None) -> int:
         err_console.print("interrupted")
         return 130
     except Exception as e:
-        if debug or not isinstance(e, _user_errors()):
+        if debug or not isinstance(e, user_errors()):
             raise
         err_console.print(f"error: {e}")
         return 1 if type(e).__name__ == "TrainingDiverged" else 2

@@ -79,7 +79,7 @@ def _run(config, run_dir, *overrides, stages=STAGES):
 def _digest(train_dir):
     from pufferfish_jax import cli
 
-    state = cli._restore(train_dir)[1]
+    state = cli.restore(train_dir)[1]
     return cli.params_digest(state.params, state.moe_state)
 
 

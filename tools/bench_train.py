@@ -61,7 +61,7 @@ def model_spec(shape: tuple[int, int, int, int], vocab: int, dtype: str):
         heads = (n, max(1, n // 2) if n % 2 == 0 else n)
     cfg = config_lib.defaults()
     cfg.model.vocab_size, cfg.model.seq_len, cfg.model.dtype = vocab, seq_len, dtype
-    return spec_for(cfg.model, (layers, d_model, *heads)), cfg.train
+    return spec_for(cfg, (layers, d_model, *heads)), cfg.train
 
 
 def batches(shape, vocab: int, count: int, seed: int = 0) -> np.ndarray:
@@ -95,6 +95,7 @@ def worker_ours(args) -> dict:
     import jax.numpy as jnp
 
     from pufferfish_jax.model.transformer import count_params, flops_per_token
+    from pufferfish_jax.sharding import single_device_mesh
     from pufferfish_jax.train.state import init_state, make_optimizer
     from pufferfish_jax.train.step import make_train_step
 
@@ -107,7 +108,7 @@ def worker_ours(args) -> dict:
         flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
                 for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
         np.savez(args.init_out, **flat)
-    step = make_train_step(spec, optimizer, train_cfg.grad_accum)
+    step = make_train_step(spec, optimizer, train_cfg.grad_accum, single_device_mesh())
     lr = jnp.float32(LR)
     start = time.perf_counter()
     compiled = step.lower(state, jnp.asarray(data[0]), lr).compile()

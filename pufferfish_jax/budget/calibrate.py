@@ -158,13 +158,13 @@ class CalibrationCache:
 
     def peak_flops(self, dtype: str) -> tuple[float, str]:
         """The MFU denominator for all devices and where it comes from: the data-sheet peak
-        (hardware.PEAK_TFLOPS) where the device is known, else the measured matmul rate (every CPU:
-        measured for the whole machine, however many host devices it is split into), measured once
-        per machine and cached like the step times."""
+        (hardware.PEAK_TFLOPS) where the device is known, else the matmul rate measured on one
+        device (every CPU), times the device count, measured once per machine and cached like the
+        step times."""
         hw = probe(measure=False)
         if peak := hw.peak(dtype):  # without a probe, only the data sheet answers
             return peak * hw.device_count, "data-sheet peak"
-        return self.matmul_rate(dtype), f"measured {dtype} matmul"
+        return self.matmul_rate(dtype) * hw.device_count, f"measured {dtype} matmul"
 
     def cached(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int,
                mesh: Mesh) -> Measurement | None:
