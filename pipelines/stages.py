@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import platform
 import sys
@@ -65,17 +66,28 @@ def prompts(cfg: ml_collections.ConfigDict) -> list[str]:
     return [p for p in cfg.sample.prompts.split("|") if p.strip()]
 
 
+def sampling(cfg: ml_collections.ConfigDict):
+    """The sample section as the REPL's sampling settings (one validation, one generation path)."""
+    from pufferfish_jax.repl import Sampling
+
+    s = cfg.sample
+    return Sampling(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
+                    top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+
+
 def check(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validates the pipeline, eval and sample sections (config.validate covers the rest)."""
+    from pufferfish_jax.repl import check_sampling
+
     stage_names(cfg)
     eval_sets(cfg)
-    s = cfg.sample
-    if not 0 < s.max_new_tokens < cfg.model.seq_len:
-        raise ConfigError(f"sample.max_new_tokens={s.max_new_tokens} must be between 1 and model.seq_len - 1 "
-                          f"({cfg.model.seq_len - 1})")
-    if s.min_new_tokens < 0 or s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1:
-        raise ConfigError("sample.min_new_tokens, sample.temperature and sample.top_k must be >= 0 and "
-                          "sample.top_p in (0, 1]")
+    if not 0 < cfg.sample.max_new_tokens < cfg.model.seq_len:
+        raise ConfigError(f"sample.max_new_tokens={cfg.sample.max_new_tokens} must be between 1 and "
+                          f"model.seq_len - 1 ({cfg.model.seq_len - 1})")
+    try:
+        check_sampling(sampling(cfg), cfg.model.seq_len)
+    except ConfigError as e:
+        raise ConfigError(f"sample section: {e}") from None
     if cfg.eval.max_chars < 0:
         raise ConfigError(f"eval.max_chars={cfg.eval.max_chars} must be >= 0 (0 = all)")
     return cfg
@@ -265,21 +277,17 @@ def evaluate(ctx: Context) -> dict:
 
 def sample(ctx: Context) -> dict:
     """Continues each prompt with the trained model, seeded."""
-    from pufferfish_jax.data.tokenizer import eos_id
-    from pufferfish_jax.generate import generate
+    from pufferfish_jax.repl import write_continuation
 
     spec, state, tok, _ = _restore_trained(ctx)
-    s, eos = ctx.cfg.sample, eos_id(tok)
+    s = ctx.cfg.sample
     samples = []
     for number, prompt in enumerate(prompts(ctx.cfg), 1):
-        ids = tok.encode(prompt).ids or [eos]
-        if len(ids) + s.max_new_tokens > spec.seq_len:
-            raise ConfigError(f"sample prompt {number} is {len(ids)} tokens and sample.max_new_tokens "
-                              f"{s.max_new_tokens}, more than the model's context of {spec.seq_len}; shorten "
-                              "the prompt or lower sample.max_new_tokens")
-        new = generate(spec, state.params, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                       top_k=s.top_k, top_p=s.top_p, seed=s.seed, eos_id=eos,
-                       min_new_tokens=min(s.min_new_tokens, s.max_new_tokens), moe_state=state.moe_state)
+        try:
+            new = write_continuation(spec, state.params, tok, prompt, sampling(ctx.cfg), moe_state=state.moe_state,
+                                     out=io.StringIO())
+        except ConfigError as e:
+            raise ConfigError(f"sample prompt {number}: {e} (sample.prompts, sample.max_new_tokens)") from None
         samples.append({"prompt": prompt, "continuation": tok.decode(new), "new_tokens": len(new)})
         _console().print(f"sample {number}: {prompt}{samples[-1]['continuation']}", markup=False)
     settings = {k: s[k] for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed")}
