@@ -1,6 +1,7 @@
 """`python -m pipelines CONFIG.py [key=value ...] [--debug]` (`just pipeline ...`).
 
-The start time is taken before any heavy import: a budget counts from the start of the command.
+The start time is taken before any heavy import: a budget counts from the start of the command;
+the command re-runs itself once with huge pages for XLA's buffers (see pufferfish_jax.host_memory).
 """
 
 from __future__ import annotations
@@ -70,4 +71,7 @@ def main(argv: list[str], started_at: float | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
+    from pufferfish_jax.host_memory import rerun_with_huge_pages
+
+    rerun_with_huge_pages(STARTED_AT)
     sys.exit(main(sys.argv[1:], started_at=STARTED_AT))

@@ -262,6 +262,10 @@ def spawn(kind: str, **kw) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if kind == "ours":  # the allocator setting `python -m pufferfish_jax` re-runs itself with
+        from pufferfish_jax.host_memory import huge_page_env
+
+        env = huge_page_env(env) or env
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{result.stderr[-3000:]}")
