@@ -37,8 +37,9 @@ from pufferfish_jax.train.step import make_train_step
 PRIOR_EFFICIENCY = 0.3  # fraction of the probed matmul rate a whole train step reaches (0.25-0.5 measured here)
 PRIOR_COMPILE_S = 4.0
 # Part of every cached timing's key: bump it when the train step's code changes its speed (e.g.
-# the blocked attention), so the planner re-measures instead of trusting the old code's timings.
-STEP_REVISION = 2
+# the blocked attention, then huge pages and the LM head's weight-gradient order), so the planner
+# re-measures instead of trusting the old code's timings.
+STEP_REVISION = 3
 
 
 @dataclass(frozen=True)
