@@ -1,6 +1,10 @@
 """The planner against known numbers: cost and memory models, allocation, budget refusals."""
 
+import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import jax
 import pytest
@@ -140,3 +144,27 @@ def test_memory_fit_turns_on_remat_then_refuses():
         planner.budget_plan(cfg, budget_s=3600, deadline=4600.0, train_tokens=10**9, val_tokens=14_000,
                             cache=FakeCache(rate=1e14), user_keys=big["user_keys"] | {"model.remat"},
                             memory_limit=limit, clock=lambda: 1000.0)
+
+
+def test_measured_compile_is_the_persistent_cache_read_back(tmp_path):
+    """The plan's compile is what the run pays: measuring fills the persistent compilation cache,
+    so a training run of that shape only reads the executable back."""
+    script = textwrap.dedent(f"""
+        import dataclasses, json, jax
+        jax.config.update("jax_compilation_cache_dir", {str(tmp_path / "jax")!r})
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        from pufferfish_jax.budget.calibrate import measure
+        from pufferfish_jax.config import apply_overrides, defaults
+        from pufferfish_jax.model.transformer import ModelSpec
+        from pufferfish_jax.sharding import single_device_mesh
+        cfg = apply_overrides(defaults(), ["model.vocab_size=512", "model.num_layers=2", "model.d_model=64",
+                                           "model.num_heads=2", "model.num_kv_heads=1", "model.seq_len=64"])
+        m = measure(ModelSpec.from_config(cfg.model), cfg.train, 4, single_device_mesh(), steps=1)
+        print(json.dumps(dataclasses.asdict(m)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["cold_compile_s"] > 0.2  # long enough for the persistent cache to keep it
+    assert any((tmp_path / "jax").iterdir())
+    assert 0 < m["compile_s"] < m["cold_compile_s"]
+    assert m["step_s"] > 0
