@@ -28,7 +28,8 @@ THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def huge_page_env(environ: dict, glibc: str | None = None, thp_setting: str | None = None) -> dict | None:
     """`environ` with the tunable added, or None where it is set already or would do nothing:
-    off Linux, glibc older than 2.35 (no such tunable), or a kernel that allows no huge pages.
+    off Linux, glibc older than 2.35 (no such tunable), or a kernel whose huge pages are not
+    'madvise' (with 'never' there are none; with 'always' large mappings get them unasked).
     `glibc` as os.confstr('CS_GNU_LIBC_VERSION') gives it ('glibc 2.36') and `thp_setting` as the
     kernel's sysfs file reads ('always [madvise] never'); both are read from this machine when
     not given."""
@@ -43,7 +44,7 @@ def huge_page_env(environ: dict, glibc: str | None = None, thp_setting: str | No
     version = re.match(r"glibc (\d+)\.(\d+)", glibc)
     if version is None or tuple(map(int, version.groups())) < (2, 35):
         return None
-    if not ("[always]" in thp_setting or "[madvise]" in thp_setting):
+    if "[madvise]" not in thp_setting:
         return None
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
@@ -63,4 +64,3 @@ def rerun_with_huge_pages(started_at: float) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
-

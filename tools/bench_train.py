@@ -18,7 +18,9 @@ repeats interleave (ours, torch fp32, torch bf16, ours, ...) so machine noise hi
 `--repeats 3` reports medians. MFU = achieved FLOP/s (the model's FLOPs per token, the same
 count for both) over the highest matmul rate measured in the same run (a probe
 at the start of each repeat), in the precision
-each side computes in. Ours' compile time is a cold XLA compile (the persistent cache is off here).
+each side computes in. Ours' compile time is a cold XLA compile (the persistent cache is off here),
+and ours runs under the allocator setting `python -m pufferfish_jax` gives itself (host_memory:
+glibc.malloc.hugetlb=1); PyTorch runs as its users run it (the setting does not speed it up).
 torch is a benchmark-only dependency (`pip install torch`); nothing else in the project needs it.
 """
 
