@@ -19,6 +19,10 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from pufferfish_jax.errors import ConfigError
+from pufferfish_jax.model import spec as spec_lib
+from pufferfish_jax.model.spec import ModelSpec
+
 SCHEMA: tuple[tuple[str, Any, str], ...] = (
     # model
     ("model.vocab_size", 0, "Vocabulary size of the embedding; 0 = the tokenizer's size."),
@@ -104,24 +108,22 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
 )
 
 HELP: dict[str, str] = {key: text for key, _, text in SCHEMA}
+# Keys with a closed set of values. The model's live with the model (model/spec.py); the planner's
+# names are the branches of budget/planner.py, listed here because the planner imports this module.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("bfloat16", "float32"),
-    "model.remat": ("none", "full", "save_dots"),
-    "model.attention": ("auto", "xla", "blocked", "cudnn", "pallas", "splash"),
+    "model.dtype": spec_lib.DTYPES,
+    "model.remat": spec_lib.REMAT_POLICIES,
+    "model.attention": spec_lib.ATTENTION_BACKENDS,
     "budget.planner": ("measured", "none", "seed"),
-    "moe.score": ("sigmoid", "softmax"),
-    "moe.balance": ("loss_free", "aux_loss", "none"),
-    "moe.dispatch": ("auto", "dense", "sorted"),
+    "moe.score": spec_lib.MOE_SCORES,
+    "moe.balance": spec_lib.MOE_BALANCES,
+    "moe.dispatch": spec_lib.MOE_DISPATCHES,
 }
 # Shortcuts accepted on the command line: `just train budget=5m steps=100 run_dir=out`.
 ALIASES: dict[str, str] = {"budget": "budget.time", "steps": "train.steps", "run_dir": "train.run_dir",
                            "resume": "train.resume"}
 MODEL_SHAPE_KEYS = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
                     "model.head_dim", "model.ffn_hidden")
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file, an override or a saved config; the message is one line."""
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -222,24 +224,19 @@ def load_file(path: str | Path) -> ml_collections.ConfigDict:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks value ranges and combinations; returns cfg so calls chain."""
+    """Checks value ranges and combinations; returns cfg so calls chain. The model and moe sections
+    are checked by building their spec, the one home of the model's rules."""
     flat = flatten(cfg)
     for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r}: expected one of {' | '.join(choices)}")
-    positive = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
-                "model.seq_len", "train.batch_size", "train.grad_accum", "train.log_every",
-                "train.keep_checkpoints", "data.vocab_size")
-    for key in positive:
+        spec_lib.check_choice(key, flat[key], choices)
+    for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "data.vocab_size"):
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be positive")
-    m = cfg.model
-    if m.head_dim == 0 and m.d_model % m.num_heads:
-        raise ConfigError(f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model} (or set model.head_dim)")
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-    if (m.head_dim or m.d_model // m.num_heads) % 2:
-        raise ConfigError("the head dimension must be even for RoPE (adjust model.d_model, num_heads or head_dim)")
+    model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
+    model_cfg.vocab_size = model_cfg.vocab_size or 1  # 0 = the tokenizer's size, known once the data is ready
+    ModelSpec.from_config(model_cfg, cfg.moe)
+    if cfg.moe.num_experts < 0:
+        raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} must not be negative (0 = dense)")
     t = cfg.train
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
@@ -255,7 +252,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           "or -1 (the devices left over) on at most one axis")
     if cfg.mesh.num_processes < 0 or cfg.mesh.process_id < -1:
         raise ConfigError("mesh.num_processes must be >= 0 and mesh.process_id >= -1 (0 and -1 mean: from the environment)")
-    _validate_moe(cfg)
     if cfg.budget.time:
         parse_duration(cfg.budget.time)
     elif t.steps <= 0:
@@ -263,38 +259,24 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _validate_moe(cfg: ml_collections.ConfigDict) -> None:
-    moe = cfg.moe
-    nonnegative = ("num_experts", "num_shared_experts", "expert_hidden", "bias_update_rate", "aux_loss_weight",
-                   "router_z_loss_weight", "capacity_factor")
-    for name in nonnegative:
-        if moe[name] < 0:
-            raise ConfigError(f"moe.{name}={moe[name]} must not be negative")
-    if moe.num_experts == 0:
-        return
-    if not 1 <= moe.top_k <= moe.num_experts:
-        raise ConfigError(f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
-    if not moe_layer_indices(moe.layers, cfg.model.num_layers):
-        raise ConfigError(f"moe.layers={moe.layers!r} selects no block of a {cfg.model.num_layers}-layer model; "
-                          "use all, or lower moe.num_experts to 0 for a dense model")
+def changed_keys(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The keys whose values differ from the defaults, in schema order."""
+    flat, default = flatten(cfg), flatten(defaults())
+    return [key for key in flat if flat[key] != default[key]]
 
 
-def moe_layer_indices(pattern: str, num_layers: int) -> tuple[int, ...]:
-    """The blocks a moe.layers pattern selects in a num_layers-deep model.
-
-    Named patterns follow the depth (the planner may choose it); explicit indices must exist.
-    """
-    pattern = pattern.strip()
-    named = {"all": range(num_layers), "after_first": range(1, num_layers), "every_other": range(1, num_layers, 2)}
-    if pattern in named:
-        return tuple(named[pattern])
-    try:
-        indices = sorted({int(part) for part in pattern.split(",")})
-    except ValueError:
-        raise ConfigError(f"moe.layers={pattern!r}: expected all, after_first, every_other or block indices like 1,3") from None
-    if indices[0] < 0 or indices[-1] >= num_layers:
-        raise ConfigError(f"moe.layers={pattern!r} names a block outside the model's {num_layers} (0 to {num_layers - 1})")
-    return tuple(indices)
+def from_command_line(items: list[str]) -> tuple[ml_collections.ConfigDict, set[str]]:
+    """`config=FILE` first, then `key=value` overrides in order; returns the validated config and
+    the keys the user set (a config file's changed keys and every override), which the planner keeps."""
+    files = [i.split("=", 1)[1] for i in items if i.startswith("config=")]
+    overrides = [i for i in items if not i.startswith("config=")]
+    cfg = load_file(files[-1]) if files else defaults()
+    user_keys = set(changed_keys(cfg))
+    cfg = apply_overrides(cfg, overrides)
+    user_keys |= {ALIASES.get(k, k) for k in (o.split("=", 1)[0].strip() for o in overrides)}
+    if cfg.budget.time and cfg.train.steps:
+        raise ConfigError("give either a budget (budget=5m) or a number of steps (steps=N), not both")
+    return validate(cfg), user_keys
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([hms])")

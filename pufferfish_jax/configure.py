@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pufferfish_jax import config as config_lib
-from pufferfish_jax.config import ALIASES, CHOICES, HELP, SCHEMA, ConfigError
+from pufferfish_jax.config import ALIASES, CHOICES, HELP, SCHEMA, ConfigError, changed_keys
 from pufferfish_jax.prompting import enable_line_editing
 
 KEYS: tuple[str, ...] = tuple(key for key, _, _ in SCHEMA)
@@ -111,12 +111,6 @@ def table(cfg: ml_collections.ConfigDict, section: str | None = None, width: int
         grid.add_row(number, part, name, f"[yellow]{escape(value)}[/]" if changed else escape(value), escape(default),
                      _cut(help_text, help_width), end_section=last_of_section)
     return grid
-
-
-def changed_keys(cfg: ml_collections.ConfigDict) -> list[str]:
-    """The keys whose values differ from the defaults, in table order."""
-    flat = config_lib.flatten(cfg)
-    return [key for key in KEYS if flat[key] != DEFAULTS[key]]
 
 
 def overrides(cfg: ml_collections.ConfigDict) -> list[str]:

@@ -24,7 +24,8 @@ from jax.experimental import io_callback
 
 from pufferfish_jax.model.attention import KVCache, init_cache
 from pufferfish_jax.model.moe import MOE_STATE
-from pufferfish_jax.model.transformer import ModelSpec, Transformer
+from pufferfish_jax.model.transformer import Transformer
+from pufferfish_jax.model.spec import ModelSpec
 
 Array = jax.Array
 

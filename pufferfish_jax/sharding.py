@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from pufferfish_jax.config import ConfigError
+from pufferfish_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis -> mesh axes, in priority order: a mesh axis already taken by an earlier dimension

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer, models  # noqa: E402
 from pufferfish_jax import sharding  # noqa: E402
 from pufferfish_jax.cli import params_digest  # noqa: E402
 from pufferfish_jax.config import apply_overrides, defaults  # noqa: E402
-from pufferfish_jax.model.transformer import ModelSpec, Transformer  # noqa: E402
+from pufferfish_jax.model.transformer import Transformer  # noqa: E402
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint  # noqa: E402
 from pufferfish_jax.train.state import abstract_state, create_state, make_optimizer  # noqa: E402
 from pufferfish_jax.train.step import make_train_step  # noqa: E402

@@ -7,7 +7,8 @@ import pytest
 from tokenizers import Tokenizer, models
 
 from pufferfish_jax.config import apply_overrides, defaults
-from pufferfish_jax.model.transformer import ModelSpec, Transformer
+from pufferfish_jax.model.transformer import Transformer
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.state import abstract_state, init_state, make_optimizer
 

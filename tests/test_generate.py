@@ -12,7 +12,8 @@ import pytest
 import pufferfish_jax.generate as generate_mod
 from pufferfish_jax.generate import (decode_step, generate, generate_batch, pad_prompts, penalize_repeats, prefill,
                                      sample_logits)
-from pufferfish_jax.model.transformer import ModelSpec, Transformer, init_params
+from pufferfish_jax.model.transformer import Transformer, init_variables
+from pufferfish_jax.model.spec import ModelSpec
 
 SPEC = ModelSpec(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, ffn_hidden=64,
                  seq_len=48, init_std=0.5)
@@ -21,7 +22,7 @@ PROMPT = [5, 17, 3, 42, 8]
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(init_params, static_argnums=0)(SPEC, jax.random.key(0))
+    return jax.jit(init_variables, static_argnums=0)(SPEC, jax.random.key(0))[0]
 
 
 def test_greedy_matches_argmax_rollout(params):

@@ -15,7 +15,8 @@ from pufferfish_jax.model import attention as attention_mod
 from pufferfish_jax.model.attention import (AttentionBackendError, attention, fastest_backend, resolve_backend,
                                             xla_attention)
 from pufferfish_jax.model.kernels.flash_attention import flash_attention
-from pufferfish_jax.model.transformer import ModelSpec, Transformer, init_params
+from pufferfish_jax.model.transformer import Transformer, init_variables
+from pufferfish_jax.model.spec import ModelSpec
 
 N_HEADS = 4
 # Largest |kernel - float32 reference| over the reference's largest |value|, per input dtype.
@@ -89,7 +90,7 @@ def test_flash_is_causal():
 def test_model_with_pallas_matches_xla():
     spec = ModelSpec(vocab_size=64, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2, head_dim=16,
                      ffn_hidden=64, seq_len=20, dtype="float32", attention="xla", init_std=0.2)
-    params = jax.jit(init_params, static_argnums=0)(spec, jax.random.key(0))
+    params = jax.jit(init_variables, static_argnums=0)(spec, jax.random.key(0))[0]
     tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 64)
 
     def loss_and_grads(spec):

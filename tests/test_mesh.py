@@ -27,7 +27,8 @@ from pufferfish_jax.budget import planner
 from pufferfish_jax.cli import params_digest
 from pufferfish_jax.config import ConfigError, apply_overrides, defaults, validate
 from pufferfish_jax.data.pipeline import batch_at
-from pufferfish_jax.model.transformer import ModelSpec, init_boxed_variables, init_params
+from pufferfish_jax.model.transformer import init_variables
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.metrics import read_metrics
 from pufferfish_jax.train.state import abstract_state, make_optimizer
@@ -68,13 +69,13 @@ def test_cli_refuses_a_mesh_that_does_not_fit_in_one_line(capsys):
 def test_every_parameter_has_logical_axes_and_params_stay_plain(overrides):
     cfg = apply_overrides(defaults(), ["model.vocab_size=96", *overrides])
     spec = ModelSpec.from_config(cfg.model, cfg.moe)
-    boxed = jax.eval_shape(lambda: init_boxed_variables(spec, jax.random.key(0))[0])
+    boxed = jax.eval_shape(lambda: init_variables(spec, jax.random.key(0), boxed=True)[0])
     names = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, tuple))
     shapes = jax.tree.leaves(nn.meta.unbox(boxed))
     ruled = {name for name, _ in sharding.LOGICAL_RULES} | {"head_dim"}
     assert len(names) == len(shapes) and all(len(n) == len(s.shape) for n, s in zip(names, shapes))
     assert {axis for n in names for axis in n} <= ruled and "expert" in ruled
-    plain = jax.eval_shape(lambda: init_params(spec, jax.random.key(0)))
+    plain = jax.eval_shape(lambda: init_variables(spec, jax.random.key(0))[0])
     assert jax.tree.structure(plain) == jax.tree.structure(nn.meta.unbox(boxed))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(plain))
 

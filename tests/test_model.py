@@ -11,13 +11,8 @@ import pytest
 
 from pufferfish_jax.model.attention import attention, init_cache, xla_attention
 from pufferfish_jax.model.layers import apply_rope, dot, rope_angles
-from pufferfish_jax.model.transformer import (
-    ModelSpec,
-    Transformer,
-    count_params,
-    flops_per_token,
-    init_params,
-)
+from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.model.transformer import Transformer, count_params, flops_per_token, init_variables
 
 
 def make_spec(**overrides) -> ModelSpec:
@@ -30,7 +25,7 @@ def make_spec(**overrides) -> ModelSpec:
 
 @functools.partial(jax.jit, static_argnums=0)
 def init(spec: ModelSpec, seed: int = 0) -> dict:
-    return init_params(spec, jax.random.key(seed))
+    return init_variables(spec, jax.random.key(seed))[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -139,7 +134,7 @@ def test_remat_policies_give_equal_loss_and_grads():
 @pytest.mark.parametrize("tie", [True, False])
 def test_count_params_matches_tree(tie):
     spec = make_spec(tie_embeddings=tie)
-    abstract = jax.eval_shape(functools.partial(init_params, spec), jax.random.key(0))
+    abstract = jax.eval_shape(functools.partial(init_variables, spec), jax.random.key(0))[0]
     assert count_params(spec) == sum(x.size for x in jax.tree.leaves(abstract))
     embedding_params = spec.vocab_size * spec.d_model * (1 if tie else 2)
     assert count_params(spec, embedding=False) == count_params(spec) - embedding_params

@@ -17,10 +17,13 @@ from tokenizers import Tokenizer, models
 
 from pufferfish_jax.budget import planner
 from pufferfish_jax.budget.calibrate import family_key
-from pufferfish_jax.config import ConfigError, apply_overrides, defaults, moe_layer_indices, validate
+from pufferfish_jax.config import ConfigError, apply_overrides, defaults, validate
+from pufferfish_jax.model.spec import moe_layer_indices
 from pufferfish_jax.generate import generate
-from pufferfish_jax.model.moe import MOE_STATE, MOE_STATS, MoE, MoESpec, layer_stats, route, update_bias
-from pufferfish_jax.model.transformer import ModelSpec, Transformer, count_params, flops_per_token, init_variables
+from pufferfish_jax.model.moe import MOE_STATE, MOE_STATS, MoE, layer_stats, route, update_bias
+from pufferfish_jax.model.spec import MoESpec
+from pufferfish_jax.model.transformer import Transformer, count_params, flops_per_token, init_variables
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.sharding import single_device_mesh
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.state import abstract_state, init_state, make_optimizer

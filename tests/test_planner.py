@@ -12,7 +12,8 @@ import pytest
 from pufferfish_jax.budget import planner
 from pufferfish_jax.budget.calibrate import TimeModel, flops_per_step
 from pufferfish_jax.config import ConfigError, apply_overrides, defaults
-from pufferfish_jax.model.transformer import ModelSpec, count_params, flops_per_token, init_params
+from pufferfish_jax.model.transformer import count_params, flops_per_token, init_variables
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train.state import abstract_state, make_optimizer
 
 
@@ -50,7 +51,7 @@ def test_count_and_flops_match_a_hand_computed_model():
     assert count_params(spec, embedding=False) == L * (block + 2 * D) + D
     assert count_params(spec) == L * (block + 2 * D) + D + V * D
     assert flops_per_token(spec, T) == 6 * (L * block + D * V) + 12 * L * T * N * H
-    leaves = jax.tree.leaves(jax.eval_shape(lambda: init_params(spec, jax.random.key(0))))
+    leaves = jax.tree.leaves(jax.eval_shape(lambda: init_variables(spec, jax.random.key(0))[0]))
     assert sum(math.prod(x.shape) for x in leaves) == count_params(spec)
 
 

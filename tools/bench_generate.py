@@ -33,7 +33,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from pufferfish_jax.generate import generate_batch  # noqa: E402
-from pufferfish_jax.model.transformer import ModelSpec, Transformer, init_params  # noqa: E402
+from pufferfish_jax.model.transformer import Transformer, init_variables  # noqa: E402
+from pufferfish_jax.model.spec import ModelSpec
 
 
 def recompute_decoder(spec: ModelSpec):
@@ -82,7 +83,7 @@ def main() -> int:
     spec = ModelSpec(vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model, num_heads=args.heads,
                      num_kv_heads=args.kv_heads, head_dim=args.d_model // args.heads,
                      ffn_hidden=64 * -(-8 * args.d_model // (3 * 64)), seq_len=window + 1, dtype=args.dtype)
-    params = jax.jit(init_params, static_argnums=0)(spec, jax.random.key(0))
+    params = jax.jit(init_variables, static_argnums=0)(spec, jax.random.key(0))[0]
     prompts = np.random.default_rng(0).integers(1, args.vocab, (args.batch, args.prompt)).tolist()
 
     cached_s, cached = timed(lambda: generate_batch(spec, params, prompts, max_new_tokens=args.new, temperature=0.0),

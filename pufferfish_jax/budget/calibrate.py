@@ -30,7 +30,8 @@ from jax.sharding import Mesh
 from pufferfish_jax import sharding
 from pufferfish_jax.budget.hardware import matmul_rate, probe
 from pufferfish_jax.model.moe import resolve_dispatch
-from pufferfish_jax.model.transformer import ModelSpec, flops_per_token
+from pufferfish_jax.model.transformer import flops_per_token
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train.state import create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
 

@@ -35,7 +35,8 @@ from pufferfish_jax import sharding
 from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement, flops_per_step
 from pufferfish_jax.config import MODEL_SHAPE_KEYS, ConfigError
 from pufferfish_jax.model.moe import resolve_dispatch
-from pufferfish_jax.model.transformer import ModelSpec, count_params, flops_per_token
+from pufferfish_jax.model.transformer import count_params, flops_per_token
+from pufferfish_jax.model.spec import ModelSpec
 
 # (num_layers, d_model, num_heads, num_kv_heads): head width 32 below d 384, 64 from there. It
 # starts at d 128: narrower models cannot use a byte-level BPE vocabulary (2 layers x d 64 ended

@@ -31,11 +31,9 @@ from typing import BinaryIO
 
 import numpy as np
 
+from pufferfish_jax.errors import DataError
+
 Log = Callable[[str], None]
-
-
-class DataError(ValueError):
-    """A problem with the user's data settings; the message is one line: what is wrong, how to fix."""
 
 
 def no_log(message: str) -> None:

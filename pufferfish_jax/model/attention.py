@@ -14,7 +14,7 @@ only when selected.
 import concurrent.futures
 import functools
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,22 +22,15 @@ import jax.numpy as jnp
 
 from pufferfish_jax.model.blocked_attention import causal_attention
 from pufferfish_jax.model.layers import apply_rope, dot, logical, proj
+from pufferfish_jax.errors import AttentionBackendError
+from pufferfish_jax.model.spec import ATTENTION_BACKENDS, ModelSpec, check_choice
 from pufferfish_jax.sharding import constrain
 
-if TYPE_CHECKING:
-    from pufferfish_jax.model.transformer import ModelSpec
-
 Array = jax.Array
-
-BACKENDS = ("auto", "xla", "blocked", "cudnn", "pallas", "splash")
 
 # `auto` leaves sequences shorter than this to XLA: their score matrix is small enough that a fused
 # kernel buys little and a measurement would cost more than it saves.
 AUTO_MIN_SEQ = 256
-
-
-class AttentionBackendError(ValueError):
-    """model.attention names a backend this platform, dtype or shape cannot run; one-line message."""
 
 
 class KVCache(NamedTuple):
@@ -58,7 +51,7 @@ class KVCache(NamedTuple):
     start_B: Array
 
 
-def init_cache(spec: "ModelSpec", batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
+def init_cache(spec: ModelSpec, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
     """An empty cache for `batch_size` sequences of up to `max_len` (<= spec.seq_len) tokens."""
     if max_len > spec.seq_len:
         raise ValueError(f"cache max_len {max_len} exceeds the model's seq_len {spec.seq_len}")
@@ -74,6 +67,7 @@ def _platform() -> str:
 
 def backend_problem(backend: str, q_BTNH: Array) -> str | None:
     """Why `backend` cannot run this call here (a short reason), or None if it can."""
+    check_choice("model.attention", backend, ATTENTION_BACKENDS)
     platform, dtype, H, T = _platform(), q_BTNH.dtype, q_BTNH.shape[-1], q_BTNH.shape[1]
     if backend in ("xla", "blocked"):
         return None
@@ -91,15 +85,13 @@ def backend_problem(backend: str, q_BTNH: Array) -> str | None:
         if platform == "gpu" and (H < 16 or H & (H - 1)):
             return f"needs a power-of-two head dim >= 16 on GPU, not {H}"
         return None
-    if backend == "splash":
-        if platform != "tpu":
-            return f"needs a TPU (this platform is {platform})"
-        from pufferfish_jax.model.kernels.splash import BLOCK, splash_supported
+    if platform != "tpu":
+        return f"needs a TPU (this platform is {platform})"
+    from pufferfish_jax.model.kernels.splash import BLOCK, splash_supported
 
-        if not splash_supported(T):
-            return f"needs a sequence length that is a multiple of {BLOCK}, not {T}"
-        return None
-    raise AttentionBackendError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if not splash_supported(T):
+        return f"needs a sequence length that is a multiple of {BLOCK}, not {T}"
+    return None
 
 
 def resolve_backend(backend: str, q_BTNH: Array, k_BSKH: Array, *, cached: bool = False) -> str:
@@ -112,8 +104,7 @@ def resolve_backend(backend: str, q_BTNH: Array, k_BSKH: Array, *, cached: bool 
     the einsum form there, docs/perf.md), otherwise (short sequences, shapes a kernel cannot
     take) -> XLA.
     """
-    if backend not in BACKENDS:
-        raise AttentionBackendError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    check_choice("model.attention", backend, ATTENTION_BACKENDS)
     if cached or backend == "xla":
         return "xla"
     if backend != "auto":
@@ -177,11 +168,10 @@ def run_backend(backend: str, q_BTNH: Array, k_BTKH: Array, v_BTKH: Array) -> Ar
         from pufferfish_jax.model.kernels.flash_attention import flash_attention
 
         return flash_attention(q_BTNH, k_BTKH, v_BTKH)
-    if backend == "splash":
-        from pufferfish_jax.model.kernels.splash import splash_attention
+    check_choice("model.attention", backend, ATTENTION_BACKENDS)
+    from pufferfish_jax.model.kernels.splash import splash_attention
 
-        return splash_attention(q_BTNH, k_BTKH, v_BTKH)
-    raise AttentionBackendError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    return splash_attention(q_BTNH, k_BTKH, v_BTKH)
 
 
 def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, q_start: Array | int = 0,

@@ -23,7 +23,7 @@ Array = jax.Array
 def logical(init, *names: str):
     """`init` whose parameter carries its logical axis names (see sharding.LOGICAL_RULES).
 
-    The names live only in the boxed tree `Module.init` returns; `init_params` unboxes it, so the
+    The names live only in the boxed tree `Module.init` returns; `init_variables` unboxes it, so the
     params handed around are plain arrays and only the sharding code reads the names.
     """
     return nn.with_logical_partitioning(init, names)

@@ -24,57 +24,18 @@ Shared experts run on every token, outside the router.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from pufferfish_jax.model.layers import SwiGLU, dot, logical, proj
+from pufferfish_jax.model.spec import MoESpec
 
 Array = jax.Array
 
 MOE_STATE = "moe_state"  # the per-expert routing bias of every MoE layer
 MOE_STATS = "moe_stats"  # routing statistics sown during a training forward pass
-SCORES = ("sigmoid", "softmax")
-BALANCES = ("loss_free", "aux_loss", "none")
-DISPATCHES = ("auto", "dense", "sorted")
-
-
-@dataclasses.dataclass(frozen=True)
-class MoESpec:
-    """The resolved `moe` config section; frozen and hashable like the ModelSpec that holds it."""
-
-    num_experts: int
-    top_k: int
-    num_shared_experts: int
-    layers: tuple[int, ...]  # indices of the blocks whose FFN is a MoE
-    expert_hidden: int
-    score: str = "sigmoid"
-    balance: str = "loss_free"
-    bias_update_rate: float = 0.01
-    aux_loss_weight: float = 0.01
-    router_z_loss_weight: float = 0.0
-    capacity_factor: float = 0.0  # 0 = dropless
-    dispatch: str = "auto"
-
-    def __post_init__(self):
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.num_shared_experts < 0 or self.expert_hidden <= 0 or self.capacity_factor < 0:
-            raise ValueError(f"invalid MoE sizes: {self}")
-        for value, choices in ((self.score, SCORES), (self.balance, BALANCES), (self.dispatch, DISPATCHES)):
-            if value not in choices:
-                raise ValueError(f"unknown MoE setting {value!r}; expected one of {choices}")
-
-    def capacity(self, num_tokens: int) -> int:
-        """Slots per expert for `num_tokens` tokens; an expert never gets more than one
-        assignment per token, so num_tokens slots mean nothing is dropped."""
-        if self.capacity_factor == 0:
-            return num_tokens
-        return min(num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)))
 
 
 def resolve_dispatch(spec: MoESpec, backend: str | None = None) -> str:

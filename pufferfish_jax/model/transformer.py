@@ -1,4 +1,5 @@
-"""The decoder-only Transformer, its resolved spec, remat policies, parameter count and FLOP model.
+"""The decoder-only Transformer built from a `ModelSpec` (spec.py): blocks, remat, init, parameter
+count and FLOP model.
 
 Parameter tree (all float32, no biases):
     embed/embedding [V, D]
@@ -12,111 +13,29 @@ Parameter tree (all float32, no biases):
     lm_head [D, V]                   (untied only)
 """
 
-import dataclasses
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pufferfish_jax.config import moe_layer_indices
-from pufferfish_jax.model.attention import BACKENDS, Attention, KVCache
+from pufferfish_jax.model import spec as spec_lib
+from pufferfish_jax.model.attention import Attention, KVCache
 from pufferfish_jax.model.layers import Embed, RMSNorm, SwiGLU, dot, logical, rope_angles
-from pufferfish_jax.model.moe import MOE_STATE, MoE, MoESpec
+from pufferfish_jax.model.moe import MOE_STATE, MoE
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.sharding import constrain
 
 Array = jax.Array
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Name -> jax.checkpoint policy; 'none' means the block is not wrapped in remat at all.
 # 'save_dots' keeps the weight projection outputs (tagged "proj" in layers.proj; the dots-based
 # policies cannot see them through its custom VJP) and recomputes the rest, attention scores
 # included: the usual middle ground between memory and recompute.
-REMAT_POLICIES = {
+CHECKPOINT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.save_only_these_names("proj"),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The model config with derived sizes resolved; frozen and hashable, so it can be a static jit arg."""
-
-    vocab_size: int
-    num_layers: int
-    d_model: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden: int
-    seq_len: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    dtype: str = "float32"
-    remat: str = "none"
-    attention: str = "auto"
-    init_std: float = 0.02
-    moe: MoESpec | None = None  # None: every block has a dense SwiGLU FFN
-
-    def __post_init__(self):
-        if min(self.vocab_size, self.num_layers, self.d_model, self.num_heads, self.num_kv_heads,
-               self.head_dim, self.ffn_hidden, self.seq_len) <= 0:
-            raise ValueError(f"model sizes must be positive: {self}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
-        if self.attention not in BACKENDS:
-            raise ValueError(f"unknown attention backend {self.attention!r}; expected one of {BACKENDS}")
-        if self.moe is not None and any(not 0 <= i < self.num_layers for i in self.moe.layers):
-            raise ValueError(f"MoE layers {self.moe.layers} outside the model's {self.num_layers} blocks")
-
-    @classmethod
-    def from_config(cls, cfg, moe_cfg=None) -> "ModelSpec":
-        """Resolve head_dim = 0 to d_model // num_heads and ffn_hidden = 0 to 8/3 * d_model rounded up to 64.
-
-        `moe_cfg` is the config's separate `moe` section; with num_experts > 0 it becomes `spec.moe`,
-        its layer pattern resolved against num_layers and expert_hidden = 0 resolved to
-        ffn_hidden / (top_k + num_shared_experts) rounded up to 64, so a token's active FFN
-        compute stays close to the dense block's.
-        """
-        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg and f.name != "moe"}
-        if not fields["head_dim"]:
-            if cfg.d_model % cfg.num_heads:
-                raise ValueError(f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}; set head_dim")
-            fields["head_dim"] = cfg.d_model // cfg.num_heads
-        if not fields["ffn_hidden"]:
-            fields["ffn_hidden"] = 64 * math.ceil(8 * cfg.d_model / (3 * 64))
-        if moe_cfg is not None and moe_cfg.num_experts > 0:
-            active = moe_cfg.top_k + moe_cfg.num_shared_experts
-            fields["moe"] = MoESpec(
-                num_experts=moe_cfg.num_experts, top_k=moe_cfg.top_k, num_shared_experts=moe_cfg.num_shared_experts,
-                layers=moe_layer_indices(moe_cfg.layers, cfg.num_layers),
-                expert_hidden=moe_cfg.expert_hidden or 64 * math.ceil(fields["ffn_hidden"] / (64 * active)),
-                score=moe_cfg.score, balance=moe_cfg.balance, bias_update_rate=moe_cfg.bias_update_rate,
-                aux_loss_weight=moe_cfg.aux_loss_weight, router_z_loss_weight=moe_cfg.router_z_loss_weight,
-                capacity_factor=moe_cfg.capacity_factor, dispatch=moe_cfg.dispatch)
-        return cls(**fields)
-
-    def is_moe(self, layer: int) -> bool:
-        return self.moe is not None and layer in self.moe.layers
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(DTYPES[self.dtype])
-
-    @property
-    def out_std(self) -> float:
-        """Init std of the projections writing into the residual stream (GPT-2 scaling), so the
-        residual variance does not grow with depth."""
-        return self.init_std / math.sqrt(2 * self.num_layers)
+assert tuple(CHECKPOINT_POLICIES) == spec_lib.REMAT_POLICIES  # the names users may choose live in spec.py
 
 
 class Block(nn.Module):
@@ -145,11 +64,9 @@ class Block(nn.Module):
 
 def remat_block(policy_name: str) -> type[Block]:
     """Block, wrapped in `nn.remat` with the named checkpoint policy unless it is 'none'."""
-    if policy_name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy_name!r}; expected one of {tuple(REMAT_POLICIES)}")
     if policy_name == "none":
         return Block
-    return nn.remat(Block, policy=REMAT_POLICIES[policy_name])
+    return nn.remat(Block, policy=CHECKPOINT_POLICIES[policy_name])
 
 
 class Transformer(nn.Module):
@@ -192,25 +109,16 @@ class Transformer(nn.Module):
         return logits_BTV, cache._replace(length=cache.length + T)
 
 
-def init_boxed_variables(spec: ModelSpec, rng: Array) -> tuple[dict, dict]:
-    """(params, moe_state): fresh float32 parameters, each boxed with its logical axis names
-    (`nn.LogicallyPartitioned`; `nn.get_partition_spec(jax.eval_shape(...))` of this tree is what
-    the shardings derive from), and the MoE routing biases (zeros, replicated; an empty dict for a
-    dense model)."""
-    tokens_BT = jnp.zeros((1, 1), jnp.int32)
-    variables = Transformer(spec).init(rng, tokens_BT)
-    return variables["params"], variables.get(MOE_STATE, {})
+def init_variables(spec: ModelSpec, rng: Array, *, boxed: bool = False) -> tuple[dict, dict]:
+    """(params, moe_state): fresh float32 parameters and the MoE routing biases (zeros; an empty
+    dict for a dense model). Pure, so `jax.eval_shape` of it gives the abstract tree for free.
 
-
-def init_params(spec: ModelSpec, rng: Array) -> dict:
-    """Fresh float32 parameters as plain arrays; pure, so `jax.eval_shape(init_params, spec, rng)`
-    gives the abstract tree without allocating (bind spec with functools.partial or a static arg)."""
-    return init_variables(spec, rng)[0]
-
-
-def init_variables(spec: ModelSpec, rng: Array) -> tuple[dict, dict]:
-    """(params, moe_state) as plain arrays."""
-    return nn.meta.unbox(init_boxed_variables(spec, rng))
+    boxed=True keeps every parameter boxed with its logical axis names (`nn.LogicallyPartitioned`):
+    `nn.get_partition_spec` of that tree is what the shardings derive from.
+    """
+    variables = Transformer(spec).init(rng, jnp.zeros((1, 1), jnp.int32))
+    params, moe_state = variables["params"], variables.get(MOE_STATE, {})
+    return (params, moe_state) if boxed else nn.meta.unbox((params, moe_state))
 
 
 def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
@@ -225,7 +133,7 @@ def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
 
 
 def count_params(spec: ModelSpec, embedding: bool = True, active: bool = False) -> int:
-    """Exact parameter count, analytic (equals the size of `init_params`' tree).
+    """Exact parameter count, analytic (equals the size of `init_variables`' params).
 
     embedding=False gives the non-embedding count N of scaling laws: it leaves out the token
     embedding and, when untied, the LM head (both are lookups/readouts whose size tracks V, not

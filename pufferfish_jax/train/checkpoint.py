@@ -19,13 +19,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from pufferfish_jax import config as config_lib
+from pufferfish_jax.errors import CheckpointError
 
 ITEMS = ("state", "config", "tokenizer", "progress")
 logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax narrates every save at INFO/WARNING.
-
-
-class CheckpointError(ValueError):
-    """A path that is not a readable checkpoint; the message is one line."""
 
 
 def open_manager(directory: Path, keep: int) -> ocp.CheckpointManager:

@@ -28,7 +28,7 @@ from pufferfish_jax import sharding
 from pufferfish_jax.budget.calibrate import CalibrationCache
 from pufferfish_jax.budget.planner import EXIT_S, Plan, save_seconds
 from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
-from pufferfish_jax.model.transformer import ModelSpec
+from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.display import TrainDisplay
 from pufferfish_jax.train.evaluate import EvalResult, evaluate

@@ -7,9 +7,8 @@ it learns the real step time, and the schedule must follow that without recompil
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -21,7 +20,8 @@ from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
 from pufferfish_jax.model.moe import MOE_STATE
-from pufferfish_jax.model.transformer import ModelSpec, init_boxed_variables
+from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.model.transformer import init_variables
 
 
 class TrainState(struct.PyTreeNode):
@@ -60,32 +60,24 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
     return optax.chain(*parts)
 
 
-def _boxed_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """The state with every parameter, and every optimizer moment shaped like one, still boxed
-    with its logical axis names (optax maps over the boxes, so the moments inherit them); the MoE
-    routing biases are unboxed, so they are replicated."""
-    params, moe_state = init_boxed_variables(spec, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      moe_state=moe_state)
+def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array, *,
+               boxed: bool = False) -> TrainState:
+    """A fresh state of plain arrays; pure, so `jax.eval_shape` of it is the abstract state.
 
-
-def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """A fresh state of plain arrays."""
-    return nn.meta.unbox(_boxed_state(spec, optimizer, rng))
+    boxed=True keeps every parameter, and every optimizer moment shaped like one, boxed with its
+    logical axis names (optax maps over the boxes, so the moments inherit them): what the
+    shardings derive from. The MoE routing biases are never boxed, so they are replicated.
+    """
+    params, moe_state = init_variables(spec, rng, boxed=True)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                       moe_state=nn.meta.unbox(moe_state))
+    return state if boxed else nn.meta.unbox(state)
 
 
 def state_shardings(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Where every leaf of the state lives on `mesh`, from the logical names (no allocation)."""
-    boxed = jax.eval_shape(functools.partial(_boxed_state, spec, optimizer), jax.random.key(0))
+    boxed = jax.eval_shape(functools.partial(init_state, spec, optimizer, boxed=True), jax.random.key(0))
     return sharding.tree_shardings(nn.get_partition_spec(boxed), nn.meta.unbox(boxed), mesh)
-
-
-def variables_shardings(spec: ModelSpec, mesh: Mesh) -> dict:
-    """Where every parameter and routing bias lives on `mesh` (`TrainState.variables`' part of
-    `state_shardings`)."""
-    params, moe_state = jax.eval_shape(lambda: init_boxed_variables(spec, jax.random.key(0)))
-    return {"params": sharding.tree_shardings(nn.get_partition_spec(params), nn.meta.unbox(params), mesh),
-            MOE_STATE: jax.tree.map(lambda _: sharding.replicated(mesh), moe_state)}
 
 
 def create_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:

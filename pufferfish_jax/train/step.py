@@ -24,8 +24,9 @@ from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
 from pufferfish_jax.model import moe
-from pufferfish_jax.model.transformer import ModelSpec, Transformer
-from pufferfish_jax.train.state import TrainState, variables_shardings, state_shardings
+from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.model.transformer import Transformer
+from pufferfish_jax.train.state import TrainState, state_shardings
 
 # Routing statistics summed over micro-steps (the losses are averaged with the gradients instead).
 SUMMED_STATS = ("counts", "kept", "entropy_sum")
@@ -106,4 +107,5 @@ def make_eval_step(spec: ModelSpec, mesh: Mesh) -> Callable:
             return (nll_BT * mask_BT).sum(), mask_BT.sum()
 
     rows, scalar = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return jax.jit(eval_step, in_shardings=(variables_shardings(spec, mesh), rows, rows), out_shardings=(scalar, scalar))
+    variables = state_shardings(spec, optax.identity(), mesh).variables  # no optimizer: params and biases only
+    return jax.jit(eval_step, in_shardings=(variables, rows, rows), out_shardings=(scalar, scalar))
