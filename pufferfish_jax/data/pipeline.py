@@ -27,9 +27,10 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
-from pufferfish_jax.data.corpora import (DataError, Log, atomic_write, corpus_fingerprint,
-                                         load_documents, no_log, split_documents)
+from pufferfish_jax.data.corpora import corpus_fingerprint, load_documents, split_documents
+from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.tokenizer import eos_id, load_or_train_tokenizer
+from pufferfish_jax.errors import DataError
 
 _CACHE_VERSION = 1  # bump when the stream layout or the meta fields change
 _ENCODE_CHUNK = 1024  # documents per encode_batch call: parallel enough, bounded memory

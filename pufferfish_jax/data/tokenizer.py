@@ -16,7 +16,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pufferfish_jax.data.corpora import DataError, Log, atomic_write, no_log
+from pufferfish_jax.data.files import Log, atomic_write, no_log
+from pufferfish_jax.errors import DataError
 
 EOS = "<|endoftext|>"
 _EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<eos>")  # what user tokenizers call it
