@@ -15,9 +15,11 @@ from pathlib import Path
 
 import ml_collections
 
+from pipelines.records import HELD_OUT, STAGE_NAMES, read_json
 from pipelines.runner import load_manifest
-from pipelines.stages import HELD_OUT, STAGE_NAMES, read_json
 from pufferfish_jax import config as config_lib
+from pufferfish_jax.budget.planner import Plan, apply_plan
+from pufferfish_jax.train.metrics import read_metrics
 
 PLOT = "loss_curves.png"
 
@@ -88,8 +90,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
     fig.savefig(path, format="png")
 
 
-def _plan_rows(plan: dict, records: list[dict]) -> list[list]:
-    outcome = plan["outcome"]
+def _plan_rows(plan: dict, outcome: dict, records: list[dict]) -> list[list]:
     m = plan["model"]
     steps_s = [r["step_s"] for r in records if r["event"] == "train" and r.get("step_s") and math.isfinite(r["step_s"])]
     compile_s = next((r["train_step_s"] for r in records if r["event"] == "compile"), None)
@@ -124,21 +125,30 @@ def _plan_rows(plan: dict, records: list[dict]) -> list[list]:
 
 
 def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
-    from pufferfish_jax.budget.planner import Plan, apply_plan
-    from pufferfish_jax.train.metrics import read_metrics
-
     manifest = load_manifest(run_dir)["stages"]
     corpus, tokens = read_json(run_dir, "corpus.json"), read_json(run_dir, "tokens.json")
-    plan = read_json(run_dir, "train/plan.json")
-    hardware, evals, samples = read_json(run_dir, "hardware.json"), read_json(run_dir, "eval.json"), read_json(run_dir, "samples.json")
+    plan, outcome = read_json(run_dir, "train/plan.json"), read_json(run_dir, "train/outcome.json")
     records = read_metrics(run_dir / "train" / "metrics.jsonl")
     plot_curves(records, run_dir / PLOT)
-    outcome = plan["outcome"]
-    resolved = apply_plan(cfg, Plan(**{k: v for k, v in plan.items() if k != "outcome"}))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
     lines = [f"# Pipeline report: {run_dir.name}", "",
              f"Run dir `{run_dir}`, written {now}. Every figure below comes from the files beside this one.", ""]
+    lines += _summary(plan, outcome, corpus)
+    lines += _stages(manifest)
+    lines += _hardware(read_json(run_dir, "hardware.json"))
+    lines += _data(manifest, corpus, tokens)
+    lines += _plan_and_outcome(plan, outcome, records)
+    lines += _evaluation(read_json(run_dir, "eval.json"))
+    lines += _samples(read_json(run_dir, "samples.json"))
+    lines += _config(apply_plan(cfg, Plan(**plan)))
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _summary(plan: dict, outcome: dict, corpus: dict) -> list[str]:
+    """What was trained, how good it is, and whether it kept its budget."""
+    lines: list[str] = []
     gain = 1 - outcome["val_bpb"] / outcome["unigram_bpb"]
     m = plan["model"]
     lines += ["## Summary", "",
@@ -150,7 +160,12 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
               "compilation included)" + (f", within a {_seconds(plan['budget_s'])} budget." if plan["mode"] == "budget"
                                          else "; a fixed number of steps, no budget."),
               ""]
+    return lines
 
+
+def _stages(manifest: dict) -> list[str]:
+    """Each stage: ran or skipped, how long it took."""
+    lines: list[str] = []
     lines += ["## Stages", ""]
     stage_rows = []
     for name in STAGE_NAMES:
@@ -162,16 +177,25 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
     lines += _table(["stage", "status", "took", "finished (UTC)"], stage_rows)
     lines += ["A stage whose config keys and inputs are unchanged is skipped on the next run; `pipeline.json` "
               "holds the fingerprints.", ""]
+    return lines
 
+
+def _hardware(hw: dict) -> list[str]:
+    """The machine the run trained on."""
+    lines: list[str] = []
     lines += ["## Hardware", ""]
-    hw = hardware
     lines += _table(["", ""], [
         ["devices", f"{hw['device_count']} x {hw['platform']} ({hw['device_kind']})"],
         ["memory", f"{hw['memory_bytes'] / 2**30:.1f} GiB per device" + (" (host RAM)" if hw["platform"] == "cpu" else "")],
         ["host", f"{hw['cpu']}, {hw['host_cores']} cores"],
         ["software", f"Python {hw['python']}, JAX {hw['jax']}, {hw['os']}"],
     ])
+    return lines
 
+
+def _data(manifest: dict, corpus: dict, tokens: dict) -> list[str]:
+    """The corpus, its split and the tokenizer."""
+    lines: list[str] = []
     tok_summary = manifest.get("tokenizer", {}).get("summary", {})
     lines += ["## Data", ""]
     lines += _table(["", "train", "held out"], [
@@ -182,19 +206,29 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
         ["tokenizer", f"{tok_summary.get('source', '')}, vocab {tokens['vocab_size']:,}, "
                       f"{tokens['bytes_per_token']:.2f} bytes per token", ""],
     ])
+    return lines
 
+
+def _plan_and_outcome(plan: dict, outcome: dict, records: list[dict]) -> list[str]:
+    """The plan against what happened, and the loss curves."""
+    lines: list[str] = []
     lines += ["## Plan and outcome", "",
               f"Planner `{plan['planner']}`. " + ("The budget counts from the start of the pipeline to the end of "
               "training. The loop re-fits the step count to the clock every step, so planned and actual steps "
               "differ by how far the real step time drifted from the measured one." if plan["mode"] == "budget"
               else "A fixed number of steps: nothing about time was predicted."), ""]
-    lines += _table(["", "planned", "actual"], _plan_rows(plan, records))
+    lines += _table(["", "planned", "actual"], _plan_rows(plan, outcome, records))
 
     train_losses = [r["loss"] for r in records if r["event"] == "train"]
     lines += ["## Loss curves", "", f"![train and val loss against tokens and wall time]({PLOT})", "",
               f"Train loss {train_losses[0]:.3f} -> {train_losses[-1]:.3f} over the run; "
               f"held-out loss {outcome['val_loss']:.3f} at the end." if train_losses else "", ""]
+    return lines
 
+
+def _evaluation(evals: list[dict]) -> list[str]:
+    """Bits per byte on every eval set against the unigram baseline."""
+    lines: list[str] = []
     lines += ["## Evaluation", "",
               "Bits per byte = loss x tokens / (bytes x ln 2): comparable across tokenizers. The unigram baseline "
               "knows only the training split's token frequencies; a model must beat it.", ""]
@@ -202,21 +236,28 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
                     [[r["name"], "the held-out split" if r["source"] == HELD_OUT else r["source"], f"{r['tokens']:,}",
                       f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r['unigram_bpb']:.4f}",
                       f"{1 - r['val_bpb'] / r['unigram_bpb']:.0%}"] for r in evals])
+    return lines
 
+
+def _samples(samples: dict) -> list[str]:
+    """The sampled continuations and their settings."""
+    lines: list[str] = []
     s = samples["settings"]
     lines += ["## Samples", "",
               f"{s['max_new_tokens']} new tokens at most, temperature {s['temperature']}, top-k {s['top_k']}, "
               f"top-p {s['top_p']}, seed {s['seed']}. The prompt is in bold.", ""]
     for number, item in enumerate(samples["samples"], 1):
         lines += [f"**{number}. {_cell(item['prompt'])}**", ""] + _fenced(item["prompt"] + item["continuation"], "text")
+    return lines
 
+
+def _config(resolved: ml_collections.ConfigDict) -> list[str]:
+    """The keys that differ from the defaults, and the whole resolved config."""
+    lines: list[str] = []
     defaults = config_lib.flatten(config_lib.defaults())
     chosen = {k: v for k, v in config_lib.flatten(resolved).items() if v != defaults[k]}
     lines += ["## Config", "", "Keys that differ from the defaults (the planner's choices written in):", ""]
     lines += _table(["key", "value", "default"], [[f"`{k}`", repr(v), repr(defaults[k])] for k, v in chosen.items()])
     lines += ["<details><summary>The whole resolved config</summary>", ""] + \
         _fenced(json.dumps(resolved.to_dict(), indent=2), "json") + ["</details>", ""]
-
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return lines

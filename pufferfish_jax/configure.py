@@ -21,7 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from pufferfish_jax import config as config_lib
-from pufferfish_jax.config import ALIASES, CHOICES, HELP, SCHEMA, ConfigError, changed_keys
+from pufferfish_jax.config import ALIASES, CHOICES, HELP, SCHEMA, changed_keys
+from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.prompting import enable_line_editing
 
 KEYS: tuple[str, ...] = tuple(key for key, _, _ in SCHEMA)
@@ -149,109 +150,119 @@ def edit(cfg: ml_collections.ConfigDict, *, plan: Callable[[ml_collections.Confi
     ConfigError). `source` is the file the config came from, the default for `save`. `guided`:
     called from guided mode, where leaving returns to the plan instead of asking about saving.
     """
-    console = console or Console(highlight=False)
-    enable_line_editing()
-    check(cfg)
-    saved = config_lib.flatten(cfg)  # what is on disk (or the starting point): quit warns when it differs
-    warned_unsaved = False
-    console.print(table(cfg, width=console.width))
-    console.print(commands(guided))
+    return _Editor(cfg, plan, source, console or Console(highlight=False), read, guided).run()
 
-    def apply(assignments: list[tuple[str, str]]) -> None:
-        nonlocal cfg
-        before = config_lib.flatten(cfg)
-        candidate = check(config_lib.apply_overrides(cfg, [f"{key}={value}" for key, value in assignments]))
-        cfg = candidate
-        after = config_lib.flatten(cfg)
+
+class _Editor:
+    """The editor's session: the config being edited and what was last saved (quit warns once
+    when they differ)."""
+
+    def __init__(self, cfg, plan, source: Path | None, console: Console, read: Callable[[str], str], guided: bool):
+        self.cfg, self.plan, self.source, self.console, self.read, self.guided = cfg, plan, source, console, read, guided
+        self.saved = config_lib.flatten(cfg)  # what is on disk (or the starting point)
+        self.warned_unsaved = False
+
+    def run(self) -> ml_collections.ConfigDict:
+        enable_line_editing()
+        check(self.cfg)
+        self.console.print(table(self.cfg, width=self.console.width))
+        self.console.print(commands(self.guided))
+        while True:
+            try:
+                line = self.read("configure> ").strip()
+            except EOFError:
+                self.console.print()
+                return self.cfg
+            except KeyboardInterrupt:  # Ctrl-C drops the line; quit or Ctrl-D leaves
+                self.console.print()
+                continue
+            if not line:
+                continue
+            try:
+                words = shlex.split(line)
+            except ValueError as e:
+                self.console.print(f"[red]refused:[/] {escape(str(e))} (quote values with spaces: data.corpus='my texts/*.txt')")
+                continue
+            try:
+                if self.dispatch(line, words):
+                    return self.cfg
+            except ConfigError as e:
+                self.console.print(f"[red]refused:[/] {escape(str(e))}")
+            except KeyboardInterrupt:
+                self.console.print("\n(cancelled)")
+
+    def dispatch(self, line: str, words: list[str]) -> bool:
+        """Runs one command; True when the editor should close."""
+        command, args, cfg = words[0], words[1:], self.cfg
+        if command in ("quit", "q", "exit", "done"):
+            if self.guided or config_lib.flatten(cfg) == self.saved or self.warned_unsaved:
+                return True
+            self.warned_unsaved = True
+            self.console.print("there are unsaved changes: save PATH keeps them, quit again discards them")
+        elif command in ("help", "?"):
+            self.console.print(commands(self.guided))
+        elif command in ("show", "table", "ls"):
+            if args and args[0] not in {key.split(".")[0] for key in KEYS}:
+                raise ConfigError(f"no section '{args[0]}'; sections are model, train, data, budget")
+            self.console.print(table(cfg, args[0] if args else None, width=self.console.width))
+        elif command == "changed":
+            flat = config_lib.flatten(cfg)
+            rows = [f"{key} = {show_value(flat[key])} (default {show_value(DEFAULTS[key])})" for key in changed_keys(cfg)]
+            self.console.print("\n".join(rows) or "everything is at its default")
+        elif command == "reset":
+            if not args:
+                raise ConfigError("reset needs a key, a row number or all")
+            keys = KEYS if args == ["all"] else [resolve(a) for a in args]
+            self.apply([(key, DEFAULTS[key]) for key in keys if key in changed_keys(cfg)])
+        elif command == "plan":
+            self.do_plan(args)
+        elif command == "save":
+            self.do_save(args)
+        elif all("=" in w for w in words):
+            self.apply([(resolve(w.split("=", 1)[0].strip()), w.split("=", 1)[1].strip()) for w in words])
+        elif command.isdigit() and not args:
+            self.ask_row(resolve(command))
+        else:
+            raise ConfigError(f"'{line}' is not a command; type a row number, key=value, or help")
+        return False
+
+    def apply(self, assignments: list[tuple[str, str]]) -> None:
+        before = config_lib.flatten(self.cfg)
+        self.cfg = check(config_lib.apply_overrides(self.cfg, [f"{key}={value}" for key, value in assignments]))
+        after = config_lib.flatten(self.cfg)
         for key, _ in assignments:
-            console.print(f"{key}: {show_value(before[key])} -> {show_value(after[key])}")
+            self.console.print(f"{key}: {show_value(before[key])} -> {show_value(after[key])}")
 
-    def ask_row(key: str) -> None:
-        current = config_lib.flatten(cfg)[key]
+    def ask_row(self, key: str) -> None:
+        current = config_lib.flatten(self.cfg)[key]
         hint = f" ({' | '.join(CHOICES[key])})" if key in CHOICES else ""
         if isinstance(DEFAULTS[key], bool):
             hint = " (true | false)"
-        console.print(f"[bold]{key}[/] = {show_value(current)}: {HELP[key]}")
-        raw = read(f"{key}{hint} [{typed(current)}]: ").strip()
+        self.console.print(f"[bold]{key}[/] = {show_value(current)}: {HELP[key]}")
+        raw = self.read(f"{key}{hint} [{typed(current)}]: ").strip()
         if not raw:
-            console.print(f"{key} kept at {show_value(current)}")
+            self.console.print(f"{key} kept at {show_value(current)}")
             return
-        apply([(key, "" if raw in ("''", '""') else raw)])
+        self.apply([(key, "" if raw in ("''", '""') else raw)])
 
-    def do_plan(args: list[str]) -> None:
-        budget = args[0] if args else cfg.budget.time
+    def do_plan(self, args: list[str]) -> None:
+        budget = args[0] if args else self.cfg.budget.time
         if not budget:
             raise ConfigError("plan needs a budget: type plan 5m, or set budget.time first")
         config_lib.parse_duration(budget)
-        with_budget = config_lib.apply_overrides(cfg, [f"budget.time={budget}", "train.steps=0"])
-        plan(check(with_budget))
+        with_budget = config_lib.apply_overrides(self.cfg, [f"budget.time={budget}", "train.steps=0"])
+        self.plan(check(with_budget))
 
-    def do_save(args: list[str]) -> None:
-        nonlocal saved, warned_unsaved
+    def do_save(self, args: list[str]) -> None:
         if len(args) > 1:
             raise ConfigError("save takes one path (quote a path with spaces)")
-        path = Path(args[0]).expanduser() if args else source
+        path = Path(args[0]).expanduser() if args else self.source
         if path is None:
             raise ConfigError("save needs a path, e.g. save configs/mine.py or save mine.json")
-        if path.exists():
-            if read(f"{path} exists; overwrite it? [y/N] ").strip().lower() not in ("y", "yes"):
-                console.print("not saved")
-                return
-        save(cfg, path)
-        saved, warned_unsaved = config_lib.flatten(cfg), False
-        console.print(f"saved {escape(str(path))}; train with: just train config={escape(str(path))}"
-                      + ("" if cfg.budget.time or cfg.train.steps else " budget=5m"))
-
-    while True:
-        try:
-            line = read("configure> ").strip()
-        except EOFError:
-            console.print()
-            return cfg
-        except KeyboardInterrupt:  # Ctrl-C drops the line; quit or Ctrl-D leaves
-            console.print()
-            continue
-        if not line:
-            continue
-        try:
-            words = shlex.split(line)
-        except ValueError as e:
-            console.print(f"[red]refused:[/] {escape(str(e))} (quote values with spaces: data.corpus='my texts/*.txt')")
-            continue
-        command, args = words[0], words[1:]
-        try:
-            if command in ("quit", "q", "exit", "done"):
-                if guided or config_lib.flatten(cfg) == saved or warned_unsaved:
-                    return cfg
-                warned_unsaved = True
-                console.print("there are unsaved changes: save PATH keeps them, quit again discards them")
-            elif command in ("help", "?"):
-                console.print(commands(guided))
-            elif command in ("show", "table", "ls"):
-                if args and args[0] not in {key.split(".")[0] for key in KEYS}:
-                    raise ConfigError(f"no section '{args[0]}'; sections are model, train, data, budget")
-                console.print(table(cfg, args[0] if args else None, width=console.width))
-            elif command == "changed":
-                flat = config_lib.flatten(cfg)
-                rows = [f"{key} = {show_value(flat[key])} (default {show_value(DEFAULTS[key])})"
-                        for key in changed_keys(cfg)]
-                console.print("\n".join(rows) or "everything is at its default")
-            elif command == "reset":
-                if not args:
-                    raise ConfigError("reset needs a key, a row number or all")
-                keys = KEYS if args == ["all"] else [resolve(a) for a in args]
-                apply([(key, DEFAULTS[key]) for key in keys if key in changed_keys(cfg)])
-            elif command == "plan":
-                do_plan(args)
-            elif command == "save":
-                do_save(args)
-            elif all("=" in w for w in words):
-                apply([(resolve(w.split("=", 1)[0].strip()), w.split("=", 1)[1].strip()) for w in words])
-            elif command.isdigit() and not args:
-                ask_row(resolve(command))
-            else:
-                raise ConfigError(f"'{line}' is not a command; type a row number, key=value, or help")
-        except ConfigError as e:
-            console.print(f"[red]refused:[/] {escape(str(e))}")
-        except KeyboardInterrupt:
-            console.print("\n(cancelled)")
+        if path.exists() and self.read(f"{path} exists; overwrite it? [y/N] ").strip().lower() not in ("y", "yes"):
+            self.console.print("not saved")
+            return
+        save(self.cfg, path)
+        self.saved, self.warned_unsaved = config_lib.flatten(self.cfg), False
+        self.console.print(f"saved {escape(str(path))}; train with: just train config={escape(str(path))}"
+                           + ("" if self.cfg.budget.time or self.cfg.train.steps else " budget=5m"))
