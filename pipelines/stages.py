@@ -10,23 +10,34 @@ evaluation, the samples and the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
-import json
 import platform
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import ml_collections
 
+from pipelines.records import HELD_OUT, STAGE_NAMES, read_json, write_json
+from pipelines.report import write_report
 from pipelines.runner import Context, Stage
 from pufferfish_jax import config as config_lib
-from pufferfish_jax.config import ConfigError
+from pufferfish_jax import session
+from pufferfish_jax.budget.hardware import probe
+from pufferfish_jax.budget.planner import Plan
+from pufferfish_jax.data.corpora import corpus_fingerprint
+from pufferfish_jax.data.pipeline import load_split, prepare_data, tokenizer_for, unigram_bpb
+from pufferfish_jax.data.tokenizer import tokenizer_fingerprint
+from pufferfish_jax.display import console, plan_table
+from pufferfish_jax.errors import ConfigError
+from pufferfish_jax.generate import Sampling
+from pufferfish_jax.repl import write_continuation
+from pufferfish_jax.train import checkpoint
 
-STAGE_NAMES = ("corpus", "tokenizer", "tokens", "plan", "train", "evaluate", "sample", "report")
-HELD_OUT = "val"  # the eval set name for the training corpus's own held-out split
 TRAINING_KEYS = ("model", "train", "budget")
 # The mesh shape sets the global batch the planner picks; where process 0 listens does not.
 PLAN_KEYS = TRAINING_KEYS + ("mesh.data", "mesh.fsdp", "mesh.tensor")
@@ -66,26 +77,22 @@ def prompts(cfg: ml_collections.ConfigDict) -> list[str]:
     return [p for p in cfg.sample.prompts.split("|") if p.strip()]
 
 
-def sampling(cfg: ml_collections.ConfigDict):
-    """The sample section as the REPL's sampling settings (one validation, one generation path)."""
-    from pufferfish_jax.repl import Sampling
-
-    s = cfg.sample
-    return Sampling(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
-                    top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+def sampling(cfg: ml_collections.ConfigDict) -> Sampling:
+    """The sample section as sampling settings (one validation, one generation path); the
+    section's keys are Sampling's field names."""
+    fields = {f.name for f in dataclasses.fields(Sampling)}
+    return Sampling(**{k: v for k, v in cfg.sample.items() if k in fields and k != "prompts"})
 
 
 def check(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validates the pipeline, eval and sample sections (config.validate covers the rest)."""
-    from pufferfish_jax.repl import check_sampling
-
     stage_names(cfg)
     eval_sets(cfg)
     if not 0 < cfg.sample.max_new_tokens < cfg.model.seq_len:
         raise ConfigError(f"sample.max_new_tokens={cfg.sample.max_new_tokens} must be between 1 and "
                           f"model.seq_len - 1 ({cfg.model.seq_len - 1})")
     try:
-        check_sampling(sampling(cfg), cfg.model.seq_len)
+        sampling(cfg).check(cfg.model.seq_len)
     except ConfigError as e:
         raise ConfigError(f"sample section: {e}") from None
     if cfg.eval.max_chars < 0:
@@ -94,16 +101,10 @@ def check(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _console():
-    from pufferfish_jax.cli import console
-
-    return console
-
-
 @contextlib.contextmanager
 def _status(label: str) -> Iterator:
     """A spinner whose text the library's `log` callbacks update."""
-    with _console().status(label) as status:
+    with console.status(label) as status:
         yield lambda s: status.update(s)
 
 
@@ -111,17 +112,7 @@ def _cache(cfg: ml_collections.ConfigDict) -> Path:
     return config_lib.cache_dir(cfg)
 
 
-def _write_json(path: Path, record) -> None:
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(run_dir: Path, name: str):
-    return json.loads((run_dir / name).read_text())
-
-
 def _corpus_sources(cfg: ml_collections.ConfigDict) -> list:
-    from pufferfish_jax.data.corpora import corpus_fingerprint
-
     return [corpus_fingerprint(cfg.data.corpus), corpus_fingerprint(cfg.data.val_source) if cfg.data.val_source else ""]
 
 
@@ -133,18 +124,12 @@ def _tokenizer_sources(cfg: ml_collections.ConfigDict) -> list:
 
 
 def _eval_sources(cfg: ml_collections.ConfigDict) -> list:
-    from pufferfish_jax.data.corpora import corpus_fingerprint
-
     return [[name, source if source == HELD_OUT else corpus_fingerprint(source)] for name, source in eval_sets(cfg)]
 
 
-def _restore_trained(ctx: Context):
-    """(spec, state, tokenizer, resolved config) of the train stage's final checkpoint."""
-    from pufferfish_jax import cli
-
-    cli.setup_jax(_cache(ctx.cfg))
-    spec, state, tokenizer, saved, _ = cli.restore(ctx.run_dir / "train")
-    return spec, state, tokenizer, saved
+def _restore_trained(ctx: Context) -> session.Restored:
+    """The train stage's final checkpoint."""
+    return session.restore(ctx.run_dir / "train")
 
 
 def _cpu_name() -> str:
@@ -156,10 +141,6 @@ def _cpu_name() -> str:
 
 
 def _hardware() -> dict:
-    import jax
-
-    from pufferfish_jax.budget.hardware import probe
-
     return probe(measure=False).to_dict() | {
         "cpu": _cpu_name(), "python": sys.version.split()[0], "jax": jax.__version__,
         "jaxlib": getattr(jax.lib, "__version__", ""), "os": platform.platform()}
@@ -168,23 +149,18 @@ def _hardware() -> dict:
 # ----------------------------------------------------------------------------- stages
 def corpus(ctx: Context) -> dict:
     """Fetches the corpus (built-ins are downloaded once into the cache) and splits it."""
-    from pufferfish_jax.data.pipeline import load_split
-
     with _status("corpus: loading") as log:
         train_docs, val_docs = load_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
     record = {"corpus": ctx.cfg.data.corpus, "val_source": ctx.cfg.data.val_source or "a split of the corpus"}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         record |= {f"{split}_documents": len(docs), f"{split}_chars": sum(map(len, docs)),
                    f"{split}_bytes": sum(len(d.encode("utf-8")) for d in docs)}
-    _write_json(ctx.run_dir / "corpus.json", record)
+    write_json(ctx.run_dir / "corpus.json", record)
     return record
 
 
 def tokenizer(ctx: Context) -> dict:
     """The byte-level BPE trained on the training split (or data.tokenizer), as tokenizer.json."""
-    from pufferfish_jax.data.pipeline import load_split, tokenizer_for
-    from pufferfish_jax.data.tokenizer import tokenizer_fingerprint
-
     with _status("tokenizer: loading the training split") as log:
         train_docs, _ = load_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
         tok = tokenizer_for(ctx.cfg.data, train_docs, _cache(ctx.cfg), log=log)
@@ -195,8 +171,6 @@ def tokenizer(ctx: Context) -> dict:
 
 def tokens(ctx: Context) -> dict:
     """Token streams of both splits (cached by content) and the unigram baseline of the split."""
-    from pufferfish_jax.data.pipeline import prepare_data, unigram_bpb
-
     with _status("tokens: encoding") as log:
         data = prepare_data(ctx.cfg.data, _cache(ctx.cfg), log=log)
     record = {"train_tokens": int(data.train_tokens.size), "val_tokens": int(data.val_tokens.size),
@@ -204,20 +178,19 @@ def tokens(ctx: Context) -> dict:
               "bytes_per_token": data.train_bytes / max(data.train_tokens.size, 1),
               "unigram_bpb": unigram_bpb(data.train_tokens, data.val_tokens, data.val_bytes, data.vocab_size),
               "data_fingerprint": data.fingerprint}
-    _write_json(ctx.run_dir / "tokens.json", record)
+    write_json(ctx.run_dir / "tokens.json", record)
     return record
 
 
 def plan(ctx: Context) -> dict:
     """The planner's choice for the budget (or the fixed-steps plan), as the train command makes it."""
-    from pufferfish_jax import cli
-
-    _, chosen = cli.prepare(ctx.cfg, ctx.user_keys, ctx.started_at, cli.start_mesh(ctx.cfg))
-    _write_json(ctx.run_dir / "plan.json", chosen.to_dict())
+    with _status("plan: preparing") as log:
+        _, chosen = session.prepare(ctx.cfg, ctx.user_keys, ctx.started_at, session.start(ctx.cfg), log=log)
+    write_json(ctx.run_dir / "plan.json", chosen.to_dict())
     m = chosen.model
     budget = f" in a {chosen.budget_s:.0f}s budget" if chosen.budget_s else ""
-    _console().print(f"plan: {m['num_layers']} layers x d {m['d_model']}, batch {chosen.batch_size}, "
-                     f"{chosen.steps:,} steps{budget}", markup=False)
+    console.print(f"plan: {m['num_layers']} layers x d {m['d_model']}, batch {chosen.batch_size}, "
+                  f"{chosen.steps:,} steps{budget}", markup=False)
     return {"num_layers": m["num_layers"], "d_model": m["d_model"], "batch_size": chosen.batch_size,
             "steps": chosen.steps, "step_s": chosen.step_s}
 
@@ -225,10 +198,6 @@ def plan(ctx: Context) -> dict:
 def train(ctx: Context) -> dict:
     """`just train` with the plan stage's plan into <run_dir>/train; an unfinished one resumes
     from its newest checkpoint with what is left of its budget."""
-    from pufferfish_jax import cli
-    from pufferfish_jax.budget.planner import Plan
-    from pufferfish_jax.train import checkpoint
-
     chosen = Plan(**read_json(ctx.run_dir, "plan.json"))
     train_dir = Path(ctx.cfg.train.run_dir)
     resuming = bool(checkpoint.saved_steps(train_dir / "checkpoints"))
@@ -236,51 +205,38 @@ def train(ctx: Context) -> dict:
     started_at = ctx.started_at if resuming or "plan" in ctx.ran else time.time() - chosen.planning_s
     # Only training keys may differ from the interrupted attempt's (the fingerprint guarantees they don't).
     user_keys = {k for k in ctx.user_keys if k.split(".")[0] in TRAINING_KEYS + ("data",)}
-    if cli.train(ctx.cfg, user_keys, started_at, plan=chosen) == 130:
+    result = session.train(ctx.cfg, user_keys, started_at, session.start(ctx.cfg), plan=chosen,
+                           log=lambda s: console.print(s, style="dim", markup=False),
+                           on_plan=lambda p: console.print(plan_table(p)), display_console=console)
+    if result.interrupted:
         raise Interrupted(f"training stopped with a checkpoint in {train_dir}; rerun the same command to resume it")
-    _write_json(ctx.run_dir / "hardware.json", _hardware())
-    return json.loads((train_dir / "plan.json").read_text())["outcome"]
+    write_json(ctx.run_dir / "hardware.json", _hardware())
+    return read_json(train_dir, "outcome.json")
 
 
 def evaluate(ctx: Context) -> dict:
-    """Loss and bits per byte of the trained model on every eval set, with the unigram baseline
-    (training-split token frequencies, the same tokenizer) on the same text."""
-    from pufferfish_jax import sharding
-    from pufferfish_jax.data.corpora import load_documents
-    from pufferfish_jax.data.pipeline import encode_documents, prepare_data, unigram_bpb
-    from pufferfish_jax.train.evaluate import evaluate as evaluate_tokens
-    from pufferfish_jax.train.step import make_eval_step
-
-    spec, state, tok, saved = _restore_trained(ctx)
+    """Loss and bits per byte of the trained model on every eval set, against the one unigram
+    baseline (session.TextEval)."""
+    restored = _restore_trained(ctx)
     data = prepare_data(ctx.cfg.data, _cache(ctx.cfg))
-    mesh = sharding.single_device_mesh()  # where the restore put the params
-    eval_step = make_eval_step(spec, mesh)
     rows = []
     for name, source in eval_sets(ctx.cfg):
         with _status(f"evaluate: {name}") as log:
-            if source == HELD_OUT:
-                stream, num_bytes = data.val_tokens, data.val_bytes
-            else:
-                docs = load_documents(source, _cache(ctx.cfg), max_chars=ctx.cfg.eval.max_chars, log=log)
-                stream, num_bytes = encode_documents(tok, docs)
-            result = evaluate_tokens(eval_step, state.variables, stream, num_bytes, seq_len=spec.seq_len,
-                                     batch_size=saved.train.batch_size, mesh=mesh)
-        row = {"name": name, "source": source, "tokens": result.tokens, "bytes": int(num_bytes),
-               "val_loss": result.loss, "val_bpb": result.bpb,
-               "unigram_bpb": unigram_bpb(data.train_tokens, stream, num_bytes, spec.vocab_size)}
-        _console().print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte "
-                         f"(unigram {row['unigram_bpb']:.4f}) over {row['tokens']:,} tokens", markup=False)
+            result = session.evaluate_text(restored, source, train_tokens=data.train_tokens,
+                                           batch_size=restored.cfg.train.batch_size, max_chars=ctx.cfg.eval.max_chars,
+                                           val=data if source == HELD_OUT else None, log=log)
+        row = {"name": name} | result.to_dict()
+        console.print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte "
+                      f"(unigram {row['unigram_bpb']:.4f}) over {row['tokens']:,} tokens", markup=False)
         rows.append(row)
-    _write_json(ctx.run_dir / "eval.json", rows)
+    write_json(ctx.run_dir / "eval.json", rows)
     return {row["name"]: round(row["val_bpb"], 4) for row in rows}
 
 
 def sample(ctx: Context) -> dict:
     """Continues each prompt with the trained model, seeded."""
-    from pufferfish_jax.repl import write_continuation
-
-    spec, state, tok, _ = _restore_trained(ctx)
-    s = ctx.cfg.sample
+    restored = _restore_trained(ctx)
+    spec, state, tok = restored.spec, restored.state, restored.tokenizer
     samples = []
     for number, prompt in enumerate(prompts(ctx.cfg), 1):
         try:
@@ -289,17 +245,15 @@ def sample(ctx: Context) -> dict:
         except ConfigError as e:
             raise ConfigError(f"sample prompt {number}: {e} (sample.prompts, sample.max_new_tokens)") from None
         samples.append({"prompt": prompt, "continuation": tok.decode(new), "new_tokens": len(new)})
-        _console().print(f"sample {number}: {prompt}{samples[-1]['continuation']}", markup=False)
-    settings = {k: s[k] for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed")}
-    _write_json(ctx.run_dir / "samples.json", {"settings": settings, "samples": samples})
+        console.print(f"sample {number}: {prompt}{samples[-1]['continuation']}", markup=False)
+    settings = dataclasses.asdict(sampling(ctx.cfg))
+    write_json(ctx.run_dir / "samples.json", {"settings": settings, "samples": samples})
     return {"samples": len(samples)}
 
 
 def report(ctx: Context) -> dict:
-    from pipelines.report import write_report
-
     path = write_report(ctx.run_dir, ctx.cfg)
-    _console().print(f"report: {path}", markup=False)
+    console.print(f"report: {path}", markup=False)
     return {"report": str(path)}
 
 

@@ -20,8 +20,11 @@ from typing import Any, Iterable
 import ml_collections
 
 from pufferfish_jax.errors import ConfigError
+from pufferfish_jax.generate import Sampling
 from pufferfish_jax.model import spec as spec_lib
 from pufferfish_jax.model.spec import ModelSpec
+
+SAMPLING = Sampling()  # the sample section's defaults are generation's own
 
 SCHEMA: tuple[tuple[str, Any, str], ...] = (
     # model
@@ -99,12 +102,12 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("eval.sets", "val", "Texts the evaluate stage scores, comma-separated SOURCE or NAME=SOURCE: val (the held-out split), wiki | shakespeare | kjv, a file, folder, glob or hf:NAME[:split]."),
     ("eval.max_chars", 1_000_000, "Characters read from each eval set other than val (its first ones); 0 = all."),
     ("sample.prompts", "The history of|Once upon a time", "Prompts the sample stage continues, separated by |."),
-    ("sample.max_new_tokens", 100, "Tokens sampled per prompt (at most model.seq_len minus the prompt)."),
-    ("sample.min_new_tokens", 50, "The end-of-text token is not sampled before this many tokens."),
-    ("sample.temperature", 0.8, "Sampling temperature; 0 = greedy."),
-    ("sample.top_k", 50, "Sample among the k most likely tokens; 0 = all."),
-    ("sample.top_p", 0.95, "Sample from the smallest set of tokens holding this probability; 1 = all."),
-    ("sample.seed", 0, "Sampling seed: same seed and checkpoint, same samples."),
+    ("sample.max_new_tokens", SAMPLING.max_new_tokens, "Tokens sampled per prompt (at most model.seq_len minus the prompt)."),
+    ("sample.min_new_tokens", SAMPLING.min_new_tokens, "The end-of-text token is not sampled before this many tokens."),
+    ("sample.temperature", SAMPLING.temperature, "Sampling temperature; 0 = greedy."),
+    ("sample.top_k", SAMPLING.top_k, "Sample among the k most likely tokens; 0 = all."),
+    ("sample.top_p", SAMPLING.top_p, "Sample from the smallest set of tokens holding this probability; 1 = all."),
+    ("sample.seed", SAMPLING.seed, "Sampling seed: same seed and checkpoint, same samples."),
 )
 
 HELP: dict[str, str] = {key: text for key, _, text in SCHEMA}

@@ -16,12 +16,15 @@ it would alone.
 import itertools
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.attention import KVCache, init_cache
 from pufferfish_jax.model.moe import MOE_STATE
 from pufferfish_jax.model.transformer import Transformer
@@ -117,6 +120,61 @@ def decode_step(spec: ModelSpec, variables: dict, token_B: Array, cache: KVCache
 
 
 # request id -> on_token(row, token) callback, for the calls in flight.
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample a continuation: the one definition, used whole by the CLI, the REPL, the
+    pipeline's sample stage (its `sample` config section) and `generate`."""
+
+    max_new_tokens: int = 100
+    min_new_tokens: int = 50  # the end-of-text token is not sampled before this many tokens
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the prompt or output less likely
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"temp {self.temperature:g}, top-k {self.top_k or 'off'}, top-p {self.top_p:g}, "
+                f"repetition penalty {self.repetition_penalty:g}, "
+                f"max {self.max_new_tokens}, min {self.min_new_tokens}, seed {self.seed}")
+
+    def check(self, seq_len: int) -> "Sampling":
+        """Refuses settings generation would silently clamp or misread; returns self so calls chain."""
+        if not 0 < self.max_new_tokens < seq_len:
+            raise ConfigError(f"max new tokens {self.max_new_tokens} must be between 1 and {seq_len - 1} "
+                              f"(the model's context is {seq_len} tokens)")
+        if self.min_new_tokens < 0:
+            raise ConfigError(f"min new tokens {self.min_new_tokens} must be 0 or more")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature {self.temperature:g} must be 0 (greedy) or more")
+        if self.top_k < 0:
+            raise ConfigError(f"top-k {self.top_k} must be 0 (off) or more")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top-p {self.top_p:g} must be in (0, 1] (1 = off)")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition penalty {self.repetition_penalty:g} must be positive "
+                              "(1 = off, 1.1-1.3 is typical)")
+        return self
+
+
+class _Knobs(NamedTuple):
+    """The sampling settings as traced scalars: changing them never recompiles the decode loop."""
+
+    max_new_tokens: Array
+    min_new_tokens: Array
+    temperature: Array
+    top_k: Array
+    top_p: Array
+    repetition_penalty: Array
+
+    @classmethod
+    def of(cls, s: Sampling, max_new_tokens: int) -> "_Knobs":
+        return cls(jnp.int32(max_new_tokens), jnp.int32(s.min_new_tokens), jnp.float32(s.temperature),
+                   jnp.int32(s.top_k), jnp.float32(s.top_p), jnp.float32(s.repetition_penalty))
+
+
 _SINKS: dict[int, Callable[[int, int], None]] = {}
 _SINKS_LOCK = threading.Lock()
 _REQUEST_IDS = itertools.count()
@@ -129,8 +187,8 @@ def _deliver(request_id, tokens_B, active_B) -> None:
             sink(row, token)
 
 
-def _decode(spec: ModelSpec, stream: bool, variables, tokens_BP, start_B, longest, max_new_tokens, min_new_tokens,
-            temperature, top_k, top_p, repetition_penalty, rng, eos_id, request_id):
+def _decode(spec: ModelSpec, stream: bool, variables, tokens_BP, start_B, longest, knobs: _Knobs, rng, eos_id,
+            request_id):
     """Prefill the padded prompts and decode up to max_new_tokens per row; returns (tokens_BS, count_B).
 
     A row stops after its eos; the loop stops when every row has, or after max_new_tokens.
@@ -143,10 +201,11 @@ def _decode(spec: ModelSpec, stream: bool, variables, tokens_BP, start_B, longes
 
     def emit(i, logits_BV, state):
         done_B, seen_BV, out_BS, count_B = state
-        logits_BV = penalize_repeats(logits_BV.astype(jnp.float32), seen_BV, repetition_penalty)
-        too_early_V = (jnp.arange(V) == eos_id) & (i < min_new_tokens)
+        logits_BV = penalize_repeats(logits_BV.astype(jnp.float32), seen_BV, knobs.repetition_penalty)
+        too_early_V = (jnp.arange(V) == eos_id) & (i < knobs.min_new_tokens)
         logits_BV = jnp.where(too_early_V, -jnp.inf, logits_BV)
-        token_B = sample_logits(logits_BV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p)
+        token_B = sample_logits(logits_BV, jax.random.fold_in(rng, i), temperature=knobs.temperature,
+                                top_k=knobs.top_k, top_p=knobs.top_p)
         active_B = ~done_B
         if stream:
             io_callback(_deliver, None, request_id, token_B, active_B, ordered=True)
@@ -156,7 +215,7 @@ def _decode(spec: ModelSpec, stream: bool, variables, tokens_BP, start_B, longes
 
     def cond(carry):
         i, _, _, (done_B, *_) = carry
-        return (i < max_new_tokens) & ~jnp.all(done_B)
+        return (i < knobs.max_new_tokens) & ~jnp.all(done_B)
 
     def body(carry):
         i, token_B, cache, state = carry
@@ -178,11 +237,9 @@ def prompt_bucket(prompt_len: int, seq_len: int) -> int:
     return min(seq_len, max(MIN_BUCKET, 1 << (prompt_len - 1).bit_length()))
 
 
-def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int = 0,
-             eos_id: int | None = None, min_new_tokens: int = 0,
+def generate(spec: ModelSpec, params, prompt_ids: list[int], sampling: Sampling, *, eos_id: int | None = None,
              on_token: Callable[[int], None] | None = None, moe_state: dict | None = None) -> list[int]:
-    """Continue `prompt_ids` by up to `max_new_tokens` tokens and return the new tokens only.
+    """Continue `prompt_ids` by up to `sampling.max_new_tokens` tokens and return the new tokens only.
 
     Context limit: max_new_tokens is capped at spec.seq_len - 1, then the prompt keeps only its last
     spec.seq_len - max_new_tokens tokens, so the requested continuation length wins over old context.
@@ -193,15 +250,11 @@ def generate(spec: ModelSpec, params, prompt_ids: list[int], *, max_new_tokens: 
     A MoE model needs its `moe_state` (the routing biases: they choose the experts).
     """
     sink = None if on_token is None else (lambda row, token: on_token(token))
-    return generate_batch(spec, params, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id,
-                          min_new_tokens=min_new_tokens, on_token=sink, moe_state=moe_state)[0]
+    return generate_batch(spec, params, [prompt_ids], sampling, eos_id=eos_id, on_token=sink, moe_state=moe_state)[0]
 
 
-def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.8,
-                   top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int = 0,
-                   eos_id: int | None = None, min_new_tokens: int = 0,
-                   on_token: Callable[[int, int], None] | None = None,
+def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], sampling: Sampling, *,
+                   eos_id: int | None = None, on_token: Callable[[int, int], None] | None = None,
                    moe_state: dict | None = None) -> list[list[int]]:
     """`generate` for several prompts of any lengths at once, decoded together in one compiled loop.
 
@@ -211,11 +264,11 @@ def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], *, max_new
     """
     if not prompts or not all(prompts):
         raise ValueError("generate needs a non-empty prompt")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
+    if sampling.repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be positive, got {sampling.repetition_penalty}")
     if spec.moe is not None and moe_state is None:
         raise ValueError("a MoE model needs its moe_state (the routing biases) to generate")
-    max_new_tokens = min(max_new_tokens, spec.seq_len - 1)
+    max_new_tokens = min(sampling.max_new_tokens, spec.seq_len - 1)
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     prompts = [list(p)[-(spec.seq_len - max_new_tokens):] for p in prompts]
@@ -228,11 +281,9 @@ def generate_batch(spec: ModelSpec, params, prompts: list[list[int]], *, max_new
             _SINKS[request_id] = on_token
     try:
         out_BS, count_B = _decode_jit(
-            spec, on_token is not None, {"params": params, MOE_STATE: moe_state or {}}, jnp.asarray(tokens_BP), jnp.asarray(start_B), jnp.int32(longest),
-            jnp.int32(max_new_tokens), jnp.int32(min_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
-            jnp.float32(top_p), jnp.float32(repetition_penalty), jax.random.key(seed),
-            jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(request_id),
-        )
+            spec, on_token is not None, {"params": params, MOE_STATE: moe_state or {}}, jnp.asarray(tokens_BP),
+            jnp.asarray(start_B), jnp.int32(longest), _Knobs.of(sampling, max_new_tokens),
+            jax.random.key(sampling.seed), jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(request_id))
         out_BS, count_B = np.asarray(out_BS), np.asarray(count_B)
     finally:
         with _SINKS_LOCK:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pufferfish_jax import config as config_lib
-from pufferfish_jax.config import ConfigError
+from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.configure import edit, overrides
 from pufferfish_jax.prompting import enable_line_editing
 

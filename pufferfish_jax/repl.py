@@ -12,61 +12,24 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from rich.console import Console
 from rich.markup import escape
 
-from pufferfish_jax.config import ConfigError
+from pufferfish_jax.data.tokenizer import eos_id
+from pufferfish_jax.errors import ConfigError
+from pufferfish_jax.generate import Sampling, generate
 from pufferfish_jax.prompting import enable_line_editing
 
 # Model output may contain any byte; a terminal must not receive control sequences from it.
 _TERMINAL_UNSAFE = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
 
 
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 100
-    min_new_tokens: int = 50  # the end-of-text token is not sampled before this many tokens
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0  # > 1 makes tokens already in the prompt or output less likely
-    seed: int = 0
-
-    def describe(self) -> str:
-        return (f"temp {self.temperature:g}, top-k {self.top_k or 'off'}, top-p {self.top_p:g}, "
-                f"repetition penalty {self.repetition_penalty:g}, "
-                f"max {self.max_new_tokens}, min {self.min_new_tokens}, seed {self.seed}")
-
-
-def check_sampling(sampling: Sampling, seq_len: int) -> Sampling:
-    """Refuses settings generate() would silently clamp or misread; returns them so calls chain."""
-    if not 0 < sampling.max_new_tokens < seq_len:
-        raise ConfigError(f"max new tokens {sampling.max_new_tokens} must be between 1 and {seq_len - 1} "
-                          f"(the model's context is {seq_len} tokens)")
-    if sampling.min_new_tokens < 0:
-        raise ConfigError(f"min new tokens {sampling.min_new_tokens} must be 0 or more")
-    if sampling.temperature < 0:
-        raise ConfigError(f"temperature {sampling.temperature:g} must be 0 (greedy) or more")
-    if sampling.top_k < 0:
-        raise ConfigError(f"top-k {sampling.top_k} must be 0 (off) or more")
-    if not 0 < sampling.top_p <= 1:
-        raise ConfigError(f"top-p {sampling.top_p:g} must be in (0, 1] (1 = off)")
-    if sampling.repetition_penalty <= 0:
-        raise ConfigError(f"repetition penalty {sampling.repetition_penalty:g} must be positive "
-                          "(1 = off, 1.1-1.3 is typical)")
-    return sampling
-
-
 def write_continuation(spec, params, tokenizer, prompt: str, sampling: Sampling, *, moe_state: dict | None = None,
                        out: TextIO = sys.stdout, terminal: bool = False) -> list[int]:
     """Writes the prompt, then its continuation token by token as it is sampled; returns the new
     tokens. On a terminal, control characters in the model's output are shown as U+FFFD."""
-    from pufferfish_jax.data.tokenizer import eos_id
-    from pufferfish_jax.generate import generate
-
     eos = eos_id(tokenizer)
     ids = tokenizer.encode(prompt).ids or [eos]
     if len(ids) + sampling.max_new_tokens > spec.seq_len:
@@ -88,11 +51,7 @@ def write_continuation(spec, params, tokenizer, prompt: str, sampling: Sampling,
             shown = len(text)
 
     show(prompt)
-    generate(spec, params, ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-             top_k=sampling.top_k, top_p=sampling.top_p,
-             repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, eos_id=eos,
-             min_new_tokens=min(sampling.min_new_tokens, sampling.max_new_tokens), on_token=on_token,
-             moe_state=moe_state)
+    generate(spec, params, ids, sampling, eos_id=eos, on_token=on_token, moe_state=moe_state)
     show(tokenizer.decode(tokens)[shown:] + "\n")
     return tokens
 
@@ -134,7 +93,7 @@ def apply_command(line: str, sampling: Sampling, seq_len: int) -> Sampling:
         value = parse(args[0])
     except ValueError:
         raise ConfigError(f"{name} {args[0]}: expected {expected}") from None
-    return check_sampling(dataclasses.replace(sampling, **{field: value}), seq_len)
+    return dataclasses.replace(sampling, **{field: value}).check(seq_len)
 
 
 def run_repl(spec, params, tokenizer, sampling: Sampling, *, moe_state: dict | None = None, interactive: bool) -> int:

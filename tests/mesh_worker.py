@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from tokenizers import Tokenizer, models  # noqa: E402
 
 from pufferfish_jax import sharding  # noqa: E402
-from pufferfish_jax.cli import params_digest  # noqa: E402
+from pufferfish_jax.session import params_digest  # noqa: E402
 from pufferfish_jax.config import apply_overrides, defaults  # noqa: E402
 from pufferfish_jax.model.transformer import Transformer  # noqa: E402
 from pufferfish_jax.model.spec import ModelSpec

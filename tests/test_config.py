@@ -5,7 +5,8 @@ import json
 import pytest
 
 from pufferfish_jax import config as config_lib
-from pufferfish_jax.config import ConfigError, apply_overrides, defaults, parse_duration, validate
+from pufferfish_jax.config import apply_overrides, defaults, parse_duration, validate
+from pufferfish_jax.errors import ConfigError
 
 
 @pytest.mark.parametrize("text, seconds", [

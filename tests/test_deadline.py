@@ -3,7 +3,7 @@
 import pytest
 
 from pufferfish_jax.config import apply_overrides, defaults
-from pufferfish_jax.train.loop import refit_total_steps
+from pufferfish_jax.budget.deadline import refit_total_steps
 from pufferfish_jax.train.state import learning_rate
 
 

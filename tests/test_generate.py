@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import pufferfish_jax.generate as generate_mod
-from pufferfish_jax.generate import (decode_step, generate, generate_batch, pad_prompts, penalize_repeats, prefill,
-                                     sample_logits)
+from pufferfish_jax.generate import (Sampling, decode_step, generate, generate_batch, pad_prompts, penalize_repeats,
+                                     prefill, sample_logits)
 from pufferfish_jax.model.transformer import Transformer, init_variables
 from pufferfish_jax.model.spec import ModelSpec
 
@@ -27,7 +27,7 @@ def params():
 
 def test_greedy_matches_argmax_rollout(params):
     forward = jax.jit(lambda p, t: Transformer(SPEC).apply({"params": p}, t))
-    out = generate(SPEC, params, PROMPT, max_new_tokens=12, temperature=0.0)
+    out = generate(SPEC, params, PROMPT, Sampling(max_new_tokens=12, temperature=0.0, min_new_tokens=0))
     seq = list(PROMPT)
     for _ in range(12):  # causal model: logits at len(seq) - 1 ignore the zero padding after it
         logits = forward(params, jnp.asarray([seq + [0] * (SPEC.seq_len - len(seq))]))
@@ -37,7 +37,10 @@ def test_greedy_matches_argmax_rollout(params):
 
 
 def test_seeds(params):
-    sample = functools.partial(generate, SPEC, params, PROMPT, max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0)
+    def sample(seed: int) -> list[int]:
+        return generate(SPEC, params, PROMPT, Sampling(max_new_tokens=16, min_new_tokens=0, temperature=1.0, top_k=0,
+                                                       top_p=1.0, seed=seed))
+
     assert sample(seed=1) == sample(seed=1)
     assert sample(seed=1) != sample(seed=2)
 
@@ -75,26 +78,26 @@ def test_top_p_never_samples_outside_nucleus():
 
 def test_on_token_streams_exactly_the_returned_tokens(params):
     streamed = []
-    out = generate(SPEC, params, PROMPT, max_new_tokens=10, seed=3, on_token=streamed.append)
+    out = generate(SPEC, params, PROMPT, Sampling(max_new_tokens=10, seed=3, min_new_tokens=0), on_token=streamed.append)
     assert len(out) == 10
     assert streamed == out
 
 
 def test_stops_at_eos(params):
-    out = generate(SPEC, params, PROMPT, max_new_tokens=12, temperature=0.0)
+    out = generate(SPEC, params, PROMPT, Sampling(max_new_tokens=12, temperature=0.0, min_new_tokens=0))
     eos = out[4]
     streamed = []
-    stopped = generate(SPEC, params, PROMPT, max_new_tokens=12, temperature=0.0, eos_id=eos, on_token=streamed.append)
+    stopped = generate(SPEC, params, PROMPT, Sampling(max_new_tokens=12, temperature=0.0, min_new_tokens=0), eos_id=eos, on_token=streamed.append)
     assert stopped == out[: out.index(eos) + 1]
     assert streamed == stopped
 
 
 def test_long_prompt_is_truncated_from_the_left(params):
     long_prompt = list(range(1, 60))  # longer than seq_len
-    out = generate(SPEC, params, long_prompt, max_new_tokens=8, temperature=0.0)
-    assert out == generate(SPEC, params, long_prompt[-(SPEC.seq_len - 8):], max_new_tokens=8, temperature=0.0)
+    out = generate(SPEC, params, long_prompt, Sampling(max_new_tokens=8, temperature=0.0, min_new_tokens=0))
+    assert out == generate(SPEC, params, long_prompt[-(SPEC.seq_len - 8):], Sampling(max_new_tokens=8, temperature=0.0, min_new_tokens=0))
     assert len(out) == 8
-    assert len(generate(SPEC, params, PROMPT, max_new_tokens=1000, temperature=0.0)) == SPEC.seq_len - 1
+    assert len(generate(SPEC, params, PROMPT, Sampling(max_new_tokens=1000, temperature=0.0, min_new_tokens=0))) == SPEC.seq_len - 1
 
 
 def test_no_recompilation_within_a_bucket(params, monkeypatch):
@@ -102,19 +105,19 @@ def test_no_recompilation_within_a_bucket(params, monkeypatch):
     real_init_cache = generate_mod.init_cache
     monkeypatch.setattr(generate_mod, "init_cache", lambda *a, **k: traces.append(1) or real_init_cache(*a, **k))
     spec = dataclasses.replace(SPEC, seq_len=40)  # a spec no other test compiled
-    generate(spec, params, [1, 2, 3], max_new_tokens=5, temperature=0.0)
+    generate(spec, params, [1, 2, 3], Sampling(max_new_tokens=5, temperature=0.0, min_new_tokens=0))
     assert len(traces) == 1
-    generate(spec, params, list(range(1, 12)), max_new_tokens=9, temperature=0.7, top_k=3, seed=4)  # same bucket
+    generate(spec, params, list(range(1, 12)), Sampling(max_new_tokens=9, temperature=0.7, top_k=3, seed=4, min_new_tokens=0))  # same bucket
     assert len(traces) == 1
-    generate(spec, params, list(range(1, 20)), max_new_tokens=5)  # next bucket
+    generate(spec, params, list(range(1, 20)), Sampling(max_new_tokens=5, min_new_tokens=0))  # next bucket
     assert len(traces) == 2
 
 
 def test_eos_is_not_sampled_before_min_new_tokens(params):
-    out = generate(SPEC, params, PROMPT, max_new_tokens=12, temperature=0.0)
+    out = generate(SPEC, params, PROMPT, Sampling(max_new_tokens=12, temperature=0.0, min_new_tokens=0))
     eos = out[2]
     first = out.index(eos)
-    held = generate(SPEC, params, PROMPT, max_new_tokens=12, temperature=0.0, eos_id=eos, min_new_tokens=first + 2)
+    held = generate(SPEC, params, PROMPT, Sampling(max_new_tokens=12, temperature=0.0, min_new_tokens=first + 2), eos_id=eos)
     assert eos not in held[: first + 2]
     assert held[:first] == out[:first]  # identical until the point where eos was suppressed
     assert len(held) >= first + 2
@@ -147,15 +150,15 @@ def test_batched_cache_logits_equal_full_forward_at_every_position(params):
 
 def test_batch_rows_equal_their_own_generation(params):
     prompts = [PROMPT, [9, 2, 33, 7, 1, 60, 4, 4, 18, 25, 3], [11]]
-    alone = [generate(SPEC, params, p, max_new_tokens=8, temperature=0.0) for p in prompts]
+    alone = [generate(SPEC, params, p, Sampling(max_new_tokens=8, temperature=0.0, min_new_tokens=0)) for p in prompts]
     streamed = []
-    together = generate_batch(SPEC, params, prompts, max_new_tokens=8, temperature=0.0,
+    together = generate_batch(SPEC, params, prompts, Sampling(max_new_tokens=8, temperature=0.0, min_new_tokens=0),
                               on_token=lambda row, token: streamed.append((row, token)))
     assert together == alone
     assert [[t for r, t in streamed if r == row] for row in range(3)] == together
     # a row that reaches eos stops alone; the others go on
     eos = alone[0][2]
-    stopped = generate_batch(SPEC, params, prompts, max_new_tokens=8, temperature=0.0, eos_id=eos)
+    stopped = generate_batch(SPEC, params, prompts, Sampling(max_new_tokens=8, temperature=0.0, min_new_tokens=0), eos_id=eos)
     for row, out in zip(stopped, alone):
         assert row == (out[: out.index(eos) + 1] if eos in out else out)
 
@@ -176,6 +179,6 @@ def test_greedy_with_repetition_penalty_matches_penalized_rollout(params):
         seen = np.isin(np.arange(SPEC.vocab_size), seq)
         logits = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
         seq.append(int(np.argmax(logits)))
-    out = generate(SPEC, params, PROMPT, max_new_tokens=steps, temperature=0.0, repetition_penalty=penalty)
+    out = generate(SPEC, params, PROMPT, Sampling(max_new_tokens=steps, temperature=0.0, repetition_penalty=penalty, min_new_tokens=0))
     assert out == seq[len(PROMPT):]
-    assert out != generate(SPEC, params, PROMPT, max_new_tokens=steps, temperature=0.0)  # the penalty mattered
+    assert out != generate(SPEC, params, PROMPT, Sampling(max_new_tokens=steps, temperature=0.0, min_new_tokens=0))  # the penalty mattered

@@ -26,7 +26,7 @@ from pufferfish_jax.configure import KEYS
 from pufferfish_jax.data.tokenizer import train_tokenizer
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
-from pufferfish_jax.train.display import SPARK_LEVELS, History, TrainDisplay, moe_summary, sparkline
+from pufferfish_jax.display import SPARK_LEVELS, History, TrainDisplay, moe_summary, sparkline
 from pufferfish_jax.train.state import init_state, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,8 +24,9 @@ from test_planner import FakeCache
 
 from pufferfish_jax import sharding
 from pufferfish_jax.budget import planner
-from pufferfish_jax.cli import params_digest
-from pufferfish_jax.config import ConfigError, apply_overrides, defaults, validate
+from pufferfish_jax.session import params_digest
+from pufferfish_jax.config import apply_overrides, defaults, validate
+from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.data.pipeline import batch_at
 from pufferfish_jax.model.transformer import init_variables
 from pufferfish_jax.model.spec import ModelSpec

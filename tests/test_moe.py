@@ -17,9 +17,10 @@ from tokenizers import Tokenizer, models
 
 from pufferfish_jax.budget import planner
 from pufferfish_jax.budget.calibrate import family_key
-from pufferfish_jax.config import ConfigError, apply_overrides, defaults, validate
+from pufferfish_jax.config import apply_overrides, defaults, validate
+from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.spec import moe_layer_indices
-from pufferfish_jax.generate import generate
+from pufferfish_jax.generate import Sampling, generate
 from pufferfish_jax.model.moe import MOE_STATE, MOE_STATS, MoE, layer_stats, route, update_bias
 from pufferfish_jax.model.spec import MoESpec
 from pufferfish_jax.model.transformer import Transformer, count_params, flops_per_token, init_variables
@@ -248,7 +249,7 @@ def test_greedy_generation_uses_the_bias_and_matches_the_full_forward():
     params, moe_state = init_variables(spec, jax.random.key(0))
     moe_state = jax.tree.map(lambda b: jax.random.normal(jax.random.key(7), b.shape), moe_state)
     prompt = [5, 17, 3, 42, 8]
-    out = generate(spec, params, prompt, max_new_tokens=10, temperature=0.0, moe_state=moe_state)
+    out = generate(spec, params, prompt, Sampling(max_new_tokens=10, temperature=0.0, min_new_tokens=0), moe_state=moe_state)
     forward = jax.jit(lambda t: Transformer(spec).apply({"params": params, MOE_STATE: moe_state}, t))
     seq = list(prompt)
     for _ in range(10):
@@ -256,7 +257,7 @@ def test_greedy_generation_uses_the_bias_and_matches_the_full_forward():
         seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     assert out == seq[len(prompt):]
     with pytest.raises(ValueError, match="moe_state"):
-        generate(spec, params, prompt, max_new_tokens=3)
+        generate(spec, params, prompt, Sampling(max_new_tokens=3, min_new_tokens=0))
 
 
 # ---- load balance over a real run ---------------------------------------------------------------

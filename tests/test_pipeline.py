@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.__main__ import build, main
+from pipelines.command import build, main
+from pufferfish_jax import session
 from pipelines.runner import Context, StageFailed, fingerprints, load_manifest, run_stages
 from pipelines.stages import STAGE_NAMES, STAGES, Interrupted, stage_names
-from pufferfish_jax.data.corpora import DataError
+from pufferfish_jax.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the river ran past the old mill and the miller sang of bread and stone while children "
@@ -77,10 +78,8 @@ def _run(config, run_dir, *overrides, stages=STAGES):
 
 
 def _digest(train_dir):
-    from pufferfish_jax import cli
-
-    state = cli.restore(train_dir)[1]
-    return cli.params_digest(state.params, state.moe_state)
+    state = session.restore(train_dir).state
+    return session.params_digest(state.params, state.moe_state)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +137,7 @@ def test_report_contents_match_what_the_stages_measured(config, first):
         cells = [c.strip() for c in rows[r["name"]].strip("|").split("|")]
         assert cells[2:6] == [f"{r['tokens']:,}", f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r['unigram_bpb']:.4f}"]
     # The evaluate stage's held-out score is the training run's own final eval, recomputed.
-    outcome = json.loads((run_dir / "train" / "plan.json").read_text())["outcome"]
+    outcome = json.loads((run_dir / "train" / "outcome.json").read_text())
     assert evals[0]["val_bpb"] == pytest.approx(outcome["val_bpb"], rel=1e-5)
     assert f"{outcome['steps']:,}" in rows["steps"]
     for s in json.loads((run_dir / "samples.json").read_text())["samples"]:
@@ -192,7 +191,7 @@ def test_a_failed_middle_stage_is_where_the_next_run_starts(config, first, tmp_p
 
 @pytest.mark.slow
 def test_an_interrupted_train_stage_resumes_from_its_checkpoint(config, first, tmp_path, monkeypatch):
-    import pufferfish_jax.train.loop as loop
+    import pufferfish_jax.loop as loop
 
     run_dir = tmp_path / "run"
     real, calls = loop.learning_rate, []
@@ -211,7 +210,7 @@ def test_an_interrupted_train_stage_resumes_from_its_checkpoint(config, first, t
     assert any(p.name.isdigit() for p in (run_dir / "train" / "checkpoints").iterdir())
     monkeypatch.setattr(loop, "learning_rate", real)
     assert _run(config, run_dir) == {"train", "evaluate", "sample", "report"}
-    assert json.loads((run_dir / "train" / "plan.json").read_text())["outcome"]["steps"] == 12
+    assert json.loads((run_dir / "train" / "outcome.json").read_text())["steps"] == 12
     assert _digest(run_dir / "train") == _digest(first[0] / "train")  # as if never interrupted
 
 

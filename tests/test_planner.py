@@ -11,7 +11,8 @@ import pytest
 
 from pufferfish_jax.budget import planner
 from pufferfish_jax.budget.calibrate import TimeModel, flops_per_step
-from pufferfish_jax.config import ConfigError, apply_overrides, defaults
+from pufferfish_jax.config import apply_overrides, defaults
+from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.transformer import count_params, flops_per_token, init_variables
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train.state import abstract_state, make_optimizer

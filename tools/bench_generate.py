@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pufferfish_jax.generate import generate_batch  # noqa: E402
+from pufferfish_jax.generate import Sampling, generate_batch  # noqa: E402
 from pufferfish_jax.model.transformer import Transformer, init_variables  # noqa: E402
-from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.model.spec import ModelSpec  # noqa: E402
 
 
 def recompute_decoder(spec: ModelSpec):
@@ -86,7 +86,7 @@ def main() -> int:
     params = jax.jit(init_variables, static_argnums=0)(spec, jax.random.key(0))[0]
     prompts = np.random.default_rng(0).integers(1, args.vocab, (args.batch, args.prompt)).tolist()
 
-    cached_s, cached = timed(lambda: generate_batch(spec, params, prompts, max_new_tokens=args.new, temperature=0.0),
+    cached_s, cached = timed(lambda: generate_batch(spec, params, prompts, Sampling(max_new_tokens=args.new, temperature=0.0, min_new_tokens=0)),
                              args.reps)
     decode = recompute_decoder(spec)
     window_BW = jnp.zeros((args.batch, window), jnp.int32).at[:, : args.prompt].set(jnp.asarray(prompts, jnp.int32))

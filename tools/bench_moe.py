@@ -60,7 +60,7 @@ def run(name: str, overrides: list[str], args, out: Path) -> dict:
     loads = [v for k, v in train[-1].items() if k.startswith("moe.") and k.endswith(".max_load")] if train else []
     return dict(wall=wall, budget_s=plan["budget_s"], params=plan["params"], active=plan["active_params"],
                 tokens_per_s=float(np.median([r["tokens_per_s"] for r in train])) if train else float("nan"),
-                loads=loads, **plan["outcome"])
+                loads=loads, **json.loads((run_dir / "outcome.json").read_text()))
 
 
 def main() -> None:

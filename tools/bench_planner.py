@@ -37,7 +37,7 @@ def run(budget: str, planner: str, corpus: str, out: Path) -> dict:
         raise SystemExit(f"{budget} {planner} failed: {result.stderr.strip().splitlines()[-1]}")
     plan = json.loads((run_dir / "plan.json").read_text())
     return dict(budget=budget, planner=planner, wall=wall, budget_s=plan["budget_s"], model=plan["model"],
-                batch=plan["batch_size"], **plan["outcome"])
+                batch=plan["batch_size"], **json.loads((run_dir / "outcome.json").read_text()))
 
 
 def main() -> None:

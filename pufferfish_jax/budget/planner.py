@@ -32,8 +32,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
+from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement, flops_per_step
-from pufferfish_jax.config import MODEL_SHAPE_KEYS, ConfigError
+from pufferfish_jax.config import MODEL_SHAPE_KEYS
+from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import count_params, flops_per_token
 from pufferfish_jax.model.spec import ModelSpec
@@ -59,8 +61,6 @@ CRITICAL_BATCH_TOKENS_AT_1M = 2048
 MIN_STEPS = 20
 MAX_MEASUREMENTS = 5
 CONTENDERS = 2  # the leader and runner-up are measured before a plan is final
-EXIT_S = 1.0  # interpreter and Orbax teardown after the last save, measured at 0.6 s here
-SAVE_BYTES_PER_S = 200e6
 MEMORY_HEADROOM = 0.7  # plan to use at most this fraction of device memory
 # The white paper's tiers (its 3.1.2 and 3.1.3): (hours below, shape, dataset fraction).
 SEED_TIERS = (
@@ -153,11 +153,6 @@ def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int, mesh: tuple[
     return int(16 * count_params(spec) / (fsdp * tensor) + activations + logits)
 
 
-def save_seconds(spec: ModelSpec) -> float:
-    """Writing params and both Adam moments in float32, plus Orbax's fixed cost."""
-    return 0.5 + 3 * 4 * count_params(spec) / SAVE_BYTES_PER_S
-
-
 def effective_tokens(tokens: float, unique_tokens: float) -> float:
     """Tokens discounted for repetition: epochs past the first fade with half-life R*."""
     if tokens <= unique_tokens:
@@ -208,17 +203,12 @@ def seed_tier(budget_s: float) -> tuple[tuple[int, int, int, int], float]:
     return next((shape, fraction) for limit, shape, fraction in SEED_TIERS if hours < limit)
 
 
-def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: float, train_tokens: int,
-                val_tokens: int, cache: CalibrationCache, user_keys: set[str], memory_limit: int,
-                mesh: Mesh | None = None, log: Callable[[str], None] = lambda s: None,
-                clock: Callable[[], float] = time.time) -> Plan:
-    """Chooses the model, global batch and step count that fill the time left before `deadline`
-    on `mesh` (default: one device); `memory_limit` is one device's memory."""
-    mesh = mesh or sharding.single_device_mesh()
-    mesh_shape = sharding.shape_of(mesh)
-    dp = sharding.data_parallel_size(mesh)
-    subset_fraction = 1.0
-    batches = [cfg.train.batch_size]
+def _candidates(cfg: ml_collections.ConfigDict, user_keys: set[str], budget_s: float, mesh: Mesh,
+                memory_limit: int) -> tuple[list[tuple[ModelSpec, int]], float]:
+    """(spec, global batch) pairs to choose from that fit in memory, and the subset of the training
+    text the planner allows (the seed's tiers use a fraction of it)."""
+    mesh_shape, dp = sharding.shape_of(mesh), sharding.data_parallel_size(mesh)
+    subset_fraction, batches = 1.0, [cfg.train.batch_size]
     if cfg.budget.planner == "seed":
         shape, subset_fraction = seed_tier(budget_s)
         shapes = [spec_for(cfg, shape)]
@@ -240,62 +230,95 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
         return None
 
     pairs = [(s, b) for s in shapes for b in batches]
-    fits_memory = [(fit, b) for s, b in pairs if (fit := fitting(s, b)) is not None]
-    if not fits_memory:
+    fits = [(fit, b) for s, b in pairs if (fit := fitting(s, b)) is not None]
+    if not fits:
         need = memory_bytes(*pairs[0], cfg.train.grad_accum, mesh_shape)
         raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB, more than {MEMORY_HEADROOM:.0%} of this device's "
                           f"{memory_limit / 2**30:.1f} GiB; lower train.batch_size, raise train.grad_accum or set model.remat=full")
-    unique_tokens = train_tokens * subset_fraction
+    return fits, subset_fraction
 
-    def outlook(spec: ModelSpec, batch_size: int, step: Measurement) -> dict:
-        tokens_per_step = batch_size * spec.seq_len
-        eval_s = 2.5 * val_tokens * step.step_s / (3 * tokens_per_step)  # first + periodic + final evals
-        reserve = eval_s + save_seconds(spec) + EXIT_S + cfg.budget.margin * budget_s
-        train_s = deadline - clock() - step.compile_s - reserve
-        steps = max(0, math.floor(train_s / step.step_s))
-        tokens = steps * tokens_per_step
-        useful = effective_tokens(tokens, unique_tokens) * batch_efficiency(tokens_per_step, tokens)
-        return dict(steps=steps, train_s=train_s, reserve_s=reserve, tokens=tokens,
-                    loss=predicted_loss(count_params(spec), useful), ratio=tokens / count_params(spec, embedding=False))
 
-    def ranking(rows: list[dict]) -> list[int]:
-        """Feasible candidates, best first."""
-        feasible = [i for i, r in enumerate(rows) if r["steps"] >= MIN_STEPS and r["memory_bytes"] <= limit] or [0]
-        by_loss = sorted(feasible, key=lambda i: rows[i]["loss"])
-        if cfg.budget.tokens_per_param > 0:
-            enough = [i for i in feasible if rows[i]["ratio"] >= cfg.budget.tokens_per_param]
-            best = max(enough, key=lambda i: (rows[i]["non_embedding_params"], rows[i]["tokens"])) if enough else feasible[0]
-            return [best] + [i for i in by_loss if i != best]
-        return by_loss
+@dataclass(frozen=True)
+class _Budget:
+    """What every candidate is scored against: the time left and the data it can see."""
 
-    def score_all() -> list[dict]:
-        model = cache.time_model(fits_memory[0][0], cfg.train, mesh)
-        rows = []
-        for spec, batch in fits_memory:
-            measured = cache.cached(spec, cfg.train, batch, mesh)
-            timing = measured or model.predict(flops_per_step(spec, batch))
-            rows.append(dict(num_layers=spec.num_layers, d_model=spec.d_model, batch_size=batch, remat=spec.remat,
-                             non_embedding_params=count_params(spec, embedding=False), step_s=timing.step_s,
-                             measured=measured is not None, **outlook(spec, batch, timing),
-                             # the compiled executable's own figure, once measured, overrides the model
-                             memory_bytes=(measured and measured.memory_bytes) or memory_bytes(spec, batch, cfg.train.grad_accum, mesh_shape)))
-        return rows
+    budget_s: float
+    time_left_s: float
+    unique_tokens: float
+    val_tokens: int
+
+
+def _outlook(cfg: ml_collections.ConfigDict, spec: ModelSpec, batch_size: int, step: Measurement, b: _Budget) -> dict:
+    """Steps, tokens and predicted loss of one candidate in the time left."""
+    tokens_per_step = batch_size * spec.seq_len
+    eval_s_per_token = deadline_lib.eval_s_per_token_prior(step.step_s, tokens_per_step)
+    reserve = (deadline_lib.after_training_s(spec, eval_s_per_token=eval_s_per_token, val_tokens=b.val_tokens,
+                                         budget_s=b.budget_s, margin=cfg.budget.margin)
+               + deadline_lib.evals_during_training_s(eval_s_per_token=eval_s_per_token, eval_tokens=cfg.train.eval_tokens,
+                                                  val_tokens=b.val_tokens))
+    train_s = b.time_left_s - step.compile_s - reserve
+    steps = max(0, math.floor(train_s / step.step_s))
+    tokens = steps * tokens_per_step
+    useful = effective_tokens(tokens, b.unique_tokens) * batch_efficiency(tokens_per_step, tokens)
+    return dict(steps=steps, train_s=train_s, reserve_s=reserve, tokens=tokens,
+                loss=predicted_loss(count_params(spec), useful), ratio=tokens / count_params(spec, embedding=False))
+
+
+def _ranking(rows: list[dict], limit: float, tokens_per_param: float) -> list[int]:
+    """Feasible candidates, best first: lowest predicted loss, or with `tokens_per_param` > 0 the
+    largest model that still gets that many tokens per parameter."""
+    feasible = [i for i, r in enumerate(rows) if r["steps"] >= MIN_STEPS and r["memory_bytes"] <= limit] or [0]
+    by_loss = sorted(feasible, key=lambda i: rows[i]["loss"])
+    if tokens_per_param > 0:
+        enough = [i for i in feasible if rows[i]["ratio"] >= tokens_per_param]
+        best = max(enough, key=lambda i: (rows[i]["non_embedding_params"], rows[i]["tokens"])) if enough else feasible[0]
+        return [best] + [i for i in by_loss if i != best]
+    return by_loss
+
+
+def _score_all(cfg, candidates: list[tuple[ModelSpec, int]], cache: CalibrationCache, mesh: Mesh, b: _Budget) -> list[dict]:
+    """Every candidate scored, from its measurement where cached, else from the fitted time model."""
+    model = cache.time_model(candidates[0][0], cfg.train, mesh)
+    rows = []
+    for spec, batch in candidates:
+        measured = cache.cached(spec, cfg.train, batch, mesh)
+        timing = measured or model.predict(flops_per_step(spec, batch))
+        rows.append(dict(num_layers=spec.num_layers, d_model=spec.d_model, batch_size=batch, remat=spec.remat,
+                         non_embedding_params=count_params(spec, embedding=False), step_s=timing.step_s,
+                         measured=measured is not None, **_outlook(cfg, spec, batch, timing, b),
+                         # the compiled executable's own figure, once measured, overrides the model
+                         memory_bytes=(measured and measured.memory_bytes)
+                         or memory_bytes(spec, batch, cfg.train.grad_accum, sharding.shape_of(mesh))))
+    return rows
+
+
+def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: float, train_tokens: int,
+                val_tokens: int, cache: CalibrationCache, user_keys: set[str], memory_limit: int,
+                mesh: Mesh | None = None, log: Callable[[str], None] = lambda s: None,
+                clock: Callable[[], float] = time.time) -> Plan:
+    """Chooses the model, global batch and step count that fill the time left before `deadline`
+    on `mesh` (default: one device); `memory_limit` is one device's memory."""
+    mesh = mesh or sharding.single_device_mesh()
+    candidates, subset_fraction = _candidates(cfg, user_keys, budget_s, mesh, memory_limit)
+    limit = MEMORY_HEADROOM * memory_limit
+
+    def budget() -> _Budget:
+        return _Budget(budget_s, deadline - clock(), train_tokens * subset_fraction, val_tokens)
 
     # Measure until the leader and its runner-up are both measured, not predicted: a candidate the
     # time model wrongly thinks slow would otherwise never get the chance to win. Each measurement
     # costs a compile, so short budgets get fewer.
     for _ in range(min(MAX_MEASUREMENTS, max(2, int(budget_s // 60)))):
-        rows = score_all()
-        unmeasured = [i for i in ranking(rows)[:CONTENDERS] if not rows[i]["measured"]]
+        rows = _score_all(cfg, candidates, cache, mesh, budget())
+        unmeasured = [i for i in _ranking(rows, limit, cfg.budget.tokens_per_param)[:CONTENDERS] if not rows[i]["measured"]]
         if not unmeasured:
             break
-        spec, batch = fits_memory[unmeasured[0]]
+        spec, batch = candidates[unmeasured[0]]
         cache.get(spec, cfg.train, batch, mesh, log=log)
-    rows = score_all()
-    index = ranking(rows)[0]
-    choice, batch = fits_memory[index]
+    rows = _score_all(cfg, candidates, cache, mesh, budget())
+    choice, batch = candidates[_ranking(rows, limit, cfg.budget.tokens_per_param)[0]]
     measured = cache.get(choice, cfg.train, batch, mesh, log=log)
-    final = outlook(choice, batch, measured)
+    final = _outlook(cfg, choice, batch, measured, budget())
     if final["steps"] < MIN_STEPS:
         # what the non-training parts took, plus 20 steps, with a quarter more for their variance
         need = math.ceil(1.25 * (budget_s - final["train_s"] + MIN_STEPS * measured.step_s))
@@ -304,7 +327,8 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
     return _plan(cfg, choice, batch, "budget", cfg.budget.planner, final["steps"], train_tokens, subset_fraction,
                  step_s=measured.step_s, compile_s=measured.compile_s, reserve_s=final["reserve_s"],
                  train_s=final["train_s"], budget_s=budget_s, planning_s=budget_s - (deadline - clock()),
-                 predicted_loss=final["loss"], candidates=rows if len(rows) > 1 else [], mesh=list(mesh_shape))
+                 predicted_loss=final["loss"], candidates=rows if len(rows) > 1 else [],
+                 mesh=list(sharding.shape_of(mesh)))
 
 
 def apply_plan(cfg: ml_collections.ConfigDict, plan: Plan) -> ml_collections.ConfigDict:

@@ -1,2 +1,3 @@
-"""The Llama-style decoder: building blocks (`layers`), attention and its KV cache (`attention`),
-and the assembled `Transformer` with its spec, parameter count and FLOP model (`transformer`)."""
+"""The Llama-style decoder: what a model is (`spec`), its building blocks (`layers`), attention and
+its KV cache (`attention`), mixture of experts (`moe`), and the assembled `Transformer` with its
+parameter count and FLOP model (`transformer`)."""

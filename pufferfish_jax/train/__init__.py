@@ -1,1 +1,2 @@
-"""Training: optimizer state, the pure jitted step, checkpoints, metrics and the deadline-driven loop."""
+"""Training's bottom layer: optimizer state, the pure jitted step, checkpoints, evaluation and
+metrics. It imports no planner; the deadline-driven loop above it is `pufferfish_jax.loop`."""

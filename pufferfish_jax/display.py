@@ -24,6 +24,11 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+# The terminal faces' output: results on stdout, errors and warnings on stderr; no markup
+# highlighting of numbers (a run's figures must read the same on a terminal and in a log).
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 40
 REDRAW_S = 0.25
@@ -224,3 +229,33 @@ class TrainDisplay:
         if self._moe:
             grid.add_row("moe", "\n".join(moe_summary(self._moe)))
         return grid
+
+
+def plan_table(plan) -> Table:
+    """The plan as the train and plan commands show it."""
+    table = Table(title="plan", show_header=False, title_justify="left")
+    m = plan.model
+    rows = [
+        ("model", f"{m['num_layers']} layers, d {m['d_model']}, {m['num_heads']} heads ({m['num_kv_heads']} kv), "
+                  f"vocab {m['vocab_size']}, {m['dtype']}, remat {m['remat']}"),
+        ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding"
+                   + (f", {plan.active_params:,} active per token)" if 0 < plan.active_params < plan.params else ")")),
+        ("batch", f"{plan.batch_size} x {plan.seq_len} tokens"),
+        ("mesh", "data {} x fsdp {} x tensor {}".format(*plan.mesh)),
+        ("steps", f"{plan.steps:,}" + (" (re-fitted to the clock as the run goes)" if plan.mode == "budget" else "")),
+        ("tokens", f"{plan.tokens:,} ({plan.epochs:.2f} epochs of "
+                   f"{'all' if plan.subset_fraction >= 1 else f'a {plan.subset_fraction:.0%} subset of'} the training text, "
+                   f"{plan.tokens_per_param:.1f} per non-embedding param)"),
+        ("memory", f"{plan.predicted_memory_bytes / 2**20:,.0f} MiB predicted peak per device"),
+    ]
+    if plan.mode == "budget":
+        rows += [
+            ("step time", f"{plan.step_s * 1000:.0f} ms measured ({plan.batch_size * plan.seq_len / plan.step_s:,.0f} tokens/s)"),
+            ("time", f"budget {plan.budget_s:.0f}s = {plan.planning_s:.0f}s data+planning + {plan.compile_s:.0f}s compile "
+                     f"+ {plan.train_s:.0f}s training + {plan.reserve_s:.0f}s evals, save and margin"),
+            ("planner", plan.planner + (f" (chose among {len(plan.candidates)} shapes by predicted loss)"
+                                        if plan.candidates else "")),
+        ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,55 @@
+"""The one owner of time around training: what is reserved after it, and how many steps fit.
+
+The planner asks these questions before any step has run (with a prior for the eval speed, taken
+from the measured step time), and the loop asks them again every step with what it measured.
+Keeping both on the same functions means the plan's promise and the loop's control law cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.model.transformer import count_params
+
+PERIODIC_EVALS = 6  # validation evals during a run whose train.eval_every is 0
+EXIT_S = 1.0  # interpreter and Orbax teardown after the last save (0.6 s measured on a 2-core CPU)
+SAVE_BYTES_PER_S = 200e6  # checkpoint write rate assumed for the final save
+FINAL_EVAL_SLACK = 1.3  # the final eval reads the whole held-out split; its speed varies by this much
+
+
+def save_seconds(spec: ModelSpec) -> float:
+    """Writing params and both Adam moments in float32, plus Orbax's fixed cost."""
+    return 0.5 + 3 * 4 * count_params(spec) / SAVE_BYTES_PER_S
+
+
+def eval_s_per_token_prior(step_s: float, tokens_per_step: int) -> float:
+    """Eval seconds per token before any eval has been timed: a forward pass is about a third of
+    a training step (forward + backward at twice the forward's FLOPs)."""
+    return step_s / (3 * tokens_per_step)
+
+
+def after_training_s(spec: ModelSpec, *, eval_s_per_token: float, val_tokens: int, budget_s: float,
+                     margin: float) -> float:
+    """Seconds kept after the last training step: the final eval over the whole held-out split,
+    the final checkpoint, the interpreter's exit, and the safety margin (a fraction of the budget)."""
+    final_eval_s = FINAL_EVAL_SLACK * eval_s_per_token * val_tokens
+    return final_eval_s + save_seconds(spec) + EXIT_S + margin * budget_s
+
+
+def evals_during_training_s(*, eval_s_per_token: float, eval_tokens: int, val_tokens: int) -> float:
+    """The first (untrained) eval and the periodic ones, each over at most `eval_tokens`."""
+    return (1 + PERIODIC_EVALS) * eval_s_per_token * min(eval_tokens or val_tokens, val_tokens)
+
+
+def refit_total_steps(step: int, total: int, *, now: float, train_end: float, step_s: float,
+                      eval_every: int, eval_s: float, in_flight: int = 0) -> int:
+    """The step count that ends training by `train_end`, given the measured step time and the
+    periodic evals the remaining steps will trigger. Called every step: the schedule follows it.
+
+    `step` counts dispatched steps; `in_flight` of them may still be running on the device (the
+    loop reads metrics one step late), and their time is spent before any new step starts.
+    """
+    evals_left = max(0, (total - step) // eval_every)
+    return step + max(0, math.floor((train_end - evals_left * eval_s - now) / step_s) - in_flight)
