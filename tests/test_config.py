@@ -83,11 +83,3 @@ def test_python_config_files_load():
     for path in sorted((Path(__file__).parent.parent / "configs").glob("*.py")):
         cfg = config_lib.load_file(path)
         assert set(config_lib.flatten(cfg)) == set(config_lib.HELP)
-
-
-def test_readme_documents_every_key():
-    from pathlib import Path
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [key for key in config_lib.HELP if f"`{key}`" not in readme]
-    assert not missing, f"README lacks {missing}"
