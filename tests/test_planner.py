@@ -102,6 +102,65 @@ def test_only_a_few_shapes_are_measured():
     assert 1 <= len(cache.measured) <= planner.MAX_MEASUREMENTS + 1
 
 
+class DtypeCache(FakeCache):
+    """A machine whose float32 steps take `fp32_over_bf16` times the bfloat16 ones, and whose
+    every measurement costs `compile_s` of a shared fake clock."""
+
+    def __init__(self, fp32_over_bf16: float, clock: list, compile_s: float = 3.0):
+        super().__init__(compile_s=compile_s)
+        self.ratio, self.clock, self.compile_s = fp32_over_bf16, clock, compile_s
+
+    def _timing(self, spec, batch_size):
+        base = self.model.predict(flops_per_step(spec, batch_size))
+        scale = self.ratio if spec.dtype == "float32" else 1.0
+        return planner.Measurement(compile_s=base.compile_s, step_s=base.step_s * scale, cold_compile_s=self.compile_s)
+
+    def time_model(self, spec, train_cfg, mesh):
+        scale = self.ratio if spec.dtype == "float32" else 1.0
+        return TimeModel(self.model.overhead_s * scale, self.model.s_per_flop * scale, self.model.compile_s)
+
+    def get(self, spec, train_cfg, batch_size, mesh, log=None):
+        if (spec, batch_size) not in self.measured:
+            self.clock[0] += self.compile_s
+        return self.measured.setdefault((spec, batch_size), self._timing(spec, batch_size))
+
+
+def _dtype_plan(budget_s, cache, clock, user_keys=(), **overrides):
+    cfg = apply_overrides(defaults(), [f"budget={budget_s}s", "model.vocab_size=8192",
+                                       *[f"{k}={v}" for k, v in overrides.items()]])
+    return planner.budget_plan(cfg, budget_s=budget_s, deadline=clock[0] + budget_s, train_tokens=1_200_000,
+                               val_tokens=14_000, cache=cache, user_keys=set(user_keys),
+                               memory_limit=24 * 2**30, clock=lambda: clock[0])
+
+
+@pytest.mark.parametrize("fp32_over_bf16, expected", [(0.7, "float32"), (1.6, "bfloat16")])
+def test_cpu_plan_computes_in_the_faster_dtype(fp32_over_bf16, expected):
+    clock = [1000.0]
+    plan = _dtype_plan(300, DtypeCache(fp32_over_bf16, clock), clock)
+    assert plan.model["dtype"] == expected
+    assert {c["dtype"] for c in plan.candidates} == {"bfloat16", "float32"}
+
+
+def test_a_dtype_the_user_set_is_kept():
+    clock = [1000.0]
+    plan = _dtype_plan(300, DtypeCache(0.5, clock), clock, user_keys={"model.dtype"}, **{"model.dtype": "bfloat16"})
+    assert plan.model["dtype"] == "bfloat16" and {c["dtype"] for c in plan.candidates} == {"bfloat16"}
+
+
+@pytest.mark.parametrize("compile_s, budget_s, most", [(10.0, 120, 1), (10.0, 300, 2), (1.0, 600, planner.MAX_MEASUREMENTS)])
+def test_measurements_stop_when_the_planning_allowance_is_spent(compile_s, budget_s, most):
+    """The first measurement is always taken; each further one only while its compile still fits
+    in PLANNING_SHARE of the budget; the plan then rests on a measured candidate."""
+    clock = [1000.0]
+    cache = DtypeCache(1.0, clock, compile_s=compile_s)
+    plan = _dtype_plan(budget_s, cache, clock)
+    assert 1 <= len(cache.measured) <= most
+    assert plan.measuring_s == pytest.approx(compile_s * len(cache.measured))
+    chosen = next(c for c in plan.candidates if c["num_layers"] == plan.model["num_layers"] and c["d_model"] ==
+                  plan.model["d_model"] and c["batch_size"] == plan.batch_size and c["dtype"] == plan.model["dtype"])
+    assert chosen["measured"]
+
+
 def test_tokens_per_param_rule():
     plan = _plan(3600, FakeCache(rate=2e12), **{"budget.tokens_per_param": 20.0})
     assert plan.tokens_per_param >= 20.0
