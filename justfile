@@ -32,7 +32,7 @@ eval *ARGS:
 test *ARGS:
     python -m pytest -q tests "$@"
 
-# Describe this machine: devices, memory, cores, data-sheet and measured matmul FLOP/s.
+# Describe this machine: devices, memory, cores, CPU model and SIMD features, matmul peak per dtype and the best.
 hardware:
     python -m pufferfish_jax hardware
 

@@ -187,7 +187,8 @@ def _hardware(hw: dict) -> list[str]:
     lines += _table(["", ""], [
         ["devices", f"{hw['device_count']} x {hw['platform']} ({hw['device_kind']})"],
         ["memory", f"{hw['memory_bytes'] / 2**30:.1f} GiB per device" + (" (host RAM)" if hw["platform"] == "cpu" else "")],
-        ["host", f"{hw['cpu']}, {hw['host_cores']} cores"],
+        ["host", f"{hw['cpu']}" + (f" ({' '.join(hw['cpu_features'])})" if hw.get("cpu_features") else "")
+                 + f", {hw['host_cores']} cores"],
         ["software", f"Python {hw['python']}, JAX {hw['jax']}, {hw['os']}"],
     ])
     return lines

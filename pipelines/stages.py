@@ -132,17 +132,10 @@ def _restore_trained(ctx: Context) -> session.Restored:
     return session.restore(ctx.run_dir / "train")
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _hardware() -> dict:
-    return probe(measure=False).to_dict() | {
-        "cpu": _cpu_name(), "python": sys.version.split()[0], "jax": jax.__version__,
+    hw = probe(measure=False).to_dict()
+    return hw | {
+        "cpu": hw["cpu_model"], "python": sys.version.split()[0], "jax": jax.__version__,
         "jaxlib": getattr(jax.lib, "__version__", ""), "os": platform.platform()}
 
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from pufferfish_jax import config as config_lib
 from pufferfish_jax import guided, session, sharding
-from pufferfish_jax.budget.hardware import probe
+from pufferfish_jax.budget.hardware import CpuInfo, best_peak, probe
 from pufferfish_jax.configure import check, commands, edit, overrides
 from pufferfish_jax.display import console, err_console, plan_table
 from pufferfish_jax.errors import ConfigError, UserError
@@ -35,7 +35,7 @@ COMMANDS = {
     "generate": "continue a prompt with a run dir or checkpoint; no prompt: the REPL",
     "eval": "loss and bits per byte of a checkpoint on any text (--data)",
     "inspect": "what a run dir or checkpoint holds (--digest: SHA-256 of the parameters)",
-    "hardware": "devices, memory, cores and measured matmul FLOP/s of this machine",
+    "hardware": "devices, memory, CPU and cores, and each dtype's matmul peak on this machine",
     "configure": "edit a config in a table and save it for train config=FILE",
 }
 
@@ -147,12 +147,15 @@ def cmd_hardware(argv: list[str]) -> int:
     hw = probe()
     table = Table(title="hardware", show_header=False, title_justify="left")
     table.add_row("platform", f"{hw.platform} ({hw.device_kind}) x {hw.device_count}")
+    table.add_row("cpu", CpuInfo(hw.cpu_model, hw.cpu_features).describe())
     table.add_row("memory", f"{hw.memory_bytes / 2**30:.1f} GiB per device" + (" (host RAM)" if hw.platform == "cpu" else ""))
     table.add_row("host cores", str(hw.host_cores))
-    for dtype, peak in (("bfloat16", hw.peak_flops_bf16), ("float32", hw.peak_flops_fp32)):
+    for dtype, peak in (("float32", hw.peak_flops_fp32), ("bfloat16", hw.peak_flops_bf16)):
         measured = hw.measured_flops_bf16 if dtype == "bfloat16" else hw.measured_flops_fp32
-        table.add_row(f"{dtype} matmul", f"{measured / 1e9:,.0f} GFLOP/s measured"
-                      + (f", {peak / 1e12:,.0f} TFLOP/s peak (data sheet)" if peak else ", no data-sheet peak: MFU uses the measured rate"))
+        table.add_row(f"{dtype} matmul", f"{measured / 1e9:,.0f} GFLOP/s peak measured per device"
+                      + (f", {peak / 1e12:,.0f} TFLOP/s peak (data sheet)" if peak else ""))
+    dtype, best = best_peak(hw.peaks())
+    table.add_row("best", f"{dtype}: {best / 1e12:,.3g} TFLOP/s per device (the training dashboard's MFU denominator)")
     console.print(table)
     return 0
 

@@ -127,7 +127,8 @@ class TrainDisplay:
     """Progress of one training attempt; `deadline` None means a fixed-step run.
 
     `flops_per_token` (model/transformer.py) times tokens/s over `peak_flops` (all devices;
-    budget/calibrate.py's peak_flops, with `peak_source` saying where it comes from) is the MFU.
+    budget/calibrate.py's peak_flops: the machine's best peak over dtypes, whatever the run's
+    dtype, with `peak_source` saying what it is, e.g. "best measured matmul, float32") is the MFU.
     """
 
     def __init__(self, console: Console, total_steps: int, started_at: float, deadline: float | None, every: int, *,

@@ -201,8 +201,9 @@ def _correct_calibration(cfg: ml_collections.ConfigDict, plan: Plan, outcome: lo
 
 
 def _peak_flops(cfg: ml_collections.ConfigDict) -> tuple[float, str]:
-    """The MFU denominator for the dashboard and where it comes from."""
-    return CalibrationCache(config_lib.cache_dir(cfg)).peak_flops(cfg.model.dtype)
+    """The MFU denominator for the dashboard and what it is: the machine's best peak over dtypes,
+    whatever dtype the run computes in."""
+    return CalibrationCache(config_lib.cache_dir(cfg)).peak_flops()
 
 
 def _finish(run_dir: Path, plan: Plan, outcome: loop.Outcome, *, wall_s: float) -> RunResult:

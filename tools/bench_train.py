@@ -87,9 +87,19 @@ def batches(shape, vocab: int, count: int, seed: int = 0) -> np.ndarray:
 
 
 def worker_peak(args) -> dict:
+    """The probe `just hardware` and the training dashboard use (hardware.matmul_rate, same
+    sizes and time), so the peaks here are theirs."""
     from pufferfish_jax.budget.hardware import matmul_rate
 
-    return {"fp32": matmul_rate("float32", seconds=1.0), "bf16": matmul_rate("bfloat16", seconds=1.0)}
+    return {"fp32": matmul_rate("float32"), "bf16": matmul_rate("bfloat16")}
+
+
+def describe_cpu() -> str:
+    """The host CPU's model and the SIMD features that set matmul speed (bf16 is emulated, slower
+    than fp32, without AVX512_BF16 or ARM bf16), so results from different CPUs are not mixed up."""
+    from pufferfish_jax.budget.hardware import cpu_info
+
+    return cpu_info().describe()
 
 
 def worker_ours(args) -> dict:
@@ -300,12 +310,16 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    cpu = describe_cpu()
+    if not args.report:  # a report prints the CPU its --json file recorded
+        print(f"cpu: {cpu}", flush=True)
     if importlib.util.find_spec("torch") is None and not args.report:
         raise SystemExit("bench_train needs PyTorch for the baseline: pip install torch==2.13.0 (CPU build; benchmark only)")
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     if args.report:
         saved = json.loads(Path(args.report).read_text())
-        return report(saved["runs"], shapes, saved["peak"], args)
+        print(f"cpu: {saved.get('cpu', 'not recorded in ' + args.report)}")
+        return report(saved["runs"], shapes, saved["peak"], args, saved.get("cpu", ""))
     common = dict(vocab=args.vocab, steps=args.steps, warmup=args.warmup)
     runs: dict = {}
     peaks = []
@@ -324,10 +338,10 @@ def main() -> None:
                         spawn(kind, shape=key, dtype=dtype, **common, **io))
     # The peak is the best the machine showed: load from other jobs only ever lowers a probe.
     peak = {dtype: max(p[dtype] for p in peaks) for dtype in ("fp32", "bf16")}
-    report(runs, shapes, peak, args)
+    report(runs, shapes, peak, args, cpu)
 
 
-def report(runs: dict, shapes, peak: dict, args) -> None:
+def report(runs: dict, shapes, peak: dict, args, cpu: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -373,13 +387,13 @@ def report(runs: dict, shapes, peak: dict, args) -> None:
         table.add_row(*row)
     Console(highlight=False, width=160).print(table)
     if args.markdown:
-        print(f"\n{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        print(f"\ncpu: {cpu}\n\n{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
         for row in rows:
             print("| " + " | ".join(row) + " |")
     print("MFU: achieved FLOP/s over the highest matmul rate measured in this run in the run's precision "
           "(bf16 inputs with fp32 accumulation for bf16 runs); loss@N: mean of the last 3 step losses.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak": peak, "runs": runs, "summary": summary}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": cpu, "peak": peak, "runs": runs, "summary": summary}, indent=1))
     if failures:
         raise SystemExit("FAILED: " + "; ".join(failures))
 

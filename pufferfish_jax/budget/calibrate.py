@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
-from pufferfish_jax.budget.hardware import matmul_rate, probe
+from pufferfish_jax.budget.hardware import cpu_info, matmul_rate, probe
 from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import flops_per_token
 from pufferfish_jax.model.spec import DTYPES, ModelSpec
@@ -66,9 +66,12 @@ class TimeModel:
 
 
 def machine_key() -> str:
-    device = jax.devices()[0]
+    """What a timing is only valid on: the devices, the host's cores, the CPU's model and SIMD
+    features (an AVX2-only CPU emulates the bf16 matmuls that AVX512_BF16 runs at twice the
+    float32 rate, so timings never carry from one CPU class to another) and the versions."""
+    device, cpu = jax.devices()[0], cpu_info()
     return (f"{device.platform}:{device.device_kind}:{jax.device_count()}x:{os.cpu_count()}cpu:"
-            f"jax{jax.__version__}:jaxlib{jaxlib.__version__}")
+            f"{cpu.model}:{'+'.join(cpu.features)}:jax{jax.__version__}:jaxlib{jaxlib.__version__}")
 
 
 def family_key(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
@@ -163,21 +166,24 @@ class CalibrationCache:
         os.replace(tmp, self._path)
 
     def matmul_rate(self, dtype: str) -> float:
-        rates = self._section("matmul")
+        """hardware.matmul_rate for one device, measured once per machine. Its own section name:
+        the "matmul" section of older caches holds medians of one size, not peaks."""
+        rates = self._section("matmul_peak")
         if dtype not in rates:
             rates[dtype] = matmul_rate(dtype)
             self._save()
         return rates[dtype]
 
-    def peak_flops(self, dtype: str) -> tuple[float, str]:
-        """The MFU denominator for all devices and where it comes from: the data-sheet peak
-        (hardware.PEAK_TFLOPS) where the device is known, else the matmul rate measured on one
-        device (every CPU), times the device count, measured once per machine and cached like the
-        step times."""
+    def peak_flops(self) -> tuple[float, str]:
+        """The MFU denominator for all devices and what it is: the best peak over the dtypes, from
+        the data sheet (hardware.PEAK_TFLOPS) where the device is known, else measured on one
+        device (every CPU) and cached like the step times; times the device count."""
         hw = probe(measure=False)
-        if peak := hw.peak(dtype):  # without a probe, only the data sheet answers
-            return peak * hw.device_count, "data-sheet peak"
-        return self.matmul_rate(dtype) * hw.device_count, f"measured {dtype} matmul"
+        if not any(hw.peaks().values()):  # no data sheet: measure (or read back) each dtype's peak
+            hw = replace(hw, measured_flops_fp32=self.matmul_rate("float32"),
+                         measured_flops_bf16=self.matmul_rate("bfloat16"))
+        peak, label = hw.mfu_peak()
+        return peak * hw.device_count, label
 
     def cached(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int,
                mesh: Mesh) -> Measurement | None:

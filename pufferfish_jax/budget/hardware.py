@@ -1,15 +1,19 @@
-"""What this machine is: platform, devices, memory, cores, and how fast it multiplies matrices.
+"""What this machine is: platform, devices, memory, cores, CPU, and how fast it multiplies matrices.
 
 The peak table gives MFU a denominator on known accelerators; the measured matmul rate is the
 fallback (every CPU) and a sanity check (a throttled or shared GPU). The planner's prior for an
-unmeasured shape is FLOPs divided by the measured rate.
+unmeasured shape is FLOPs divided by the measured rate. The CPU's model and SIMD features are
+reported because they decide which dtype is fast: bf16 matmuls run at twice the float32 rate
+with AVX512_BF16 and are emulated, slower than float32, on an AVX2-only CPU.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +31,54 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0),
     "TPU v5p": (459.0, 459.0), "TPU v5": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
 }
+DTYPES = ("float32", "bfloat16")  # the compute dtypes a run can use, each with its own matmul peak
+# The /proc/cpuinfo flags that change matmul speed, in report order: x86 vector width and FMA,
+# bf16 and int8 dot products and AMX tiles; ARM NEON (asimd, or neon on 32-bit), SVE and bf16.
+SIMD_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile",
+                 "neon", "asimd", "sve", "sve2", "bf16")
+# The probe's ladder of square sizes: a few cores reach their peak on small products (and a short
+# product is more often run while other jobs sleep), many cores need large ones to keep busy.
+MATMUL_SIZES = (512, 1024, 2048, 4096)
+PROBE_SECONDS = 1.0  # per dtype, shared by the sizes
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    features: tuple[str, ...]  # the SIMD_FEATURES this CPU has, in SIMD_FEATURES order
+
+    def describe(self) -> str:
+        return f"{self.model} ({' '.join(self.features) or 'no SIMD features known'})"
+
+
+def _field(text: str, names: tuple[str, ...]) -> str:
+    """The first processor's value of the first of `names` present (cpuinfo repeats per core)."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in values:
+            values[key.strip()] = value.strip()
+    return next((values[n] for n in names if values.get(n)), "")
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """Model and SIMD features from /proc/cpuinfo's text: x86 lists `flags` under a `model name`;
+    ARM lists `Features` and often has no name, so the implementer and part numbers stand in."""
+    model = _field(text, ("model name", "Model", "Hardware", "cpu model"))
+    if not model and (part := _field(text, ("CPU part",))):
+        model = f"CPU implementer {_field(text, ('CPU implementer',))} part {part}"
+    flags = set(_field(text, ("flags", "Features")).split())
+    return CpuInfo(model, tuple(f for f in SIMD_FEATURES if f in flags))
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> CpuInfo:
+    """This host's CPU; where there is no /proc/cpuinfo (macOS, Windows), the platform's name for
+    it and no features."""
+    try:
+        info = parse_cpuinfo(Path(path).read_text())
+    except OSError:
+        info = CpuInfo("", ())
+    return info if info.model else CpuInfo(platform.processor() or platform.machine() or "unknown", info.features)
 
 
 @dataclass(frozen=True)
@@ -38,16 +90,32 @@ class Hardware:
     host_cores: int
     peak_flops_bf16: float  # per device, from the table; 0 when unknown
     peak_flops_fp32: float
-    measured_flops_fp32: float  # per device, this run's matmul probe
+    measured_flops_fp32: float  # per device, this run's matmul probe (matmul_rate)
     measured_flops_bf16: float  # bf16 inputs, fp32 accumulation
+    cpu_model: str = ""  # the host's CPU (cpu_info)
+    cpu_features: tuple[str, ...] = ()
 
-    def peak(self, dtype: str) -> float:
-        """The MFU denominator: the table's peak, else what the probe measured."""
-        table = self.peak_flops_bf16 if dtype == "bfloat16" else self.peak_flops_fp32
-        return table or (self.measured_flops_bf16 if dtype == "bfloat16" else self.measured_flops_fp32)
+    def peaks(self) -> dict[str, float]:
+        """Each dtype's peak per device: the data sheet's on a known device, else the probe's."""
+        if self.peak_flops_bf16 or self.peak_flops_fp32:
+            return {"float32": self.peak_flops_fp32, "bfloat16": self.peak_flops_bf16}
+        return {"float32": self.measured_flops_fp32, "bfloat16": self.measured_flops_bf16}
+
+    def mfu_peak(self) -> tuple[float, str]:
+        """The MFU denominator per device and its label: the best peak over dtypes, so a run in
+        the slower dtype reads as far from what the machine can do as it is."""
+        dtype, peak = best_peak(self.peaks())
+        source = "data-sheet peak" if self.peak_flops_bf16 or self.peak_flops_fp32 else "best measured matmul"
+        return peak, f"{source}, {dtype}"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def best_peak(peaks: dict[str, float]) -> tuple[str, float]:
+    """The dtype with the highest peak, and that peak (the first on a tie)."""
+    dtype = max(peaks, key=lambda d: peaks[d])
+    return dtype, peaks[dtype]
 
 
 def _table_peak(kind: str) -> tuple[float, float]:
@@ -65,28 +133,44 @@ def _device_memory(device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
 
 
-def matmul_rate(dtype: str, size: int = 1024, seconds: float = 0.3) -> float:
-    """FLOP/s of a square matmul, median of repeats within about `seconds` after a warm-up."""
-    in_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    a = jnp.ones((size, size), in_dtype)
-    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-    matmul(a, a).block_until_ready()
+def _fastest_product(dtype: str, size: int, seconds: float) -> float:
+    """Seconds of the fastest of size x size products run for about `seconds` (at least twice)
+    after compiling; bfloat16 takes bf16 inputs and accumulates in float32, as the model does."""
+    a = jnp.ones((size, size), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)).lower(a, a).compile()
     times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
+    while len(times) < 2 or time.perf_counter() < deadline:
         start = time.perf_counter()
         matmul(a, a).block_until_ready()
         times.append(time.perf_counter() - start)
-    times.sort()
-    return 2 * size**3 / times[len(times) // 2]
+    return min(times)
+
+
+def matmul_rate(dtype: str, seconds: float = PROBE_SECONDS, sizes: tuple[int, ...] = MATMUL_SIZES) -> float:
+    """Peak FLOP/s of one device's square matmuls in `dtype`: the fastest single product over the
+    ladder of sizes, each given an equal share of `seconds`. The fastest, not the median, because
+    other jobs on a shared machine only ever slow a product down. The ladder stops where the next
+    size's two products (16x the FLOPs of two of this size) would overrun its share, so a slow
+    machine never spends seconds on one 4096 product. `just hardware`, the calibration cache (the
+    MFU denominator) and tools/bench_train.py all call this, so their peaks agree."""
+    share, best = seconds / len(sizes), 0.0
+    for size in sizes:
+        fastest = _fastest_product(dtype, size, share)
+        best = max(best, 2 * size**3 / fastest)
+        if 16 * fastest > share:
+            break
+    return best
 
 
 def probe(measure: bool = True) -> Hardware:
     device = jax.devices()[0]
     bf16, fp32 = _table_peak(device.device_kind)
+    cpu = cpu_info()
     return Hardware(
         platform=device.platform, device_kind=device.device_kind, device_count=jax.device_count(),
         memory_bytes=_device_memory(device), host_cores=os.cpu_count() or 1,
         peak_flops_bf16=bf16, peak_flops_fp32=fp32,
         measured_flops_fp32=matmul_rate("float32") if measure else 0.0,
         measured_flops_bf16=matmul_rate("bfloat16") if measure else 0.0,
+        cpu_model=cpu.model, cpu_features=cpu.features,
     )
