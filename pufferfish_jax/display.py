@@ -237,7 +237,8 @@ def plan_table(plan) -> Table:
     m = plan.model
     rows = [
         ("model", f"{m['num_layers']} layers, d {m['d_model']}, {m['num_heads']} heads ({m['num_kv_heads']} kv), "
-                  f"vocab {m['vocab_size']}, {m['dtype']}, remat {m['remat']}"),
+                  f"vocab {m['vocab_size']}, remat {m['remat']}"),
+        ("compute", _dtype_reason(plan)),
         ("params", f"{plan.params:,} ({plan.non_embedding_params:,} non-embedding"
                    + (f", {plan.active_params:,} active per token)" if 0 < plan.active_params < plan.params else ")")),
         ("batch", f"{plan.batch_size} x {plan.seq_len} tokens"),
@@ -249,13 +250,41 @@ def plan_table(plan) -> Table:
         ("memory", f"{plan.predicted_memory_bytes / 2**20:,.0f} MiB predicted peak per device"),
     ]
     if plan.mode == "budget":
+        data_s = plan.planning_s - plan.measuring_s
         rows += [
             ("step time", f"{plan.step_s * 1000:.0f} ms measured ({plan.batch_size * plan.seq_len / plan.step_s:,.0f} tokens/s)"),
-            ("time", f"budget {plan.budget_s:.0f}s = {plan.planning_s:.0f}s data+planning + {plan.compile_s:.0f}s compile "
-                     f"+ {plan.train_s:.0f}s training + {plan.reserve_s:.0f}s evals, save and margin"),
+            ("time", f"budget {plan.budget_s:.0f}s = {data_s:.0f}s data + {plan.measuring_s:.0f}s planning + "
+                     f"{plan.compile_s:.0f}s compile + {plan.train_s:.0f}s training + {plan.reserve_s:.0f}s evals, "
+                     "save and margin"),
             ("planner", plan.planner + (f" (chose among {len(plan.candidates)} shapes by predicted loss)"
                                         if plan.candidates else "")),
         ]
+    if plan.epochs > 1:
+        rows.append(("data", _repetition_note(plan)))
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _dtype_reason(plan) -> str:
+    """The compute dtype, and what chose it: the step times of the chosen shape and batch in each
+    dtype the planner considered (measured or predicted), or the user."""
+    dtype = plan.model["dtype"]
+    same = [c for c in plan.candidates if c["num_layers"] == plan.model["num_layers"]
+            and c["d_model"] == plan.model["d_model"] and c["batch_size"] == plan.batch_size]
+    if len({c.get("dtype") for c in same}) < 2:
+        return f"{dtype} (params and optimizer state float32)"
+    times = ", ".join(f"{c['dtype']} {c['step_s'] * 1000:.0f} ms/step {'measured' if c['measured'] else 'predicted'}"
+                      for c in sorted(same, key=lambda c: c["step_s"]))
+    return f"{dtype}, the faster here ({times}); params and optimizer state float32"
+
+
+def _repetition_note(plan) -> str:
+    """How often the plan repeats the training text, what that is worth by the repetition model,
+    and, past about four repeats, that the corpus is what limits the run."""
+    epochs, effective = plan.epochs, plan.effective_epochs
+    note = f"repeats the training text {epochs:.1f}x; by the repetition model that is worth {effective:.1f} fresh epochs"
+    if epochs > 4:
+        note += (". The corpus limits this run: more text would do more, e.g. data.corpus=wiki,shakespeare,kjv, "
+                 "a local folder of .txt/.jsonl/.parquet, or hf:NAME")
+    return note

@@ -44,6 +44,7 @@ class Outcome:
     final: EvalResult | None  # None when interrupted
     unigram_bpb: float
     interrupted: bool
+    step_s: float  # median seconds per step this attempt (nan if it took none)
 
 
 class _StopFlag:
@@ -215,7 +216,7 @@ class _Run:
             self.record_eval(final, unigram_bpb=self.unigram, final=True)
         self.final_save()
         return Outcome(steps=self.step, tokens=self.step * self.tokens_per_step, final=final,
-                       unigram_bpb=self.unigram, interrupted=interrupted)
+                       unigram_bpb=self.unigram, interrupted=interrupted, step_s=self.step_s())
 
     def loop(self) -> bool:
         """Steps until the (re-fitted) total or a stop signal; True if stopped by a signal."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -143,6 +144,7 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
     outcome = loop.run(resolved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
                        display_console=display_console, peak_flops=_peak_flops(resolved))
+    _correct_calibration(resolved, plan, outcome, mesh, log)
     return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
 
 
@@ -175,7 +177,27 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
     log(f"resuming {run_dir} from step {ref.step}{left}")
     outcome = loop.run(saved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
                        display_console=display_console, peak_flops=_peak_flops(saved), resumed=(state, record))
+    _correct_calibration(saved, plan, outcome, mesh, log)
     return _finish(run_dir, plan, outcome, wall_s=record["elapsed_s"] + time.time() - started_at)
+
+
+STALE_STEP_RATIO = 1.25  # a run whose steps took this much longer or shorter than planned corrects the cache
+
+
+def _correct_calibration(cfg: ml_collections.ConfigDict, plan: Plan, outcome: loop.Outcome, mesh: Mesh, log: Log) -> None:
+    """When the steps ran much slower or faster than the planner's measurement (another load on the
+    machine, a calibration cache carried over from another one), the loop has already re-fitted
+    the step count to the clock; this records the step time seen, so the next plan starts from it."""
+    if plan.mode != "budget" or not plan.step_s or not math.isfinite(outcome.step_s):
+        return
+    ratio = outcome.step_s / plan.step_s
+    if 1 / STALE_STEP_RATIO <= ratio <= STALE_STEP_RATIO:
+        return
+    log(f"steps took {outcome.step_s * 1000:.0f} ms, {ratio:.2f}x the planned {plan.step_s * 1000:.0f} ms; the step "
+        "count was re-fitted to the clock, and the calibration cache now holds the time seen")
+    if sharding.is_primary():
+        CalibrationCache(config_lib.cache_dir(cfg)).correct(ModelSpec.from_config(cfg.model, cfg.moe), cfg.train,
+                                                            plan.batch_size, mesh, outcome.step_s)
 
 
 def _peak_flops(cfg: ml_collections.ConfigDict) -> tuple[float, str]:

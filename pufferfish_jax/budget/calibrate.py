@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,7 @@ from pufferfish_jax import sharding
 from pufferfish_jax.budget.hardware import matmul_rate, probe
 from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import flops_per_token
-from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.model.spec import DTYPES, ModelSpec
 from pufferfish_jax.train.state import create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
 
@@ -196,16 +196,38 @@ class CalibrationCache:
         self._save()
         return found
 
+    def correct(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int, mesh: Mesh,
+                step_s: float) -> None:
+        """Replaces a shape's step time with the one a training run saw (see session)."""
+        entry = self._section(family_key(spec, train_cfg, mesh)).get(_shape_key(spec, batch_size))
+        if entry is not None:
+            entry["measurement"]["step_s"] = step_s
+            self._save()
+
     def time_model(self, spec: ModelSpec, train_cfg: ml_collections.ConfigDict, mesh: Mesh) -> TimeModel:
-        """Least-squares fit of step time against FLOPs over this family's measured shapes and batches."""
-        points = list(self._section(family_key(spec, train_cfg, mesh)).values())
+        """Least-squares fit of step time against FLOPs over this family's measured shapes and
+        batches. A family with no measurement borrows a sibling's fit in another compute dtype,
+        scaled by the two dtypes' measured matmul rates (so the dtype comparison rests on one
+        measured step and two cheap probes), else falls back to a fraction of the matmul rate."""
+        fitted = self._fit(family_key(spec, train_cfg, mesh))
+        if fitted is not None:
+            return fitted
+        for other in DTYPES:
+            if other != spec.dtype and (sibling := self._fit(family_key(replace(spec, dtype=other), train_cfg, mesh))):
+                ratio = self.matmul_rate(other) / self.matmul_rate(spec.dtype)
+                return TimeModel(sibling.overhead_s, sibling.s_per_flop * ratio, sibling.compile_s)
+        return TimeModel(0.0, 1 / (PRIOR_EFFICIENCY * self.matmul_rate(spec.dtype) * mesh.size), PRIOR_COMPILE_S)
+
+    def _fit(self, family: str) -> TimeModel | None:
+        points = list(self._section(family).values())
+        if not points:
+            return None
         flops = np.array([p["flops_per_step"] for p in points])
         step_s = np.array([p["measurement"]["step_s"] for p in points])
-        compile_s = max([p["measurement"]["compile_s"] for p in points], default=PRIOR_COMPILE_S)
+        compile_s = max(p["measurement"]["compile_s"] for p in points)
         if len(points) >= 2 and np.ptp(flops) > 0:
             slope, intercept = np.polyfit(flops, step_s, 1)
             if slope > 0 and intercept >= 0:
                 return TimeModel(float(intercept), float(slope), compile_s)
-        if points:  # one point, or a fit that came out unphysical: a pure rate through the points
-            return TimeModel(0.0, float(np.median(step_s / flops)), compile_s)
-        return TimeModel(0.0, 1 / (PRIOR_EFFICIENCY * self.matmul_rate(spec.dtype) * mesh.size), compile_s)
+        # one point, or a fit that came out unphysical: a pure rate through the points
+        return TimeModel(0.0, float(np.median(step_s / flops)), compile_s)

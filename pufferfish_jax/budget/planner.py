@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import ml_collections
+import jax
 from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
@@ -38,7 +39,7 @@ from pufferfish_jax.config import MODEL_SHAPE_KEYS
 from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import count_params, flops_per_token
-from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.model.spec import DTYPES, ModelSpec
 
 # (num_layers, d_model, num_heads, num_kv_heads): head width 32 below d 384, 64 from there. It
 # starts at d 128: narrower models cannot use a byte-level BPE vocabulary (2 layers x d 64 ended
@@ -60,7 +61,11 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per data-parallel 
 CRITICAL_BATCH_TOKENS_AT_1M = 2048
 MIN_STEPS = 20
 MAX_MEASUREMENTS = 5
-CONTENDERS = 2  # the leader and runner-up are measured before a plan is final
+CONTENDERS = 2  # the leader and runner-up are measured before a plan is final, while time allows
+# Planning may spend this share of the budget on measurements beyond the first one. The first (the
+# leader's) is always taken: its compile is the run's own (it lands in the persistent compilation
+# cache), so the promise rests on a measured step. Each further one costs a cold compile.
+PLANNING_SHARE = 0.04
 MEMORY_HEADROOM = 0.7  # plan to use at most this fraction of device memory
 # The white paper's tiers (its 3.1.2 and 3.1.3): (hours below, shape, dataset fraction).
 SEED_TIERS = (
@@ -92,6 +97,7 @@ class Plan:
     train_s: float = 0.0
     budget_s: float = 0.0
     planning_s: float = 0.0  # command start to the end of planning
+    measuring_s: float = 0.0  # of which the planner's own compiles and step timings
     predicted_loss: float = 0.0  # the Chinchilla-form score (nats); only comparisons mean anything
     candidates: list = field(default_factory=list)
     mesh: list = field(default_factory=lambda: [1, 1, 1])  # (data, fsdp, tensor) planned for; memory is per device
@@ -99,6 +105,12 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def effective_epochs(self) -> float:
+        """The epochs the plan is worth by the repetition model (Muennighoff et al. 2023)."""
+        unique = self.tokens / max(self.epochs, 1e-9)
+        return effective_tokens(self.tokens, unique) / max(unique, 1.0)
 
 
 def spec_for(cfg: ml_collections.ConfigDict, shape=None) -> ModelSpec:
@@ -229,6 +241,8 @@ def _candidates(cfg: ml_collections.ConfigDict, user_keys: set[str], budget_s: f
             return rematted
         return None
 
+    dtypes = compute_dtypes(cfg, user_keys)
+    shapes = [dataclasses.replace(s, dtype=d) for s in shapes for d in dtypes]
     pairs = [(s, b) for s in shapes for b in batches]
     fits = [(fit, b) for s, b in pairs if (fit := fitting(s, b)) is not None]
     if not fits:
@@ -236,6 +250,18 @@ def _candidates(cfg: ml_collections.ConfigDict, user_keys: set[str], budget_s: f
         raise ConfigError(f"the model needs about {need / 2**30:.1f} GiB, more than {MEMORY_HEADROOM:.0%} of this device's "
                           f"{memory_limit / 2**30:.1f} GiB; lower train.batch_size, raise train.grad_accum or set model.remat=full")
     return fits, subset_fraction
+
+
+def compute_dtypes(cfg: ml_collections.ConfigDict, user_keys: set[str]) -> list[str]:
+    """The compute dtypes the planner chooses between: the user's, if set; bfloat16 on accelerators
+    (their matmul units are built for it); both on CPU, where it depends on the chip (native bf16
+    dot products on AVX512_BF16 and AMX, emulated and slower than float32 on AVX2): there the
+    measured step times decide, and before any measurement the measured matmul rates."""
+    if "model.dtype" in user_keys or cfg.budget.planner != "measured":
+        return [cfg.model.dtype]
+    if jax.default_backend() != "cpu":
+        return ["bfloat16"]
+    return list(DTYPES)
 
 
 @dataclass(frozen=True)
@@ -277,19 +303,41 @@ def _ranking(rows: list[dict], limit: float, tokens_per_param: float) -> list[in
 
 
 def _score_all(cfg, candidates: list[tuple[ModelSpec, int]], cache: CalibrationCache, mesh: Mesh, b: _Budget) -> list[dict]:
-    """Every candidate scored, from its measurement where cached, else from the fitted time model."""
-    model = cache.time_model(candidates[0][0], cfg.train, mesh)
+    """Every candidate scored, from its measurement where cached, else from its family's fitted
+    time model (one per dtype and remat policy: they cost differently)."""
+    models: dict[tuple[str, str], object] = {}
     rows = []
     for spec, batch in candidates:
         measured = cache.cached(spec, cfg.train, batch, mesh)
-        timing = measured or model.predict(flops_per_step(spec, batch))
+        if measured is None and (spec.dtype, spec.remat) not in models:
+            models[spec.dtype, spec.remat] = cache.time_model(spec, cfg.train, mesh)
+        timing = measured or models[spec.dtype, spec.remat].predict(flops_per_step(spec, batch))
         rows.append(dict(num_layers=spec.num_layers, d_model=spec.d_model, batch_size=batch, remat=spec.remat,
+                         dtype=spec.dtype,
                          non_embedding_params=count_params(spec, embedding=False), step_s=timing.step_s,
                          measured=measured is not None, **_outlook(cfg, spec, batch, timing, b),
                          # the compiled executable's own figure, once measured, overrides the model
                          memory_bytes=(measured and measured.memory_bytes)
                          or memory_bytes(spec, batch, cfg.train.grad_accum, sharding.shape_of(mesh))))
     return rows
+
+
+def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, budget: Callable[[], _Budget],
+                        limit: float, *, log, allowance_s: float, spent: Callable[[], float]) -> list[dict]:
+    """Measures until the leader and its runner-up are both measured, not predicted (a candidate
+    the time model wrongly thinks slow would otherwise never get the chance to win), the
+    planning allowance is spent, or MAX_MEASUREMENTS were taken; returns the final scores.
+    Each measurement costs a cold compile: the next is taken only if the last one's compile
+    still fits in what is left of the allowance."""
+    last_compile_s = 0.0
+    for taken in range(MAX_MEASUREMENTS):
+        rows = _score_all(cfg, candidates, cache, mesh, budget())
+        unmeasured = [i for i in _ranking(rows, limit, cfg.budget.tokens_per_param)[:CONTENDERS] if not rows[i]["measured"]]
+        if not unmeasured or (taken and spent() + last_compile_s > allowance_s):
+            return rows
+        spec, batch = candidates[unmeasured[0]]
+        last_compile_s = cache.get(spec, cfg.train, batch, mesh, log=log).cold_compile_s
+    return _score_all(cfg, candidates, cache, mesh, budget())
 
 
 def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: float, train_tokens: int,
@@ -305,18 +353,14 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
     def budget() -> _Budget:
         return _Budget(budget_s, deadline - clock(), train_tokens * subset_fraction, val_tokens)
 
-    # Measure until the leader and its runner-up are both measured, not predicted: a candidate the
-    # time model wrongly thinks slow would otherwise never get the chance to win. Each measurement
-    # costs a compile, so short budgets get fewer.
-    for _ in range(min(MAX_MEASUREMENTS, max(2, int(budget_s // 60)))):
-        rows = _score_all(cfg, candidates, cache, mesh, budget())
-        unmeasured = [i for i in _ranking(rows, limit, cfg.budget.tokens_per_param)[:CONTENDERS] if not rows[i]["measured"]]
-        if not unmeasured:
-            break
-        spec, batch = candidates[unmeasured[0]]
-        cache.get(spec, cfg.train, batch, mesh, log=log)
-    rows = _score_all(cfg, candidates, cache, mesh, budget())
-    choice, batch = candidates[_ranking(rows, limit, cfg.budget.tokens_per_param)[0]]
+    started = clock()
+    rows = _measure_contenders(cfg, candidates, cache, mesh, budget, limit, log=log,
+                               allowance_s=PLANNING_SHARE * budget_s, spent=lambda: clock() - started)
+    ranked = _ranking(rows, limit, cfg.budget.tokens_per_param)
+    # The leader if it was measured; else (the allowance ran out) the best measured candidate:
+    # a promise never rests on an extrapolation.
+    index = next((i for i in ranked if rows[i]["measured"]), ranked[0])
+    choice, batch = candidates[index]
     measured = cache.get(choice, cfg.train, batch, mesh, log=log)
     final = _outlook(cfg, choice, batch, measured, budget())
     if final["steps"] < MIN_STEPS:
@@ -327,6 +371,7 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
     return _plan(cfg, choice, batch, "budget", cfg.budget.planner, final["steps"], train_tokens, subset_fraction,
                  step_s=measured.step_s, compile_s=measured.compile_s, reserve_s=final["reserve_s"],
                  train_s=final["train_s"], budget_s=budget_s, planning_s=budget_s - (deadline - clock()),
+                 measuring_s=clock() - started,
                  predicted_loss=final["loss"], candidates=rows if len(rows) > 1 else [],
                  mesh=list(sharding.shape_of(mesh)))
 
