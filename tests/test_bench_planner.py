@@ -120,6 +120,9 @@ def test_combine_merges_cells_and_a_rerun_replaces_its_row():
     summary = {s["budget"]: s for s in core.summarize(merged["rows"])}
     assert summary["2m"]["grid_best_bpb"] == 1.6 and summary["2m"]["regret"] == pytest.approx(1.8 / 1.6)
     assert summary["2m"]["seed_bpb"] == 2.4 and summary["5m"]["planner_bpb"] == 1.5
+    rerun = dict(_row("2m", "wiki", "planner", "measured", None, status="failed"), slot="measured")
+    chosen = dict(_row("2m", "wiki", "planner", "measured: 2 x d128", 1.8), slot="measured")
+    assert core.combine([[chosen], [rerun]])["rows"] == [rerun]  # the label grew a recipe; the slot did not
 
 
 def test_combine_cli_prints_the_summary(tmp_path, capsys):

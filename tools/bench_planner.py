@@ -73,7 +73,7 @@ def _run(out: Path, budget: str, corpus: tuple[str, str], kind: str, label: str,
     console.print(f"[dim]running {budget} {corpus[0]} {kind}: {label} ...[/]")
     row = core.train_run(name, [f"budget={budget}", f"data.corpus={corpus[1]}", *extra, *overrides], out,
                          timeout_s=_timeout(budget), **kw)
-    row.update(budget=budget, corpus=corpus[0], kind=kind, label=label)
+    row.update(budget=budget, corpus=corpus[0], kind=kind, label=label, slot=label)  # slot: --combine's key
     if row["status"] == "ok" and kind != "grid":  # the planner's and seed's labels say what they chose
         row["label"] = f"{label}: {core.recipe_label(dict(row['recipe'], seq_len=None))}"
     console.print(f"[dim]  -> {row['status']} in {row['wall']:.1f} s {row.get('error', '')}[/]")

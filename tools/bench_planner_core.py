@@ -171,7 +171,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def combine(documents: list) -> dict:
     """Merges --json outputs (each {"machine": ..., "rows": [...]} or a bare list of rows): rows
     concatenated in order, a later row replacing an earlier one of the same budget, corpus, kind
-    and label (a cell run again); the first document's machine description is kept."""
+    and slot (the label it was launched under: a cell run again); the first document's machine description is kept."""
     merged: dict[tuple, dict] = {}
     machine = None
     for doc in documents:
@@ -179,7 +179,8 @@ def combine(documents: list) -> dict:
         if machine is None and isinstance(doc, dict):
             machine = doc.get("machine")
         for row in rows:
-            merged.pop(key := (row["budget"], row["corpus"], row["kind"], row["label"]), None)
+            key = (row["budget"], row["corpus"], row["kind"], row.get("slot", row["label"]))
+            merged.pop(key, None)
             merged[key] = row
     return dict(machine=machine, rows=list(merged.values()))
 
