@@ -28,9 +28,13 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite (slow tests included; about 7 minutes on 2 cores).
+# The whole test suite, slow tests included (CI runs this; at most 4 minutes on 2 cores).
 test *ARGS:
     python -m pytest -q tests "$@"
+
+# The edit loop: the suite without the slow tests (no training, no end-to-end runs; under a minute).
+test-fast *ARGS:
+    python -m pytest -q tests -m "not slow" "$@"
 
 # Describe this machine: devices, memory, cores, data-sheet and measured matmul FLOP/s.
 hardware:
