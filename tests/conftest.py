@@ -7,12 +7,18 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# `just` exports the time it started as PUFFERFISH_T0 so that a budget counts from there; under
+# `just test` that is the start of the whole suite, which would charge every budgeted run in a test
+# with the tests before it. Each test starts its own clock.
+os.environ.pop("PUFFERFISH_T0", None)
 
 # Compiling is most of the suite's time, and LLVM's optimizations are not what it tests: without
 # them XLA compiles about twice as fast and computes the same values. Set before jax is imported,
@@ -84,7 +90,7 @@ def fitted_budget(args, budget_s: int, env) -> int:
     """`budget_s`, or what the planner asks for on this machine when that is too small. It runs
     `plan` with the same args, so the calibration and compilation caches in env's PUFFERFISH_CACHE
     are warm for the run that follows: a budgeted test must not fail on a slower CPU."""
-    result = run_command(["plan", f"budget={budget_s}s", *args], env)
+    result = run_command(["plan", f"budget={budget_s}s", *args], {**env, "PUFFERFISH_T0": repr(time.time())})
     if result.returncode == 0:
         return budget_s
     need = budget_hint(result.stderr)
