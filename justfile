@@ -28,11 +28,11 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite, slow tests included (CI runs this; at most 4 minutes on 2 cores).
+# The whole test suite, slow tests included (CI runs this; about 8 minutes on 2 shared cores; goal: 4).
 test *ARGS:
     python -m pytest -q tests "$@"
 
-# The edit loop: the suite without the slow tests (no training, no end-to-end runs; under a minute).
+# The edit loop: the suite without the slow tests (no training, no end-to-end runs; about 3-4 minutes; goal: 1).
 test-fast *ARGS:
     python -m pytest -q tests -m "not slow" "$@"
 
