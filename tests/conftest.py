@@ -1,10 +1,145 @@
-"""Shared pytest setup: make the repo root importable however pytest is launched."""
+"""Shared pytest setup: the repo root importable however pytest is launched; the synthetic corpora
+the tests write; one cache and one tiny trained run dir per session; running the real command."""
 
+import os
+import random
+import re
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# `just` exports the time it started as PUFFERFISH_T0 so that a budget counts from there; under
+# `just test` that is the start of the whole suite, which would charge every budgeted run in a test
+# with the tests before it. Each test starts its own clock.
+os.environ.pop("PUFFERFISH_T0", None)
+
+# Compiling is most of the suite's time, and LLVM's optimizations are not what it tests: without
+# them XLA compiles about twice as fast and computes the same values. Set before jax is imported,
+# so it holds in this process and in every subprocess a test starts (they inherit the environment).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs of the real commands (still run by `just test` and CI)")
+    config.addinivalue_line("markers", "slow: trains (in a subprocess, through the CLI or a pipeline) or runs the real "
+                                       "commands end to end; `just test` runs them, `just test-fast` leaves them out")
+
+
+# ----------------------------------------------------------------------------- synthetic corpora
+# Structured text: every sentence is a rotation of one fixed word order, so a model learns it fast
+# and its loss falls within a few dozen steps.
+STORY = ("the river ran past the old mill and the miller sang of bread and stone while children "
+         "played by the water under a grey sky and the town slept through the long winter night").split()
+# Random text: sentences of words drawn at random, for tests that need a vocabulary, not structure.
+WORDS = ["the", "a", "small", "fish", "swims", "under", "old", "bridge", "while", "river", "light", "moves",
+         "slowly", "across", "green", "stones", "and", "children", "watch", "from", "distant", "hills",
+         "where", "quiet", "birds", "sing", "about", "morning", "rain"]
+
+
+def story_text(sentences: int, offset: int = 0) -> str:
+    """`sentences` lines of the structured text, a blank line (a paragraph break) after every 12th."""
+    lines = []
+    for i in range(offset, offset + sentences):
+        start = (i * 7) % len(STORY)
+        words = STORY[start:] + STORY[:start]
+        lines.append(" ".join(words[: 8 + i % 9]).capitalize() + ".")
+        if i % 12 == 11:
+            lines.append("")
+    return "\n".join(lines)
+
+
+def story_corpus(path: Path, sentences: int = 3000, offset: int = 0) -> Path:
+    path.write_text(story_text(sentences, offset))
+    return path
+
+
+def sentences(seed: int, n: int) -> str:
+    """n random sentences of 5 to 12 words, the same for the same seed."""
+    rng = random.Random(seed)
+    return " ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "." for _ in range(n))
+
+
+def random_corpus(path: Path, documents: int = 600) -> Path:
+    """A .txt corpus of `documents` random paragraphs (blank-line separated, about 50 words each)."""
+    path.write_text("\n\n".join(sentences(i, 6) for i in range(documents)))
+    return path
+
+
+# ----------------------------------------------------------------------------- the real command
+def run_command(args, env, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m pufferfish_jax ARGS` from the repo root, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "pufferfish_jax", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def budget_hint(stderr: str) -> int | None:
+    """The budget the planner asks for when it refuses one as too small for this machine, else None."""
+    found = re.search(r"try budget=(\d+)s", stderr)
+    return int(found.group(1)) if found else None
+
+
+def fitted_budget(args, budget_s: int, env) -> int:
+    """`budget_s`, or what the planner asks for on this machine when that is too small. It runs
+    `plan` with the same args, so the calibration and compilation caches in env's PUFFERFISH_CACHE
+    are warm for the run that follows: a budgeted test must not fail on a slower CPU."""
+    result = run_command(["plan", f"budget={budget_s}s", *args], {**env, "PUFFERFISH_T0": repr(time.time())})
+    if result.returncode == 0:
+        return budget_s
+    need = budget_hint(result.stderr)
+    assert need, result.stderr[-3000:]
+    return need
+
+
+# ----------------------------------------------------------------------------- shared per session
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One PUFFERFISH_CACHE for the session: a token cache, calibration or compiled executable made
+    by one test is read back by the next, in this process or a subprocess."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def command_env(session_cache) -> dict:
+    """The environment for `run_command` and other subprocesses of the package."""
+    return {**os.environ, "PUFFERFISH_CACHE": str(session_cache), "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """The structured corpus as a file (1500 sentences, about 60 KB)."""
+    return story_corpus(tmp_path_factory.mktemp("corpus") / "story.txt", sentences=1500)
+
+
+# The tiny model every shared run uses: one layer, d 32, sequences of 32 tokens.
+TINY_MODEL = ["data.vocab_size=300", "model.num_layers=1", "model.d_model=32", "model.num_heads=2",
+              "model.num_kv_heads=1", "model.seq_len=32", "train.batch_size=4"]
+TINY_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, session_cache, corpus_file) -> Path:
+    """ONE tiny finished run dir (8 fixed steps through the CLI, in this process), made once per
+    session for every test that only needs some trained checkpoint. Read it, never change it:
+    a test that damages or extends a run takes `trained_run_copy`."""
+    from pufferfish_jax.cli import main
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PUFFERFISH_CACHE", str(session_cache))
+        assert main(["train", f"steps={TINY_STEPS}", f"data.corpus={corpus_file}", *TINY_MODEL,
+                     "train.log_every=4", f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def trained_run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the shared trained run, free to damage or resume."""
+    return Path(shutil.copytree(trained_run, tmp_path / "trained"))

@@ -5,17 +5,16 @@ import json
 import random
 
 import pytest
+from conftest import TINY_MODEL, random_corpus
 
 from pufferfish_jax.cli import main
-
-WORDS = "the of and a to in is was that for on as with by it he at from his an were are which".split()
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     rng = random.Random(0)
-    (root / "ok.txt").write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(1200)))
+    random_corpus(root / "ok.txt")
     (root / "empty.txt").write_text("")
     (root / "binary.txt").write_bytes(bytes(rng.randrange(256) for _ in range(5000)) + b"\x00")
     (root / "latin1.txt").write_bytes("café naïve ".encode("latin-1") * 100)
@@ -24,19 +23,9 @@ def files(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def trained(files, tmp_path_factory):
-    """A tiny finished run, for the checkpoint and generation mistakes."""
-    run_dir = tmp_path_factory.mktemp("run") / "run"
-    assert main(["train", "steps=2", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", "model.num_layers=1",
-                 "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.seq_len=32",
-                 f"run_dir={run_dir}"]) == 0
-    return run_dir
-
-
 @pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PUFFERFISH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def cache(session_cache, monkeypatch):
+    monkeypatch.setenv("PUFFERFISH_CACHE", str(session_cache))
 
 
 def _fails(capsys, argv, fragment, code=2):
@@ -62,7 +51,7 @@ def test_bad_data(capsys, files, tmp_path, name, fragment):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["model.vocab_size=100"], "model.vocab_size=0"),
-    (["budget=5s"], "too small"),
+    pytest.param(["budget=5s"], "too small", marks=pytest.mark.slow),  # measures training steps to say so
     (["budget=tomorrow"], "not a duration"),
     (["model.num_kv_heads=3"], "must divide model.num_heads"),
     (["train.batch_size=many"], "expected int"),
@@ -74,7 +63,9 @@ def test_bad_settings(capsys, files, overrides, fragment):
     _fails(capsys, argv if any(o.startswith("budget=") for o in overrides) else [*argv, "steps=2"], fragment)
 
 
-def test_bad_checkpoints(capsys, files, trained, tmp_path):
+@pytest.mark.slow  # the shared trained run
+def test_bad_checkpoints(capsys, trained_run_copy, tmp_path):
+    trained = trained_run_copy  # a copy: this test damages it
     _fails(capsys, ["generate", str(tmp_path), "hi"], "holds no checkpoint")
     _fails(capsys, ["generate", str(trained), "hi " * 40, "--max-new-tokens", "8"], "shorten the prompt")
     # a checkpoint whose config was edited to another model: restoring into that target fails cleanly
@@ -93,11 +84,13 @@ def test_bad_checkpoints(capsys, files, trained, tmp_path):
     assert (trained / "metrics.jsonl").is_file() and (trained / "plan.json").is_file()  # nothing was removed
 
 
+@pytest.mark.slow  # trains
 def test_diverging_loss_keeps_the_last_good_checkpoint(capsys, files, tmp_path):
-    _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", "train.lr=1e6",
-                    "train.grad_clip=0", "model.d_model=64", f"run_dir={tmp_path / 'run'}"], "loss became", code=1)
+    _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", *TINY_MODEL, "train.lr=1e6",
+                    "train.grad_clip=0", f"run_dir={tmp_path / 'run'}"], "loss became", code=1)
 
 
+@pytest.mark.slow  # trains
 def test_failed_save_is_reported_and_keeps_the_previous_checkpoint(capsys, files, tmp_path, monkeypatch):
     from pufferfish_jax.train import checkpoint
 
@@ -111,7 +104,6 @@ def test_failed_save_is_reported_and_keeps_the_previous_checkpoint(capsys, files
 
     monkeypatch.setattr(checkpoint, "save", flaky_save)
     run_dir = tmp_path / "run"
-    _fails(capsys, ["train", "steps=12", f"data.corpus={files / 'ok.txt'}", "data.vocab_size=300", "model.d_model=32",
-                    "model.num_heads=2", "model.num_kv_heads=1", "model.seq_len=32", "train.checkpoint_every_s=0",
+    _fails(capsys, ["train", "steps=6", f"data.corpus={files / 'ok.txt'}", *TINY_MODEL, "train.checkpoint_every_s=0",
                     f"run_dir={run_dir}"], "could not be saved")
     assert checkpoint.saved_steps(run_dir / "checkpoints") == [1]  # the good one survives

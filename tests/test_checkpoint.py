@@ -24,7 +24,7 @@ def test_restore_infers_shape_and_reproduces_logits(tmp_path, model):
     cfg = _config(**model)
     spec = ModelSpec.from_config(cfg.model)
     optimizer = make_optimizer(cfg.train)
-    state = init_state(spec, optimizer, jax.random.key(1))
+    state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(1))  # jit: eager is slow
     tokenizer_json = Tokenizer(models.BPE()).to_str()
     manager = checkpoint.open_manager(tmp_path / "checkpoints", keep=2)
     checkpoint.save(manager, state, cfg, tokenizer_json, {"step": 0, "elapsed_s": 1.5})
@@ -37,8 +37,8 @@ def test_restore_infers_shape_and_reproduces_logits(tmp_path, model):
     restored_spec = ModelSpec.from_config(saved_cfg.model)
     restored = checkpoint.restore_state(ref, abstract_state(restored_spec, make_optimizer(saved_cfg.train)))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 16)), jnp.int32)
-    before = Transformer(spec).apply({"params": state.params}, tokens)
-    after = Transformer(restored_spec).apply({"params": restored.params}, tokens)
+    before = jax.jit(Transformer(spec).apply)({"params": state.params}, tokens)
+    after = jax.jit(Transformer(restored_spec).apply)({"params": restored.params}, tokens)
     np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
     assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
     assert checkpoint.load_progress(ref) == {"step": 0, "elapsed_s": 1.5}
@@ -48,7 +48,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path):
     cfg = _config(num_layers=1, d_model=32, num_heads=4, num_kv_heads=2)
     spec = ModelSpec.from_config(cfg.model)
     optimizer = make_optimizer(cfg.train)
-    state = init_state(spec, optimizer, jax.random.key(0))
+    state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(0))
     manager = checkpoint.open_manager(tmp_path / "checkpoints", keep=3)
     for step in (1, 2):
         state = state.replace(step=jnp.asarray(step, jnp.int32))

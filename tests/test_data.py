@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from conftest import sentences
 
 from pufferfish_jax.data import builtin, corpora, pipeline, tokenizer
 from pufferfish_jax.data.corpora import load_documents, split_documents
@@ -25,17 +25,6 @@ from pufferfish_jax.errors import DataError
 from pufferfish_jax.data.pipeline import (batch_at, eval_batches, num_windows_available, prepare_data,
                                           train_batches, unigram_bpb)
 from pufferfish_jax.data.tokenizer import eos_id, load_or_train_tokenizer, train_tokenizer
-
-WORDS = ["the", "a", "small", "fish", "swims", "under", "old", "bridge", "while", "river", "light", "moves",
-         "slowly", "across", "green", "stones", "and", "children", "watch", "from", "distant", "hills",
-         "where", "quiet", "birds", "sing", "about", "morning", "rain"]
-
-
-def sentences(seed: int, n: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "."
-                    for _ in range(n))
-
 
 def docs_fixture(n: int = 40) -> list[str]:
     return [f"Doc {i}. " + sentences(i, 6) for i in range(n)]

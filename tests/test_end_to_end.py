@@ -1,53 +1,35 @@
 """The real commands, run as a user would: a budgeted train, then generate and eval on its run dir."""
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import budget_hint, run_command, story_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the river ran past the old mill and the miller sang of bread and stone while children "
-         "played by the water under a grey sky and the town slept through the long winter night").split()
-
-
-def _corpus(path: Path, sentences: int = 3000) -> Path:
-    """Synthetic English-like text with real structure (a fixed word order with variations)."""
-    lines = []
-    for i in range(sentences):
-        start = (i * 7) % len(WORDS)
-        words = WORDS[start:] + WORDS[:start]
-        lines.append(" ".join(words[: 8 + i % 9]).capitalize() + ".")
-        if i % 12 == 11:
-            lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
-def _run(args, env, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pufferfish_jax", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+# Short, but not below what the planner needs here for data, compile, 20 steps, evals and the save;
+# a slower machine gets the budget the planner asks for instead (see `budget_run`).
+BUDGET_S = 24
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "PUFFERFISH_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture(scope="module")
-def budget_run(tmp_path_factory, env):
+def budget_run(tmp_path_factory, command_env):
+    """`train budget=24s` from a fresh process. Where this CPU cannot fit the smallest plan in that
+    budget the planner refuses with `try budget=Ns`; the run is then repeated once with N, so the
+    test checks the budget on any machine instead of failing on a slow one."""
     tmp = tmp_path_factory.mktemp("e2e")
-    corpus = _corpus(tmp / "corpus.txt")
-    run_dir = tmp / "run"
-    budget = 40.0
-    started = time.time()
-    result = _run(["train", "budget=40s", f"data.corpus={corpus}", "data.vocab_size=512", f"run_dir={run_dir}",
-                   "model.seq_len=64", "train.batch_size=8"], {**env, "PUFFERFISH_T0": repr(started)})
-    wall = time.time() - started
+    corpus = story_corpus(tmp / "corpus.txt", sentences=1500)
+    budget = BUDGET_S
+    for attempt in (1, 2):
+        run_dir = tmp / f"run{attempt}"
+        started = time.time()
+        result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", "data.vocab_size=512",
+                              f"run_dir={run_dir}", "model.seq_len=32", "train.batch_size=8"],
+                             {**command_env, "PUFFERFISH_T0": repr(started)})
+        wall = time.time() - started
+        need = budget_hint(result.stderr)
+        if result.returncode == 0 or need is None:
+            break
+        budget = need
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, wall, budget, result.stdout
 
@@ -72,26 +54,27 @@ def test_budgeted_train_ends_inside_budget_with_falling_loss(budget_run):
 
 
 @pytest.mark.slow
-def test_generate_from_run_dir_is_seeded(budget_run, env):
+def test_generate_from_run_dir_is_seeded(budget_run, command_env):
     run_dir = budget_run[0]
     args = ["generate", str(run_dir), "The river", "--max-new-tokens", "24", "--seed", "3"]
-    first, second = _run(args, env), _run(args, env)
+    first, second = run_command(args, command_env), run_command(args, command_env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout == second.stdout
     assert first.stdout.startswith("The river") and len(first.stdout) > len("The river") + 10
 
 
 @pytest.mark.slow
-def test_eval_reports_bpb_on_any_text(budget_run, env, tmp_path):
+def test_eval_reports_bpb_on_any_text(budget_run, command_env, tmp_path):
     run_dir = budget_run[0]
-    text = _corpus(tmp_path / "other.txt", sentences=200)
-    result = _run(["eval", str(run_dir), "--data", str(text), "--json"], env)
+    text = story_corpus(tmp_path / "other.txt", sentences=200)
+    result = run_command(["eval", str(run_dir), "--data", str(text), "--json"], command_env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["tokens"] > 0 and 0 < report["val_bpb"] < report["unigram_bpb"]
 
 
-def test_user_errors_are_one_line(env, tmp_path):
+@pytest.mark.slow  # four fresh processes of the real command
+def test_user_errors_are_one_line(command_env, tmp_path):
     cases = [
         (["train", "model.num_layer=3", "steps=2"], "model.num_layers"),
         (["train", "budget=soon"], "not a duration"),
@@ -99,7 +82,7 @@ def test_user_errors_are_one_line(env, tmp_path):
         (["train", "steps=2", f"data.corpus={tmp_path / 'missing.txt'}"], "missing.txt"),
     ]
     for args, fragment in cases:
-        result = _run(args, env, timeout=120)
+        result = run_command(args, command_env, timeout=120)
         assert result.returncode == 2, (args, result.stderr)
         assert fragment in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from pufferfish_jax.host_memory import TUNABLE, huge_page_env
 
 THP_MADVISE = "always [madvise] never"
@@ -43,6 +45,7 @@ def test_rerun_keeps_the_command_line_and_the_earliest_start():
         assert runs == [[None, ["train", "budget=1m"], "150.5"], [TUNABLE, ["train", "budget=1m"], "150.5"]]
 
 
+@pytest.mark.slow  # jax in a fresh process, twice
 def test_huge_pages_cut_the_page_faults_of_a_large_temporary():
     code = textwrap.dedent("""
         import json, resource

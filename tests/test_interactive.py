@@ -6,7 +6,6 @@ import io
 import math
 import os
 import pty
-import random
 import re
 import struct
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import jax
 import pexpect
 import pytest
+from conftest import random_corpus
 from pexpect.fdpexpect import fdspawn
 from rich.console import Console
 
@@ -31,7 +31,6 @@ from pufferfish_jax.train.state import init_state, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # seconds per expected output: generous, the CPU is shared with other test runs
-WORDS = "the of and a to in is was that for on as with by it he at from his an were are which".split()
 STATS = r"\((\d+) tokens in [\d.]+s, seed (\d+)\)"
 
 
@@ -44,10 +43,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("text") / "words.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(1200)))
-    return path
+    return random_corpus(tmp_path_factory.mktemp("text") / "words.txt")
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +93,7 @@ def _edit(child: fdspawn, line: str, reply) -> None:
     child.expect(reply)
 
 
+@pytest.mark.slow  # the real command on a pseudo-terminal
 def test_editor_edits_refuses_with_reasons_and_saves_a_loadable_config(env, tmp_path):
     child = _spawn(["configure"], env)
     child.expect("help")  # the table and the commands are shown first
@@ -165,6 +162,7 @@ def _command(child: fdspawn, line: str, reply: str) -> None:
     child.expect(reply)
 
 
+@pytest.mark.slow  # the real command on a pseudo-terminal
 def test_repl_commands_change_sampling(env, tiny_checkpoint):
     child = _spawn(["generate", str(tiny_checkpoint)], env)
     child.expect("/help lists the commands")
@@ -198,6 +196,7 @@ def _finish_repl(child: fdspawn) -> int:
     return _finish(child)
 
 
+@pytest.mark.slow  # the real command on a pseudo-terminal
 def test_repl_bad_commands_get_a_reason_and_the_session_goes_on(env, tiny_checkpoint):
     child = _spawn(["generate", str(tiny_checkpoint), "--max-new-tokens", "4"], env)
     for line, reason in [("/temp hot", r"/temp hot: expected a number >= 0"), ("/topp 1.5", r"top-p 1\.5 must be in"),
@@ -212,6 +211,7 @@ def test_repl_bad_commands_get_a_reason_and_the_session_goes_on(env, tiny_checkp
 
 # Guided mode.
 
+@pytest.mark.slow  # the real command
 def test_no_arguments_without_a_terminal_prints_usage_and_never_prompts(env):
     result = subprocess.run([sys.executable, "-m", "pufferfish_jax"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=TIMEOUT)
@@ -236,12 +236,12 @@ def test_guided_mode_from_data_to_writing(env, corpus, tmp_path):
     child.expect(r"steps\s+.\s+[\d,]+ \(re-fitted to the clock")  # the measured plan for the budget
     child.expect_exact("[q]uit [t]: ")
     child.sendline("e")  # into the editor: a tiny fixed-step run instead, so the test stays short
-    _edit(child, f"budget= steps=12 num_layers=1 d_model=32 num_heads=2 num_kv_heads=1 seq_len=32 "
+    _edit(child, f"budget= steps=6 num_layers=1 d_model=32 num_heads=2 num_kv_heads=1 seq_len=32 "
                  f"data.vocab_size=300 run_dir={tmp_path / 'run'}", r"train\.run_dir: '' -> ")
-    _edit(child, "done", r"steps\s+.\s+12\s")  # back to the plan, now for the edited config
+    _edit(child, "done", r"steps\s+.\s+6\s")  # back to the plan, now for the edited config
     child.expect_exact("[q]uit [t]: ")
     child.sendline("t")
-    child.expect(r"The same run from the command line: just train .*steps=12")
+    child.expect(r"The same run from the command line: just train .*steps=6")
     child.expect(r"final: val loss")
     child.expect_exact("Write with the model now? [Y/n]: ")
     child.sendline("")
@@ -251,7 +251,7 @@ def test_guided_mode_from_data_to_writing(env, corpus, tmp_path):
     child.expect_exact("> ")
     child.sendline("/quit")
     assert _finish(child) == 0
-    assert (tmp_path / "run" / "checkpoints" / "12").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "6").is_dir()
 
 
 # The training display through a pipe.

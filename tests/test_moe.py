@@ -353,7 +353,7 @@ def test_train_generate_inspect_on_a_moe_run_dir(tmp_path):
         (corpus / f"{doc}.txt").write_text("\n".join(lines))
     run_dir = tmp_path / "run"
     env = {**os.environ, "PUFFERFISH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    train = subprocess.run([sys.executable, "-m", "pufferfish_jax", "train", "steps=20", f"run_dir={run_dir}",
+    train = subprocess.run([sys.executable, "-m", "pufferfish_jax", "train", "steps=10", f"run_dir={run_dir}",
                             f"data.corpus={corpus}", "data.vocab_size=300", "model.num_layers=2", "model.d_model=32",
                             "model.num_heads=4", "model.num_kv_heads=2", "model.seq_len=32", "train.batch_size=4",
                             "train.log_every=5", "moe.num_experts=4", "moe.layers=after_first", "moe.bias_update_rate=0.01"],

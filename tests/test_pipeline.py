@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import story_text
 
 from pipelines.command import build, main
 from pufferfish_jax import session
@@ -18,8 +19,6 @@ from pipelines.stages import STAGE_NAMES, STAGES, Interrupted, stage_names
 from pufferfish_jax.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the river ran past the old mill and the miller sang of bread and stone while children "
-         "played by the water under a grey sky and the town slept through the long winter night").split()
 CONFIG = '''
 from pufferfish_jax.config import defaults
 
@@ -47,22 +46,11 @@ def get_config():
 '''
 
 
-def _text(sentences: int, offset: int = 0) -> str:
-    lines = []
-    for i in range(offset, offset + sentences):
-        start = (i * 7) % len(WORDS)
-        words = WORDS[start:] + WORDS[:start]
-        lines.append(" ".join(words[: 8 + i % 9]).capitalize() + ".")
-        if i % 12 == 11:
-            lines.append("")
-    return "\n".join(lines)
-
-
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    (tmp / "corpus.txt").write_text(_text(1500))
-    (tmp / "other.txt").write_text(_text(300, offset=5000))
+    (tmp / "corpus.txt").write_text(story_text(1500))
+    (tmp / "other.txt").write_text(story_text(300, offset=5000))
     path = tmp / "tiny.py"
     path.write_text(CONFIG.format(corpus=tmp / "corpus.txt", other=tmp / "other.txt"))
     with pytest.MonkeyPatch.context() as mp:
@@ -163,10 +151,10 @@ def test_a_change_reaches_exactly_the_stages_that_depend_on_it(config, overrides
 
 def test_editing_a_data_file_reruns_from_the_corpus_stage(config, tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(_text(100))
+    corpus.write_text(story_text(100))
     cfg, user_keys, _ = build([str(config), f"data.corpus={corpus}"])
     before = fingerprints(STAGES, cfg, user_keys)
-    corpus.write_text(_text(101))
+    corpus.write_text(story_text(101))
     assert fingerprints(STAGES, cfg, user_keys)["corpus"] != before["corpus"]
 
 

@@ -207,6 +207,7 @@ def test_memory_fit_turns_on_remat_then_refuses():
                             memory_limit=limit, clock=lambda: 1000.0)
 
 
+@pytest.mark.slow  # compiles and runs a train step in a fresh process
 def test_measured_compile_is_the_persistent_cache_read_back(tmp_path):
     """The plan's compile is what the run pays: measuring fills the persistent compilation cache,
     so a training run of that shape only reads the executable back."""

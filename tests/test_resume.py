@@ -1,6 +1,5 @@
 """Crash-proof training: SIGKILL and resume gives bit-identical parameters; SIGINT saves and exits."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -8,6 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL, TINY_STEPS, fitted_budget
+
+from pufferfish_jax.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["steps=150", "data.corpus=shakespeare", "data.vocab_size=512", "model.num_layers=2", "model.d_model=64",
@@ -15,13 +17,12 @@ ARGS = ["steps=150", "data.corpus=shakespeare", "data.vocab_size=512", "model.nu
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, command_env):
     # The built-in corpus is faked by a local file so that no download is needed.
     corpus = tmp_path_factory.mktemp("data") / "plays.txt"
     corpus.write_text("\n\n".join(f"Scene {i}. " + "To be, or not to be, that is the question. " * (5 + i % 7)
                                   + "Whether 'tis nobler in the mind to suffer. " * (i % 5) for i in range(400)))
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "PUFFERFISH_CACHE": str(cache), "PYTHONPATH": str(ROOT)}, str(corpus)
+    return command_env, str(corpus)
 
 
 def _cmd(run_dir, corpus, *extra):
@@ -82,15 +83,16 @@ def test_sigint_saves_and_says_how_to_resume(env, tmp_path):
     assert steps and max(steps) > 0
 
 
-def test_resume_refusals(env, tmp_path):
-    env, corpus = env
-    run_dir = tmp_path / "run"
-    subprocess.run(_cmd(run_dir, corpus, "steps=3"), cwd=ROOT, env=env, check=True, capture_output=True)
-    for extra, fragment in [(["steps=3", "resume=never"], "already has checkpoints"),
-                            (["steps=3", "model.d_model=32"], "was trained with model.d_model=64")]:
-        result = subprocess.run(_cmd(run_dir, corpus, *extra), cwd=ROOT, env=env, capture_output=True, text=True)
-        assert result.returncode == 2 and fragment in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+@pytest.mark.slow  # the shared trained run
+def test_resume_refusals(trained_run_copy, corpus_file, session_cache, capsys, monkeypatch):
+    monkeypatch.setenv("PUFFERFISH_CACHE", str(session_cache))
+    same = ["train", f"steps={TINY_STEPS}", f"data.corpus={corpus_file}", *TINY_MODEL, f"run_dir={trained_run_copy}"]
+    for extra, fragment in [(["resume=never"], "already has checkpoints"),
+                            (["model.d_model=64"], "was trained with model.d_model=32")]:
+        capsys.readouterr()
+        assert main([*same, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.slow
@@ -98,8 +100,9 @@ def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     """SIGINT mid-run, a pause, then the same command: the two attempts together use at most the
     budget (the pause is not charged), and the run ends with a final eval."""
     env, corpus = env
-    run_dir, budget = tmp_path / "run", 30.0
-    args = _cmd(run_dir, corpus, "budget=30s", "steps=0", "budget.planner=none")
+    run_dir = tmp_path / "run"
+    budget = fitted_budget(_cmd(run_dir, corpus, "steps=0", "budget.planner=none")[4:], 12, env)
+    args = _cmd(run_dir, corpus, f"budget={budget}s", "steps=0", "budget.planner=none")
     first_start = time.time()
     process = subprocess.Popen(args, cwd=ROOT, env={**env, "PUFFERFISH_T0": repr(first_start)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,18 +124,20 @@ def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     assert first_wall + second_wall <= budget + 3.0, (first_wall, second_wall)
 
 
-def test_attempt_killed_before_its_first_checkpoint_starts_over(env, tmp_path):
-    env, corpus = env
+@pytest.mark.slow  # trains
+def test_attempt_killed_before_its_first_checkpoint_starts_over(corpus_file, session_cache, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.setenv("PUFFERFISH_CACHE", str(session_cache))
+    args = ["train", "steps=3", f"data.corpus={corpus_file}", *TINY_MODEL]
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a save cut short
     (run_dir / "config.json").write_text("{}")
     (run_dir / "metrics.jsonl").write_text('{"event": "eval"}\n')
-    result = subprocess.run(_cmd(run_dir, corpus, "steps=3"), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main([*args, f"run_dir={run_dir}"]) == 0, capsys.readouterr().err[-2000:]
     assert '"final": true' in (run_dir / "metrics.jsonl").read_text()
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    result = subprocess.run(_cmd(foreign, corpus, "steps=3"), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 2 and "not an empty folder" in result.stderr
+    capsys.readouterr()
+    assert main([*args, f"run_dir={foreign}"]) == 2 and "not an empty folder" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
