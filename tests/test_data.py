@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from pufferfish_jax.budget.planner import BATCH_SIZES
 from pufferfish_jax.data import builtin, corpora, pipeline, tokenizer
 from pufferfish_jax.data.corpora import load_documents, split_documents
 from pufferfish_jax.errors import DataError
@@ -292,6 +293,36 @@ def test_each_epoch_is_a_fresh_shuffle_of_the_same_window_subset(num_windows):
     if num_windows:
         other = take(train_batches(TOKENS, seq_len=SEQ, batch_size=BATCH, seed=1, num_windows=12), 3)
         assert {w for b in other for w in window_ids(b)} != subset
+
+
+def rows_window_ids(batch: np.ndarray) -> list[int]:
+    """Like window_ids for a batch of any number of rows."""
+    assert batch.ndim == 2 and batch.shape[1] == SEQ + 1 and batch.dtype == np.int32
+    assert (np.diff(batch, axis=1) == 1).all() and (batch[:, 0] % SEQ == 0).all()
+    return (batch[:, 0] // SEQ).tolist()
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_every_planner_batch_size_yields_whole_epochs_and_parts_that_add_up(batch_size):
+    """Batch 1 (and any one-row part) once overflowed grain's length of the endless stream."""
+    n = num_windows_available(TOKENS, SEQ)
+    steps = max(2, -(-2 * n // batch_size))  # at least two batches and two epochs of windows
+    run = take(train_batches(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5), steps)
+    assert all(b.shape == (batch_size, SEQ + 1) for b in run)
+    order = [w for b in run for w in rows_window_ids(b)]
+    for e in range(len(order) // n):  # every whole epoch is each window exactly once
+        assert sorted(order[e * n:(e + 1) * n]) == list(range(n))
+    for k in sorted({0, 1, steps - 1}):
+        assert (batch_at(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5, step=k) == run[k]).all()
+    for count in sorted({c for c in (2, batch_size) if batch_size % c == 0}):  # halves, one-row parts
+        for k in (sorted({0, steps - 1}) if count == 2 else [steps - 1]):
+            parts = [batch_at(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5, step=k, part=(i, count))
+                     for i in range(count)]
+            assert all(p.shape == (batch_size // count, SEQ + 1) for p in parts)
+            assert (np.concatenate(parts) == run[k]).all()
+        last = take(train_batches(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5, start_step=steps - 1,
+                                  part=(count - 1, count)), 1)[0]
+        assert (last == run[-1][-(batch_size // count):]).all()
 
 
 def test_batch_errors_are_data_errors():

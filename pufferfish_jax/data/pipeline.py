@@ -221,6 +221,12 @@ def _batch_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
     every batch: batch k is windows [k * batch_size, (k + 1) * batch_size) of one shuffled stream,
     so the parts of all processes put together are the one-process batch, and each process reads
     only its own windows.
+
+    The batches drop their remainder: the stream is endless (sys.maxsize windows), and grain sizes
+    a batched dataset as math.ceil(len / b) in floating point unless it drops the remainder, which
+    for a part of one row rounds to 2**63, past an index-sized int, so slicing it raised
+    OverflowError (batch 1, or any batch split into one-row parts). Floor division is exact, and
+    the one batch it drops lies past any step a run can reach.
     """
     available = num_windows_available(tokens, seq_len)
     index, count = part
@@ -237,7 +243,7 @@ def _batch_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
     window_ids = (np.random.default_rng(subset_seed).permutation(available)[:num_windows]
                   if num_windows else np.arange(available))
     source = grain.MapDataset.source(_Windows(tokens, seq_len, window_ids))
-    return source.shuffle(int(order_seed)).repeat().batch(batch_size // count)[index::count]
+    return source.shuffle(int(order_seed)).repeat().batch(batch_size // count, drop_remainder=True)[index::count]
 
 
 def batch_at(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, step: int,
