@@ -39,9 +39,14 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def budget_run(tmp_path_factory, env):
+def corpus(tmp_path_factory):
+    """One corpus for the module's training runs, so they share its tokenizer and token cache."""
+    return _corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory, env, corpus):
     tmp = tmp_path_factory.mktemp("e2e")
-    corpus = _corpus(tmp / "corpus.txt")
     run_dir = tmp / "run"
     budget = 40.0
     started = time.time()
@@ -69,6 +74,18 @@ def test_budgeted_train_ends_inside_budget_with_falling_loss(budget_run):
     assert "val bpb" in stdout and "plan" in stdout
     plan, outcome = (json.loads((run_dir / name).read_text()) for name in ("plan.json", "outcome.json"))
     assert outcome["steps"] > 0 and plan["mode"] == "budget" and "outcome" not in plan
+
+
+@pytest.mark.slow
+def test_fixed_steps_at_batch_size_one(env, corpus, tmp_path):
+    """`train steps=3 train.batch_size=1` once crashed in the data layer (grain's length overflow)."""
+    run_dir = tmp_path / "run"
+    result = _run(["train", "steps=3", "train.batch_size=1", f"data.corpus={corpus}", "data.vocab_size=512",
+                   f"run_dir={run_dir}", "model.num_layers=1", "model.d_model=32", "model.num_heads=2",
+                   "model.num_kv_heads=1", "model.seq_len=16"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads((run_dir / "outcome.json").read_text())
+    assert outcome["steps"] == 3 and outcome["tokens"] == 3 * 16 and outcome["val_bpb"] > 0
 
 
 @pytest.mark.slow
