@@ -261,7 +261,8 @@ ALL_KEYS = tuple(sorted({key.split(".")[0] for key in config_lib.HELP}))
 
 STAGES = (
     Stage("corpus", corpus, outputs=("corpus.json",),
-          keys=("data.corpus", "data.val_source", "data.val_fraction", "data.max_chars"), sources=_corpus_sources),
+          keys=("data.corpus", "data.val_source", "data.val_fraction", "data.val_min_tokens",
+                "data.max_chars"), sources=_corpus_sources),
     Stage("tokenizer", tokenizer, outputs=("tokenizer.json",), inputs=("corpus",),
           keys=("data.vocab_size", "data.tokenizer"), sources=_tokenizer_sources),
     Stage("tokens", tokens, outputs=("tokens.json",), inputs=("corpus", "tokenizer")),

@@ -66,6 +66,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("data.corpus", "wiki", "Training text: wiki | shakespeare | kjv, files, folders, globs, hf:NAME; comma-separated."),
     ("data.val_source", "", "Held-out text (same syntax as corpus); '' = a split of the corpus."),
     ("data.val_fraction", 0.01, "Fraction of documents held out for validation."),
+    ("data.val_min_tokens", 50_000, "Hold out at least about this many tokens (at 4 bytes/token) of documents, at most half the corpus; 0 = off."),
     ("data.vocab_size", 8192, "Vocabulary size of the byte-level BPE trained on the corpus."),
     ("data.tokenizer", "", "Path to a tokenizer.json to use instead of training one."),
     ("data.max_chars", 0, "Use only the first N characters of the corpus; 0 = all."),
@@ -243,6 +244,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t = cfg.train
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
+    if cfg.data.val_min_tokens < 0:
+        raise ConfigError(f"data.val_min_tokens={cfg.data.val_min_tokens} must not be negative (0 = no floor)")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup_fraction < 1:

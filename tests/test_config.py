@@ -58,6 +58,7 @@ def test_unknown_key_names_closest():
     (["model.dtype=float16"], "float32 | bfloat16"),
     (["model.remat=some"], "none | full | save_dots"),
     (["steps=0"], "budget"),
+    (["data.val_min_tokens=-1"], "data.val_min_tokens=-1 must not be negative"),
 ])
 def test_validation(overrides, fragment):
     cfg = apply_overrides(defaults(), ["steps=10", *overrides])

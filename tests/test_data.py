@@ -48,7 +48,8 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 
 def data_cfg(corpus: str, **overrides) -> ml_collections.ConfigDict:
-    cfg = dict(corpus=corpus, val_source="", val_fraction=0.1, vocab_size=400, tokenizer="", max_chars=0)
+    cfg = dict(corpus=corpus, val_source="", val_fraction=0.1, val_min_tokens=0, vocab_size=400, tokenizer="",
+               max_chars=0)
     return ml_collections.ConfigDict({**cfg, **overrides})
 
 
@@ -133,6 +134,34 @@ def test_split_is_by_content_hash_deterministic_and_order_independent():
         with pytest.raises(DataError) as excinfo:
             split_documents(bad, 0.1)
         assert_one_line_data_error(excinfo)
+
+
+def doc_bytes(docs: list[str]) -> int:
+    """UTF-8 bytes plus one per document (its end-of-text token), as the split counts them."""
+    return sum(len(d.encode()) + 1 for d in docs)
+
+
+def test_split_holds_out_a_floor_of_tokens_in_hash_order_up_to_half_the_corpus():
+    docs = docs_fixture(300)
+    total = doc_bytes(docs)
+    largest = max(len(d.encode()) + 1 for d in docs)
+    by_fraction = split_documents(docs, 0.01)[1]
+    assert doc_bytes(by_fraction) < total / 20  # the fraction alone holds out little
+    tokens = total // 4 // 5  # a fifth of the corpus at 4 bytes per token
+    train, val = split_documents(docs, 0.01, val_min_tokens=tokens)
+    assert tokens * 4 <= doc_bytes(val) < tokens * 4 + largest  # the fewest documents reaching the floor
+    assert set(by_fraction) <= set(val) and sorted(train + val) == sorted(docs)
+    hashes = {d: hashlib.sha256(d.encode()).digest() for d in docs}
+    assert max(hashes[d] for d in val) < min(hashes[d] for d in train)  # a prefix of the hash order
+    assert set(split_documents(docs[::-1], 0.01, val_min_tokens=tokens)[1]) == set(val)  # order-independent
+    train2, val2 = split_documents(docs + docs[:60], 0.01, val_min_tokens=tokens)
+    assert not set(train2) & set(val2)  # duplicates never straddle the split
+
+    capped_train, capped_val = split_documents(docs, 0.01, val_min_tokens=10**9)  # more than the corpus has
+    assert total / 2 - largest < doc_bytes(capped_val) <= total / 2 and capped_train
+    assert split_documents(docs, 0.6, val_min_tokens=10)[1] == split_documents(docs, 0.6)[1]  # floor below fraction
+    tiny_train, tiny_val = split_documents(["alpha", "beta"], 0.001, val_min_tokens=10**6)
+    assert len(tiny_train) == len(tiny_val) == 1  # half of two documents fits neither: the usual one
 
 
 def test_user_errors_are_one_line_data_errors(tmp_path, monkeypatch):
@@ -393,6 +422,10 @@ def test_prepare_data_end_to_end_and_warm_cache(tmp_path, monkeypatch):
     os.utime(corpus, ns=(mtime + 10**9, mtime + 10**9))
     changed = prepare_data(cfg, tmp_path / "cache")
     assert changed.fingerprint != cold.fingerprint
+
+    floored = prepare_data(data_cfg(str(corpus), val_min_tokens=2_000), tmp_path / "cache")
+    assert floored.fingerprint != changed.fingerprint  # the floor is part of the split's key
+    assert floored.val_bytes >= 2_000 * 4 > changed.val_bytes
 
 
 def test_prepare_data_with_separate_val_source_and_chunked_txt(tmp_path):

@@ -72,7 +72,7 @@ def _keys(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     """(split key, cache key): what fixes the train/val documents, and that plus the tokenizer."""
     split_key = _digest(_CACHE_VERSION, corpus_fingerprint(cfg.corpus),
                         corpus_fingerprint(cfg.val_source) if cfg.val_source else "",
-                        cfg.val_fraction, cfg.max_chars)
+                        cfg.val_fraction, cfg.val_min_tokens, cfg.max_chars)
     tokenizer_key = _file_digest(cfg.tokenizer) if cfg.tokenizer else [cfg.vocab_size, tokenizers.__version__]
     return split_key, _digest(split_key, tokenizer_key)
 
@@ -128,11 +128,12 @@ def _load_cached(cache_dir: Path, key: str, start: float) -> PreparedData | None
 
 def load_split(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *,
                log: Log = no_log) -> tuple[list[str], list[str]]:
-    """(train, val) documents: the corpus split by content hash, or the corpus and data.val_source."""
+    """(train, val) documents: the corpus split by content hash (at least about data.val_min_tokens
+    held out, `split_documents`), or the corpus and data.val_source."""
     docs = load_documents(data_cfg.corpus, cache_dir, max_chars=data_cfg.max_chars, log=log)
     if data_cfg.val_source:
         return docs, load_documents(data_cfg.val_source, cache_dir, max_chars=data_cfg.max_chars, log=log)
-    return split_documents(docs, data_cfg.val_fraction)
+    return split_documents(docs, data_cfg.val_fraction, data_cfg.val_min_tokens)
 
 
 def tokenizer_for(data_cfg: ml_collections.ConfigDict, train_docs: Sequence[str], cache_dir: Path, *,
