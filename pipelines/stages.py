@@ -226,7 +226,8 @@ def evaluate(ctx: Context) -> dict:
                                            batch_size=restored.cfg.train.batch_size, max_chars=ctx.cfg.eval.max_chars,
                                            val=data if source == HELD_OUT else None, log=log)
         row = {"name": name} | result.to_dict()
-        console.print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte "
+        console.print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} ± "
+                      f"{row['val_bpb_se']:.4f} (SE) bits/byte "
                       f"(unigram {row['unigram_bpb']:.4f}) over {row['tokens']:,} tokens", markup=False)
         rows.append(row)
     write_json(ctx.run_dir / "eval.json", rows)

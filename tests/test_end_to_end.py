@@ -74,6 +74,7 @@ def test_budgeted_train_ends_inside_budget_with_falling_loss(budget_run):
     assert "val bpb" in stdout and "plan" in stdout
     plan, outcome = (json.loads((run_dir / name).read_text()) for name in ("plan.json", "outcome.json"))
     assert outcome["steps"] > 0 and plan["mode"] == "budget" and "outcome" not in plan
+    assert 0 < outcome["val_bpb_se"] < outcome["val_bpb"] and final["val_bpb_se"] == outcome["val_bpb_se"]
 
 
 @pytest.mark.slow
@@ -106,6 +107,9 @@ def test_eval_reports_bpb_on_any_text(budget_run, env, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["tokens"] > 0 and 0 < report["val_bpb"] < report["unigram_bpb"]
+    assert 0 < report["val_bpb_se"] < report["val_bpb"]
+    plain = _run(["eval", str(run_dir), "--data", str(text)], env)
+    assert f"{report['val_bpb']:.4f} ± {report['val_bpb_se']:.4f} (SE) bits/byte" in plain.stdout, plain.stdout
 
 
 def test_user_errors_are_one_line(env, tmp_path):
