@@ -207,6 +207,22 @@ def from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
     return cfg
 
 
+# Keys added after runs were saved without them, and the value that reproduces how those runs
+# behaved: a saved config (run dir, checkpoint) that lacks one gets this, not today's default, so
+# its data split, hence its tokenizer and token cache, stay the ones it was trained on.
+BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0}
+
+
+def from_saved(tree: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A config saved by a run (`to_json`): `from_dict`, with BEFORE_KEY_EXISTED for missing keys."""
+    cfg = from_dict(tree)
+    for key, value in BEFORE_KEY_EXISTED.items():
+        section, name = key.split(".")
+        if name not in tree.get(section, {}):
+            cfg[section][name] = value
+    return cfg
+
+
 def load_file(path: str | Path) -> ml_collections.ConfigDict:
     """Loads `configs/X.py` (a `get_config()` returning a ConfigDict or dict) or a saved JSON."""
     path = Path(path)
@@ -217,7 +233,7 @@ def load_file(path: str | Path) -> ml_collections.ConfigDict:
             tree = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        return from_dict(tree)
+        return from_saved(tree)
     spec = importlib.util.spec_from_file_location(f"_pufferfish_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
