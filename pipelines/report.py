@@ -232,12 +232,19 @@ def _evaluation(evals: list[dict]) -> list[str]:
     lines: list[str] = []
     lines += ["## Evaluation", "",
               "Bits per byte = loss x tokens / (bytes x ln 2): comparable across tokenizers. The unigram baseline "
-              "knows only the training split's token frequencies; a model must beat it.", ""]
+              "knows only the training split's token frequencies; a model must beat it. ± is the standard error "
+              "over eval windows (taken as independent).", ""]
     lines += _table(["set", "source", "tokens", "loss (nats/token)", "bits per byte", "unigram bpb", "below unigram"],
                     [[r["name"], "the held-out split" if r["source"] == HELD_OUT else r["source"], f"{r['tokens']:,}",
-                      f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r['unigram_bpb']:.4f}",
+                      f"{r['val_loss']:.4f}", _with_se(r), f"{r['unigram_bpb']:.4f}",
                       f"{1 - r['val_bpb'] / r['unigram_bpb']:.0%}"] for r in evals])
     return lines
+
+
+def _with_se(row: dict) -> str:
+    """bits per byte ± its standard error (an eval.json written before it had one: the value alone)."""
+    se = row.get("val_bpb_se")
+    return f"{row['val_bpb']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
 def _samples(samples: dict) -> list[str]:

@@ -219,7 +219,8 @@ def evaluate(ctx: Context) -> dict:
                                            batch_size=restored.cfg.train.batch_size, max_chars=ctx.cfg.eval.max_chars,
                                            val=data if source == HELD_OUT else None, log=log)
         row = {"name": name} | result.to_dict()
-        console.print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte "
+        console.print(f"evaluate: {name}: loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} ± "
+                      f"{row['val_bpb_se']:.4f} (SE) bits/byte "
                       f"(unigram {row['unigram_bpb']:.4f}) over {row['tokens']:,} tokens", markup=False)
         rows.append(row)
     write_json(ctx.run_dir / "eval.json", rows)
@@ -254,7 +255,8 @@ ALL_KEYS = tuple(sorted({key.split(".")[0] for key in config_lib.HELP}))
 
 STAGES = (
     Stage("corpus", corpus, outputs=("corpus.json",),
-          keys=("data.corpus", "data.val_source", "data.val_fraction", "data.max_chars"), sources=_corpus_sources),
+          keys=("data.corpus", "data.val_source", "data.val_fraction", "data.val_min_tokens",
+                "data.max_chars"), sources=_corpus_sources),
     Stage("tokenizer", tokenizer, outputs=("tokenizer.json",), inputs=("corpus",),
           keys=("data.vocab_size", "data.tokenizer"), sources=_tokenizer_sources),
     Stage("tokens", tokens, outputs=("tokens.json",), inputs=("corpus", "tokenizer")),

@@ -93,6 +93,7 @@ def report(result: session.RunResult) -> int:
         return 130
     gain = 1 - outcome.final.bpb / outcome.unigram_bpb
     console.print(f"final: val loss {outcome.final.loss:.4f} nats/token, val bpb {outcome.final.bpb:.4f} "
+                  f"± {outcome.final.bpb_se:.4f} (SE) "
                   f"(unigram bpb {outcome.unigram_bpb:.4f}, {gain:.0%} below it) after {outcome.steps} steps, "
                   f"{result.wall_s:.1f}s" + (f" of {plan.budget_s:.0f}s budget" if plan.budget_s else ""))
     return 0
@@ -239,7 +240,8 @@ def cmd_eval(argv: list[str]) -> int:
         print(json.dumps({"checkpoint": str(restored.ref.root / str(restored.ref.step)), "data": args.data}
                          | result.to_dict()))
     else:
-        console.print(f"{args.data}: loss {result.val_loss:.4f} nats/token, {result.val_bpb:.4f} bits/byte "
+        console.print(f"{args.data}: loss {result.val_loss:.4f} nats/token, {result.val_bpb:.4f} ± "
+                      f"{result.val_bpb_se:.4f} (SE) bits/byte "
                       f"(unigram {result.unigram_bpb:.4f}) over {result.tokens:,} tokens")
     return 0
 

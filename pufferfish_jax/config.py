@@ -66,6 +66,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("data.corpus", "wiki", "Training text: wiki | shakespeare | kjv, files, folders, globs, hf:NAME; comma-separated."),
     ("data.val_source", "", "Held-out text (same syntax as corpus); '' = a split of the corpus."),
     ("data.val_fraction", 0.01, "Fraction of documents held out for validation."),
+    ("data.val_min_tokens", 50_000, "Hold out at least about this many tokens (at 4 bytes/token) of documents, at most half the corpus; 0 = off."),
     ("data.vocab_size", 8192, "Vocabulary size of the byte-level BPE trained on the corpus."),
     ("data.tokenizer", "", "Path to a tokenizer.json to use instead of training one."),
     ("data.max_chars", 0, "Use only the first N characters of the corpus; 0 = all."),
@@ -206,6 +207,22 @@ def from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
     return cfg
 
 
+# Keys added after runs were saved without them, and the value that reproduces how those runs
+# behaved: a saved config (run dir, checkpoint) that lacks one gets this, not today's default, so
+# its data split, hence its tokenizer and token cache, stay the ones it was trained on.
+BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0}
+
+
+def from_saved(tree: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A config saved by a run (`to_json`): `from_dict`, with BEFORE_KEY_EXISTED for missing keys."""
+    cfg = from_dict(tree)
+    for key, value in BEFORE_KEY_EXISTED.items():
+        section, name = key.split(".")
+        if name not in tree.get(section, {}):
+            cfg[section][name] = value
+    return cfg
+
+
 def load_file(path: str | Path) -> ml_collections.ConfigDict:
     """Loads `configs/X.py` (a `get_config()` returning a ConfigDict or dict) or a saved JSON."""
     path = Path(path)
@@ -216,7 +233,7 @@ def load_file(path: str | Path) -> ml_collections.ConfigDict:
             tree = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        return from_dict(tree)
+        return from_saved(tree)
     spec = importlib.util.spec_from_file_location(f"_pufferfish_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -243,6 +260,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t = cfg.train
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
+    if cfg.data.val_min_tokens < 0:
+        raise ConfigError(f"data.val_min_tokens={cfg.data.val_min_tokens} must not be negative (0 = no floor)")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup_fraction < 1:

@@ -139,7 +139,7 @@ class _Run:
         self.record_eval(first)
 
     def record_eval(self, result: EvalResult, **extra) -> None:
-        self.metrics.write("eval", step=self.step, val_loss=result.loss, val_bpb=result.bpb,
+        self.metrics.write("eval", step=self.step, val_loss=result.loss, val_bpb=result.bpb, val_bpb_se=result.bpb_se,
                            tokens=self.step * self.tokens_per_step, **extra)
         if not extra.get("final"):  # the dashboard is closed before the final eval
             self.display.record_eval(self.step, result.loss, result.bpb)

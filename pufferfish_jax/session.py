@@ -210,7 +210,8 @@ def _finish(run_dir: Path, plan: Plan, outcome: loop.Outcome, *, wall_s: float) 
     """Writes outcome.json (process 0) once the run has finished; an interrupted run has none."""
     if not outcome.interrupted and sharding.is_primary():
         record = {"wall_s": wall_s, "budget_s": plan.budget_s, "steps": outcome.steps, "tokens": outcome.tokens,
-                  "val_loss": outcome.final.loss, "val_bpb": outcome.final.bpb, "unigram_bpb": outcome.unigram_bpb}
+                  "val_loss": outcome.final.loss, "val_bpb": outcome.final.bpb, "val_bpb_se": outcome.final.bpb_se,
+                  "unigram_bpb": outcome.unigram_bpb}
         (run_dir / "outcome.json").write_text(json.dumps(record, indent=2))
     return RunResult(run_dir, plan, outcome, wall_s)
 
@@ -296,7 +297,8 @@ class TextEval:
     unigram_bpb is the one baseline everywhere (training, `eval`, the pipeline): the bits per byte
     on this text of a unigram model fitted on the checkpoint's *training split* with the same
     tokenizer (`data.pipeline.unigram_bpb`). A model that has learned anything beyond token
-    frequencies is below it.
+    frequencies is below it. val_bpb_se is the standard error of val_bpb over the text's eval
+    windows (`train.evaluate.window_loss`): differences much smaller than it are noise.
     """
 
     source: str
@@ -304,6 +306,7 @@ class TextEval:
     bytes: int
     val_loss: float
     val_bpb: float
+    val_bpb_se: float
     unigram_bpb: float
 
     def to_dict(self) -> dict:
@@ -328,5 +331,5 @@ def evaluate_text(restored: Restored, source: str, *, train_tokens: np.ndarray, 
     spec = restored.spec
     result = evaluate(make_eval_step(spec, mesh), restored.state.variables, stream, num_bytes, seq_len=spec.seq_len,
                       batch_size=batch_size, mesh=mesh)
-    return TextEval(source, result.tokens, int(num_bytes), result.loss, result.bpb,
+    return TextEval(source, result.tokens, int(num_bytes), result.loss, result.bpb, result.bpb_se,
                     unigram_bpb(train_tokens, stream, num_bytes, spec.vocab_size))

@@ -58,6 +58,7 @@ def test_unknown_key_names_closest():
     (["model.dtype=float16"], "float32 | bfloat16"),
     (["model.remat=some"], "none | full | save_dots"),
     (["steps=0"], "budget"),
+    (["data.val_min_tokens=-1"], "data.val_min_tokens=-1 must not be negative"),
 ])
 def test_validation(overrides, fragment):
     cfg = apply_overrides(defaults(), ["steps=10", *overrides])
@@ -83,3 +84,17 @@ def test_python_config_files_load():
     for path in sorted((Path(__file__).parent.parent / "configs").glob("*.py")):
         cfg = config_lib.load_file(path)
         assert set(config_lib.flatten(cfg)) == set(config_lib.HELP)
+
+
+def test_a_config_saved_before_a_key_existed_keeps_its_old_behaviour(tmp_path):
+    """A run dir saved before data.val_min_tokens split its data without a floor; resuming or
+    evaluating it must rebuild that split (and its tokenizer), not today's default."""
+    cfg = apply_overrides(defaults(), ["steps=3", "data.val_min_tokens=1234"])
+    tree = json.loads(config_lib.to_json(cfg))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tree))
+    assert config_lib.load_file(path).data.val_min_tokens == 1234
+    del tree["data"]["val_min_tokens"]
+    path.write_text(json.dumps(tree))
+    assert config_lib.load_file(path).data.val_min_tokens == 0
+    assert config_lib.from_dict(tree).data.val_min_tokens == defaults().data.val_min_tokens == 50_000

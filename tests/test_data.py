@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import sentences
 
+from pufferfish_jax.budget.planner import BATCH_SIZES
 from pufferfish_jax.data import builtin, corpora, pipeline, tokenizer
 from pufferfish_jax.data.corpora import load_documents, split_documents
 from pufferfish_jax.errors import DataError
@@ -36,7 +37,8 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 
 def data_cfg(corpus: str, **overrides) -> ml_collections.ConfigDict:
-    cfg = dict(corpus=corpus, val_source="", val_fraction=0.1, vocab_size=400, tokenizer="", max_chars=0)
+    cfg = dict(corpus=corpus, val_source="", val_fraction=0.1, val_min_tokens=0, vocab_size=400, tokenizer="",
+               max_chars=0)
     return ml_collections.ConfigDict({**cfg, **overrides})
 
 
@@ -121,6 +123,34 @@ def test_split_is_by_content_hash_deterministic_and_order_independent():
         with pytest.raises(DataError) as excinfo:
             split_documents(bad, 0.1)
         assert_one_line_data_error(excinfo)
+
+
+def doc_bytes(docs: list[str]) -> int:
+    """UTF-8 bytes plus one per document (its end-of-text token), as the split counts them."""
+    return sum(len(d.encode()) + 1 for d in docs)
+
+
+def test_split_holds_out_a_floor_of_tokens_in_hash_order_up_to_half_the_corpus():
+    docs = docs_fixture(300)
+    total = doc_bytes(docs)
+    largest = max(len(d.encode()) + 1 for d in docs)
+    by_fraction = split_documents(docs, 0.01)[1]
+    assert doc_bytes(by_fraction) < total / 20  # the fraction alone holds out little
+    tokens = total // 4 // 5  # a fifth of the corpus at 4 bytes per token
+    train, val = split_documents(docs, 0.01, val_min_tokens=tokens)
+    assert tokens * 4 <= doc_bytes(val) < tokens * 4 + largest  # the fewest documents reaching the floor
+    assert set(by_fraction) <= set(val) and sorted(train + val) == sorted(docs)
+    hashes = {d: hashlib.sha256(d.encode()).digest() for d in docs}
+    assert max(hashes[d] for d in val) < min(hashes[d] for d in train)  # a prefix of the hash order
+    assert set(split_documents(docs[::-1], 0.01, val_min_tokens=tokens)[1]) == set(val)  # order-independent
+    train2, val2 = split_documents(docs + docs[:60], 0.01, val_min_tokens=tokens)
+    assert not set(train2) & set(val2)  # duplicates never straddle the split
+
+    capped_train, capped_val = split_documents(docs, 0.01, val_min_tokens=10**9)  # more than the corpus has
+    assert total / 2 - largest < doc_bytes(capped_val) <= total / 2 and capped_train
+    assert split_documents(docs, 0.6, val_min_tokens=10)[1] == split_documents(docs, 0.6)[1]  # floor below fraction
+    tiny_train, tiny_val = split_documents(["alpha", "beta"], 0.001, val_min_tokens=10**6)
+    assert len(tiny_train) == len(tiny_val) == 1  # half of two documents fits neither: the usual one
 
 
 def test_user_errors_are_one_line_data_errors(tmp_path, monkeypatch):
@@ -283,6 +313,36 @@ def test_each_epoch_is_a_fresh_shuffle_of_the_same_window_subset(num_windows):
         assert {w for b in other for w in window_ids(b)} != subset
 
 
+def rows_window_ids(batch: np.ndarray) -> list[int]:
+    """Like window_ids for a batch of any number of rows."""
+    assert batch.ndim == 2 and batch.shape[1] == SEQ + 1 and batch.dtype == np.int32
+    assert (np.diff(batch, axis=1) == 1).all() and (batch[:, 0] % SEQ == 0).all()
+    return (batch[:, 0] // SEQ).tolist()
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_every_planner_batch_size_yields_whole_epochs_and_parts_that_add_up(batch_size):
+    """Batch 1 (and any one-row part) once overflowed grain's length of the endless stream."""
+    n = num_windows_available(TOKENS, SEQ)
+    steps = max(2, -(-2 * n // batch_size))  # at least two batches and two epochs of windows
+    run = take(train_batches(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5), steps)
+    assert all(b.shape == (batch_size, SEQ + 1) for b in run)
+    order = [w for b in run for w in rows_window_ids(b)]
+    for e in range(len(order) // n):  # every whole epoch is each window exactly once
+        assert sorted(order[e * n:(e + 1) * n]) == list(range(n))
+    for k in sorted({0, 1, steps - 1}):
+        assert (batch_at(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5, step=k) == run[k]).all()
+    for count in sorted({c for c in (2, batch_size) if batch_size % c == 0}):  # halves, one-row parts
+        for k in (sorted({0, steps - 1}) if count == 2 else [steps - 1]):
+            parts = [batch_at(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5, step=k, part=(i, count))
+                     for i in range(count)]
+            assert all(p.shape == (batch_size // count, SEQ + 1) for p in parts)
+            assert (np.concatenate(parts) == run[k]).all()
+        last = take(train_batches(TOKENS, seq_len=SEQ, batch_size=batch_size, seed=5, start_step=steps - 1,
+                                  part=(count - 1, count)), 1)[0]
+        assert (last == run[-1][-(batch_size // count):]).all()
+
+
 def test_batch_errors_are_data_errors():
     for kwargs in (dict(seq_len=SEQ, num_windows=31), dict(seq_len=10_000), dict(seq_len=SEQ, seed=-1)):
         with pytest.raises(DataError) as excinfo:
@@ -351,6 +411,10 @@ def test_prepare_data_end_to_end_and_warm_cache(tmp_path, monkeypatch):
     os.utime(corpus, ns=(mtime + 10**9, mtime + 10**9))
     changed = prepare_data(cfg, tmp_path / "cache")
     assert changed.fingerprint != cold.fingerprint
+
+    floored = prepare_data(data_cfg(str(corpus), val_min_tokens=2_000), tmp_path / "cache")
+    assert floored.fingerprint != changed.fingerprint  # the floor is part of the split's key
+    assert floored.val_bytes >= 2_000 * 4 > changed.val_bytes
 
 
 def test_prepare_data_with_separate_val_source_and_chunked_txt(tmp_path):

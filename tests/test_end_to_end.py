@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from conftest import budget_hint, run_command, story_corpus
@@ -12,12 +13,17 @@ BUDGET_S = 24
 
 
 @pytest.fixture(scope="module")
-def budget_run(tmp_path_factory, command_env):
+def corpus(tmp_path_factory) -> Path:
+    """One corpus for the module's training runs, so they share its tokenizer and token cache."""
+    return story_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", sentences=1500)
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory, command_env, corpus):
     """`train budget=24s` from a fresh process. Where this CPU cannot fit the smallest plan in that
     budget the planner refuses with `try budget=Ns`; the run is then repeated once with N, so the
     test checks the budget on any machine instead of failing on a slow one."""
     tmp = tmp_path_factory.mktemp("e2e")
-    corpus = story_corpus(tmp / "corpus.txt", sentences=1500)
     budget = BUDGET_S
     for attempt in (1, 2):
         run_dir = tmp / f"run{attempt}"
@@ -51,6 +57,19 @@ def test_budgeted_train_ends_inside_budget_with_falling_loss(budget_run):
     assert "val bpb" in stdout and "plan" in stdout
     plan, outcome = (json.loads((run_dir / name).read_text()) for name in ("plan.json", "outcome.json"))
     assert outcome["steps"] > 0 and plan["mode"] == "budget" and "outcome" not in plan
+    assert 0 < outcome["val_bpb_se"] < outcome["val_bpb"] and final["val_bpb_se"] == outcome["val_bpb_se"]
+
+
+@pytest.mark.slow
+def test_fixed_steps_at_batch_size_one(command_env, corpus, tmp_path):
+    """`train steps=3 train.batch_size=1` once crashed in the data layer (grain's length overflow)."""
+    run_dir = tmp_path / "run"
+    result = run_command(["train", "steps=3", "train.batch_size=1", f"data.corpus={corpus}", "data.vocab_size=512",
+                          f"run_dir={run_dir}", "model.num_layers=1", "model.d_model=32", "model.num_heads=2",
+                          "model.num_kv_heads=1", "model.seq_len=16"], command_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads((run_dir / "outcome.json").read_text())
+    assert outcome["steps"] == 3 and outcome["tokens"] == 3 * 16 and outcome["val_bpb"] > 0
 
 
 @pytest.mark.slow
@@ -71,6 +90,9 @@ def test_eval_reports_bpb_on_any_text(budget_run, command_env, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["tokens"] > 0 and 0 < report["val_bpb"] < report["unigram_bpb"]
+    assert 0 < report["val_bpb_se"] < report["val_bpb"]
+    plain = run_command(["eval", str(run_dir), "--data", str(text)], command_env)
+    assert f"{report['val_bpb']:.4f} ± {report['val_bpb_se']:.4f} (SE) bits/byte" in plain.stdout, plain.stdout
 
 
 @pytest.mark.slow  # four fresh processes of the real command

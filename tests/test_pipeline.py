@@ -123,10 +123,13 @@ def test_report_contents_match_what_the_stages_measured(config, first):
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
     for r in evals:
         cells = [c.strip() for c in rows[r["name"]].strip("|").split("|")]
-        assert cells[2:6] == [f"{r['tokens']:,}", f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r['unigram_bpb']:.4f}"]
+        assert cells[2:6] == [f"{r['tokens']:,}", f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f} ± {r['val_bpb_se']:.4f}",
+                              f"{r['unigram_bpb']:.4f}"]
+        assert 0 < r["val_bpb_se"] < r["val_bpb"]
     # The evaluate stage's held-out score is the training run's own final eval, recomputed.
     outcome = json.loads((run_dir / "train" / "outcome.json").read_text())
     assert evals[0]["val_bpb"] == pytest.approx(outcome["val_bpb"], rel=1e-5)
+    assert evals[0]["val_bpb_se"] == pytest.approx(outcome["val_bpb_se"], rel=1e-4)
     assert f"{outcome['steps']:,}" in rows["steps"]
     for s in json.loads((run_dir / "samples.json").read_text())["samples"]:
         assert s["new_tokens"] >= 4 and s["prompt"] + s["continuation"] in report

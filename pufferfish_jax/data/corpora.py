@@ -199,24 +199,53 @@ def load_documents(spec: str, cache_dir: Path, *, max_chars: int = 0, log: Log =
     return docs
 
 
-def _unit_hash(text: str) -> float:
-    """sha256 of the text mapped to [0, 1)."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+# Held-out text is counted in tokens but split as documents, before any tokenizer exists: a
+# byte-level BPE of a few thousand tokens averages about 4 UTF-8 bytes per token on English text.
+BYTES_PER_TOKEN = 4
+# The floor on held-out text never takes more than this share of the corpus's bytes: training keeps its text.
+MAX_VAL_SHARE = 0.5
 
 
-def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+def _unit_hash(data: bytes) -> float:
+    """sha256 of the bytes mapped to [0, 1)."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2**64
+
+
+def _floor_threshold(u: np.ndarray, size: np.ndarray, min_bytes: float) -> float:
+    """The smallest hash threshold t whose documents (u <= t) hold at least `min_bytes`, or as
+    many as fit in MAX_VAL_SHARE of all bytes; -1 when not even one document fits.
+
+    Taking documents in hash order keeps the floor deterministic and order independent: the
+    held-out set is always a prefix of one fixed order, so a grown corpus moves only its edge."""
+    order = np.argsort(u, kind="stable")
+    cumulative = np.cumsum(size[order])
+    reaching = int(np.searchsorted(cumulative, min_bytes)) + 1  # documents to reach min_bytes
+    fitting = int(np.searchsorted(cumulative, MAX_VAL_SHARE * cumulative[-1], side="right"))
+    count = min(reaching, fitting, len(u))
+    return float(u[order[count - 1]]) if count else -1.0
+
+
+def split_documents(docs: Sequence[str], val_fraction: float,
+                    val_min_tokens: int = 0) -> tuple[list[str], list[str]]:
     """(train, val) split by document content hash; both non-empty; input order kept within each.
 
-    A document's side depends only on its own text, not on order, seed or the other documents: the
-    val set is stable when a corpus is reordered or grows, and duplicates never straddle the split.
+    A document is held out when its hash is below val_fraction, or below the threshold that
+    holds out about `val_min_tokens` tokens (BYTES_PER_TOKEN bytes each, counting one byte per
+    document for its end-of-text token) but at most MAX_VAL_SHARE of the corpus. Without the
+    floor a document's side depends only on its own text; with it, also on the corpus (the
+    threshold), but never on order or seed, and duplicates never straddle the split.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. data.val_fraction=0.01)")
     if len(docs) < 2:
         raise DataError(f"need at least 2 documents to hold out validation text, got {len(docs)}; "
                         "add text or set data.val_source")
-    u = np.array([_unit_hash(d) for d in docs])
+    encoded = [d.encode("utf-8") for d in docs]
+    u = np.array([_unit_hash(e) for e in encoded])
     is_val = u < val_fraction
+    if val_min_tokens > 0:
+        size = np.array([len(e) + 1 for e in encoded], np.float64)
+        is_val |= u <= _floor_threshold(u, size, val_min_tokens * BYTES_PER_TOKEN)
     if not is_val.any():  # small corpus: hold out the document(s) closest to the threshold
         is_val = u == u.min()
     if is_val.all():

@@ -72,7 +72,7 @@ def _keys(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     """(split key, cache key): what fixes the train/val documents, and that plus the tokenizer."""
     split_key = _digest(_CACHE_VERSION, corpus_fingerprint(cfg.corpus),
                         corpus_fingerprint(cfg.val_source) if cfg.val_source else "",
-                        cfg.val_fraction, cfg.max_chars)
+                        cfg.val_fraction, cfg.val_min_tokens, cfg.max_chars)
     tokenizer_key = _file_digest(cfg.tokenizer) if cfg.tokenizer else [cfg.vocab_size, tokenizers.__version__]
     return split_key, _digest(split_key, tokenizer_key)
 
@@ -128,11 +128,12 @@ def _load_cached(cache_dir: Path, key: str, start: float) -> PreparedData | None
 
 def load_split(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *,
                log: Log = no_log) -> tuple[list[str], list[str]]:
-    """(train, val) documents: the corpus split by content hash, or the corpus and data.val_source."""
+    """(train, val) documents: the corpus split by content hash (at least about data.val_min_tokens
+    held out, `split_documents`), or the corpus and data.val_source."""
     docs = load_documents(data_cfg.corpus, cache_dir, max_chars=data_cfg.max_chars, log=log)
     if data_cfg.val_source:
         return docs, load_documents(data_cfg.val_source, cache_dir, max_chars=data_cfg.max_chars, log=log)
-    return split_documents(docs, data_cfg.val_fraction)
+    return split_documents(docs, data_cfg.val_fraction, data_cfg.val_min_tokens)
 
 
 def tokenizer_for(data_cfg: ml_collections.ConfigDict, train_docs: Sequence[str], cache_dir: Path, *,
@@ -221,6 +222,12 @@ def _batch_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
     every batch: batch k is windows [k * batch_size, (k + 1) * batch_size) of one shuffled stream,
     so the parts of all processes put together are the one-process batch, and each process reads
     only its own windows.
+
+    The batches drop their remainder: the stream is endless (sys.maxsize windows), and grain sizes
+    a batched dataset as math.ceil(len / b) in floating point unless it drops the remainder, which
+    for a part of one row rounds to 2**63, past an index-sized int, so slicing it raised
+    OverflowError (batch 1, or any batch split into one-row parts). Floor division is exact, and
+    the one batch it drops lies past any step a run can reach.
     """
     available = num_windows_available(tokens, seq_len)
     index, count = part
@@ -237,7 +244,7 @@ def _batch_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
     window_ids = (np.random.default_rng(subset_seed).permutation(available)[:num_windows]
                   if num_windows else np.arange(available))
     source = grain.MapDataset.source(_Windows(tokens, seq_len, window_ids))
-    return source.shuffle(int(order_seed)).repeat().batch(batch_size // count)[index::count]
+    return source.shuffle(int(order_seed)).repeat().batch(batch_size // count, drop_remainder=True)[index::count]
 
 
 def batch_at(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, step: int,

@@ -88,7 +88,7 @@ def load_metadata(ref: CheckpointRef) -> tuple[ml_collections.ConfigDict, str]:
         except Exception as e:  # Orbax raises many types for a damaged folder.
             raise CheckpointError(f"checkpoint {ref.root / str(ref.step)} is unreadable: {type(e).__name__}: {e}".splitlines()[0]) from None
     try:
-        cfg = config_lib.from_dict(got.config)
+        cfg = config_lib.from_saved(got.config)
     except config_lib.ConfigError as e:
         raise CheckpointError(f"checkpoint {ref.root / str(ref.step)} has an invalid config: {e}") from None
     return cfg, json.dumps(got.tokenizer)

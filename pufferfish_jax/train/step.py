@@ -99,13 +99,16 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation, gr
 
 
 def make_eval_step(spec: ModelSpec, mesh: Mesh) -> Callable:
-    """Returns jitted `eval_step(variables, window_BT1, mask_BT) -> (sum of nll, token count)`."""
+    """Returns jitted `eval_step(variables, window_BT1, mask_BT) -> (nll_B, count_B)`: each row's
+    summed masked nll and token count, float32. Per row, not per batch, so evaluation can measure
+    the spread over windows (its standard error); the [B] results are replicated, so every
+    process of a multi-host run can read all of them."""
 
     def eval_step(variables, window_BT1, mask_BT):
         with sharding.activation_sharding(mesh):
             nll_BT = token_nll(variables, spec, window_BT1)
-            return (nll_BT * mask_BT).sum(), mask_BT.sum()
+            return (nll_BT * mask_BT).sum(axis=1), mask_BT.sum(axis=1)
 
-    rows, scalar = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     variables = state_shardings(spec, optax.identity(), mesh).variables  # no optimizer: params and biases only
-    return jax.jit(eval_step, in_shardings=(variables, rows, rows), out_shardings=(scalar, scalar))
+    return jax.jit(eval_step, in_shardings=(variables, rows, rows), out_shardings=(replicated, replicated))
