@@ -152,8 +152,7 @@ class _Run:
         step_s = self.step_s() if len(self.intervals) >= 3 else self.plan.step_s
         reserve = deadline_lib.after_training_s(self.spec, eval_s_per_token=self.eval_s_per_token,
                                                 val_tokens=len(self.data.val_tokens), budget_s=self.plan.budget_s,
-                                                margin=self.cfg.budget.margin,
-                                                slowdown=step_s / self.plan.step_s if self.plan.step_s else 1.0)
+                                                margin=self.cfg.budget.margin)
         self.total = deadline_lib.refit_total_steps(self.step, self.total, now=now, train_end=self.deadline - reserve,
                                                     step_s=step_s, eval_every=self.eval_every,
                                                     eval_s=self.periodic_eval_s, in_flight=int(self.pending is not None))

@@ -31,15 +31,11 @@ def eval_s_per_token_prior(step_s: float, tokens_per_step: int) -> float:
 
 
 def after_training_s(spec: ModelSpec, *, eval_s_per_token: float, val_tokens: int, budget_s: float,
-                     margin: float, slowdown: float = 1.0) -> float:
+                     margin: float) -> float:
     """Seconds kept after the last training step: the final eval over the whole held-out split,
-    the final checkpoint, the interpreter's exit, and the safety margin (a fraction of the budget).
-
-    `slowdown` is how much slower the steps run than the planner measured (1 when not slower): a
-    machine that another process has slowed down saves and exits slower too, by about as much
-    (seen: 3.4 s from the final eval to the exit with one core kept busy, against 0.6 s quiet)."""
+    the final checkpoint, the interpreter's exit, and the safety margin (a fraction of the budget)."""
     final_eval_s = FINAL_EVAL_SLACK * eval_s_per_token * val_tokens
-    return final_eval_s + max(slowdown, 1.0) * (save_seconds(spec) + EXIT_S) + margin * budget_s
+    return final_eval_s + save_seconds(spec) + EXIT_S + margin * budget_s
 
 
 def evals_during_training_s(*, eval_s_per_token: float, eval_tokens: int, val_tokens: int) -> float:
