@@ -30,11 +30,11 @@ eval *ARGS:
 
 # The whole test suite, slow tests included (CI runs this; about 8 minutes on 2 shared cores; goal: 4).
 test *ARGS:
-    python -m pytest -q tests "$@"
+    python -m pytest -q -n auto --dist loadfile tests "$@"
 
 # The edit loop: the suite without the slow tests (no training, no end-to-end runs).
 test-fast *ARGS:
-    python -m pytest -q tests -m "not slow" "$@"
+    python -m pytest -q -n auto --dist loadfile tests -m "not slow" "$@"
 
 # Describe this machine: devices, memory, cores, CPU model and SIMD features, matmul peak per dtype and the best.
 hardware:

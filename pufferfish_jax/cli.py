@@ -94,7 +94,8 @@ def report(result: session.RunResult) -> int:
     gain = 1 - outcome.final.bpb / outcome.unigram_bpb
     console.print(f"final: val loss {outcome.final.loss:.4f} nats/token, val bpb {outcome.final.bpb:.4f} "
                   f"± {outcome.final.bpb_se:.4f} (SE) "
-                  f"(unigram bpb {outcome.unigram_bpb:.4f}, {gain:.0%} below it) after {outcome.steps} steps, "
+                  f"(unigram bpb {outcome.unigram_bpb:.4f}, {abs(gain):.0%} {'below' if gain >= 0 else 'above'} it) "
+                  f"after {outcome.steps} steps, "
                   f"{result.wall_s:.1f}s" + (f" of {plan.budget_s:.0f}s budget" if plan.budget_s else ""))
     return 0
 

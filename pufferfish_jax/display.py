@@ -131,8 +131,9 @@ class TrainDisplay:
     dtype, with `peak_source` saying what it is, e.g. "best measured matmul, float32") is the MFU.
     """
 
-    def __init__(self, console: Console, total_steps: int, started_at: float, deadline: float | None, every: int, *,
-                 tokens_per_step: int, flops_per_token: float, peak_flops: float, peak_source: str):
+    def __init__(self, console: Console | None, total_steps: int, started_at: float, deadline: float | None, every: int,
+                 *, tokens_per_step: int, flops_per_token: float, peak_flops: float, peak_source: str):
+        console = console or Console(quiet=True)  # a caller with no console (a library user) sees nothing
         self._console, self._started_at, self._deadline, self._every = console, started_at, deadline, every
         self._tokens_per_step, self._flops_per_token = tokens_per_step, flops_per_token
         self._peak_flops, self._peak_source = peak_flops, peak_source

@@ -21,9 +21,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.pop("PUFFERFISH_T0", None)
 
 # Compiling is most of the suite's time, and LLVM's optimizations are not what it tests: without
-# them XLA compiles about twice as fast and computes the same values. Set before jax is imported,
-# so it holds in this process and in every subprocess a test starts (they inherit the environment).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# them XLA compiles about twice as fast and computes the same values. The suite runs on as many
+# pytest workers as there are cores (`just test`), so each test process computes on one thread:
+# XLA's pool would otherwise put two threads per core and spin them against each other (the fast
+# suite took 183 CPU-s with the pool and 137 without, on 2 cores). Set before jax is imported, so
+# it holds in this process and in every subprocess a test starts (they inherit the environment).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 

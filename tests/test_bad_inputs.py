@@ -41,7 +41,7 @@ def _fails(capsys, argv, fragment, code=2):
     ("empty.txt", "contains no text"),
     ("binary.txt", "looks binary"),
     ("latin1.txt", "not UTF-8"),
-    ("few.jsonl", "windows"),
+    pytest.param("few.jsonl", "windows", marks=pytest.mark.slow),  # gets as far as training
     ("bad.jsonl", "bad.jsonl"),
 ])
 def test_bad_data(capsys, files, tmp_path, name, fragment):

@@ -1,6 +1,7 @@
 """The real commands, run as a user would: a budgeted train, then generate and eval on its run dir."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 from conftest import budget_hint, run_command, story_corpus
 
 # Short, but not below what the planner needs here for data, compile, 20 steps, evals and the save;
-# a slower machine gets the budget the planner asks for instead (see `budget_run`).
+# a slower machine gets the budget the planner asks for instead (see `budget_run`). The runs hold
+# out no more than val_fraction of this small corpus: the 50k-token floor would take half of it.
 BUDGET_S = 24
 
 
@@ -28,7 +30,7 @@ def budget_run(tmp_path_factory, command_env, corpus):
     for attempt in (1, 2):
         run_dir = tmp / f"run{attempt}"
         started = time.time()
-        result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", "data.vocab_size=512",
+        result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", "data.vocab_size=512", "data.val_min_tokens=0",
                               f"run_dir={run_dir}", "model.seq_len=32", "train.batch_size=8"],
                              {**command_env, "PUFFERFISH_T0": repr(started)})
         wall = time.time() - started
@@ -64,7 +66,7 @@ def test_budgeted_train_ends_inside_budget_with_falling_loss(budget_run):
 def test_fixed_steps_at_batch_size_one(command_env, corpus, tmp_path):
     """`train steps=3 train.batch_size=1` once crashed in the data layer (grain's length overflow)."""
     run_dir = tmp_path / "run"
-    result = run_command(["train", "steps=3", "train.batch_size=1", f"data.corpus={corpus}", "data.vocab_size=512",
+    result = run_command(["train", "steps=3", "train.batch_size=1", f"data.corpus={corpus}", "data.vocab_size=512", "data.val_min_tokens=0",
                           f"run_dir={run_dir}", "model.num_layers=1", "model.d_model=32", "model.num_heads=2",
                           "model.num_kv_heads=1", "model.seq_len=16"], command_env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,3 +110,46 @@ def test_user_errors_are_one_line(command_env, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert fragment in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _scale_step_times(calibration: Path, factor: float) -> list[float]:
+    """Multiplies every measured step time in calibration.json by `factor`: a cache carried over
+    from a faster machine. Returns the new values."""
+    table = json.loads(calibration.read_text())
+    scaled = []
+    for machine in table.values():
+        for family, shapes in machine.items():
+            if family.startswith("["):  # step-time families are JSON lists; matmul rates are not
+                for entry in shapes.values():
+                    entry["measurement"]["step_s"] *= factor
+                    scaled.append(entry["measurement"]["step_s"])
+    calibration.write_text(json.dumps(table))
+    return scaled
+
+
+@pytest.mark.slow
+def test_a_cache_from_a_faster_machine_is_noticed_and_the_run_still_ends_on_time(budget_run, command_env, corpus,
+                                                                                 tmp_path):
+    """calibration.json's step times cut to a third, as if measured on a 3x faster machine: the plan
+    promises 3x the steps, the loop re-fits them to the clock, and the run corrects the cache."""
+    first_dir, _, budget, _ = budget_run
+    cache = tmp_path / "cache"
+    shutil.copytree(command_env["PUFFERFISH_CACHE"], cache)
+    assert _scale_step_times(cache / "calibration.json", 1 / 3)  # the fault happened
+    plan = json.loads((first_dir / "plan.json").read_text())
+    m = plan["model"]
+    pinned = [f"model.{k}={m[k]}" for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "dtype")]
+    run_dir = tmp_path / "run"
+    started = time.time()
+    result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", "data.vocab_size=512", "data.val_min_tokens=0",
+                          f"run_dir={run_dir}", "model.seq_len=32", f"train.batch_size={plan['batch_size']}", *pinned],
+                         {**command_env, "PUFFERFISH_CACHE": str(cache), "PUFFERFISH_T0": repr(started)})
+    wall = time.time() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 0.85 * budget <= wall <= budget, f"wall {wall:.1f}s for a {budget:.0f}s budget"
+    stale = json.loads((run_dir / "plan.json").read_text())
+    outcome = json.loads((run_dir / "outcome.json").read_text())
+    assert stale["steps"] > 1.5 * outcome["steps"]  # the plan believed the cache; the loop did not
+    assert "the calibration cache now holds the time seen" in result.stdout
+    corrected = _scale_step_times(cache / "calibration.json", 1.0)
+    assert max(corrected) > 1.5 * stale["step_s"]

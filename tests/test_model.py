@@ -121,6 +121,7 @@ def test_causality():
     assert not np.allclose(logits_a[:, 9:], logits_b[:, 9:])
 
 
+@pytest.mark.slow  # compiles the gradient three times: the full suite, not the edit loop
 def test_remat_policies_give_equal_loss_and_grads():
     tok = tokens(make_spec(), 2, 17)
     params = init(make_spec())

@@ -2,6 +2,7 @@
 (selection, per-layer update, untouched by the optimizer, checkpointed), and MoE runs end to end."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -31,6 +32,22 @@ from pufferfish_jax.train.state import abstract_state, init_state, make_optimize
 from pufferfish_jax.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+
+# Jitted once per spec: run op by op, a whole model's init and forward dispatch hundreds of
+# separately compiled primitives (several seconds per test).
+init_variables_jit = jax.jit(init_variables, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(spec, variables, tokens_BT):
+    return Transformer(spec).apply(variables, tokens_BT)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mutable",))
+def apply_layer(layer, variables, x_BTD, mutable=()):
+    return layer.apply(variables, x_BTD, mutable=list(mutable)) if mutable else layer.apply(variables, x_BTD)
 
 
 def moe_spec(**overrides) -> MoESpec:
@@ -87,7 +104,7 @@ def reference_moe(x_ND, params, bias_E, spec: MoESpec):
 
 def _layer_variables(spec: MoESpec, x_BTD, bias_E):
     layer = MoE(spec, init_std=0.5, out_std=0.5, dtype=jnp.float32)
-    params = nn.meta.unbox(layer.init(jax.random.key(0), x_BTD)["params"])
+    params = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), x_BTD)["params"])
     return layer, {"params": params, MOE_STATE: {"bias": jnp.asarray(bias_E, jnp.float32)}}
 
 
@@ -109,7 +126,7 @@ def test_selection_uses_biased_scores_and_gates_use_unbiased_ones(score):
     if score == "sigmoid":
         expected_NK /= expected_NK.sum(1, keepdims=True)
     np.testing.assert_allclose(np.asarray(gates_NK), expected_NK, rtol=1e-6)
-    out = layer.apply(variables, X_BTD)
+    out = apply_layer(layer, variables, X_BTD)
     ref = reference_moe(X_BTD.reshape(-1, 16), variables["params"], bias_E, spec)
     np.testing.assert_allclose(np.asarray(out).reshape(-1, 16), ref, rtol=2e-4, atol=2e-5)
 
@@ -120,7 +137,7 @@ def test_dispatch_paths_match_the_reference(dispatch, capacity_factor):
     spec = moe_spec(dispatch=dispatch, capacity_factor=capacity_factor, num_experts=6, top_k=2)
     bias_E = np.array([0.3, -0.2, 0.0, 0.1, 0.0, -0.1])
     layer, variables = _layer_variables(spec, X_BTD, bias_E)
-    out, stats = layer.apply(variables, X_BTD, mutable=[MOE_STATS])
+    out, stats = apply_layer(layer, variables, X_BTD, mutable=(MOE_STATS,))
     ref = reference_moe(X_BTD.reshape(-1, 16), variables["params"], bias_E, spec)
     np.testing.assert_allclose(np.asarray(out).reshape(-1, 16), ref, rtol=2e-4, atol=2e-5)
     kept = int(stats[MOE_STATS]["kept"][0])
@@ -135,8 +152,8 @@ def test_one_expert_top_1_equals_the_dense_swiglu(score, dispatch):
                        "moe.expert_hidden=64", f"moe.score={score}", f"moe.dispatch={dispatch}", "model.init_std=0.3")
     spec = spec_of(cfg)
     dense_spec = dataclasses.replace(spec, moe=None)
-    dense_params, _ = init_variables(dense_spec, jax.random.key(0))
-    params, moe_state = init_variables(spec, jax.random.key(0))
+    dense_params, _ = init_variables_jit(dense_spec, jax.random.key(0))
+    params, moe_state = init_variables_jit(spec, jax.random.key(0))
     for i in range(spec.num_layers):  # the same weights, one expert stacked
         block, mlp = params[f"block_{i}"], dense_params[f"block_{i}"]["mlp"]
         block["moe"] = {name: mlp[name][None] for name in ("w_gate", "w_up", "w_down")} | {"router": block["moe"]["router"]}
@@ -144,8 +161,8 @@ def test_one_expert_top_1_equals_the_dense_swiglu(score, dispatch):
             block[name] = dense_params[f"block_{i}"][name]
     params["embed"], params["final_norm"] = dense_params["embed"], dense_params["final_norm"]
     tokens_BT = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-    dense = Transformer(dense_spec).apply({"params": dense_params}, tokens_BT)
-    moe = Transformer(spec).apply({"params": params, MOE_STATE: moe_state}, tokens_BT)
+    dense = forward(dense_spec, {"params": dense_params}, tokens_BT)
+    moe = forward(spec, {"params": params, MOE_STATE: moe_state}, tokens_BT)
     assert float(jnp.max(jnp.abs(dense))) > 0.1  # a non-trivial output, so equality means something
     np.testing.assert_allclose(np.asarray(moe), np.asarray(dense), rtol=1e-5, atol=2e-5)  # float32 rounding
 
@@ -153,7 +170,7 @@ def test_one_expert_top_1_equals_the_dense_swiglu(score, dispatch):
 def test_balance_loss_is_the_switch_loss_of_the_routing():
     spec = moe_spec(num_experts=6, top_k=2, score="softmax")
     layer, variables = _layer_variables(spec, X_BTD, np.zeros(6))
-    _, got = layer.apply(variables, X_BTD, mutable=[MOE_STATS])
+    _, got = apply_layer(layer, variables, X_BTD, mutable=(MOE_STATS,))
     stats = got[MOE_STATS]
     logits_NE = np.asarray(X_BTD.reshape(-1, 16) @ variables["params"]["router"], np.float64)
     probs_NE = np.exp(logits_NE) / np.exp(logits_NE).sum(-1, keepdims=True)
@@ -174,6 +191,7 @@ def test_update_bias_uses_each_layers_own_counts():
     np.testing.assert_allclose(np.asarray(new["block_1"]["moe"]["bias"]), [0.6, 0.6, 0.4, 0.4])  # mean 5
 
 
+@pytest.mark.slow  # compiles and runs whole train steps: the full suite, not the edit loop
 def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch():
     grad_accum = 2
     cfg = model_config(f"train.grad_accum={grad_accum}", "moe.bias_update_rate=0.25", "model.init_std=0.5")
@@ -198,6 +216,7 @@ def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch():
         assert float(metrics[f"moe.{i}.max_load"]) == pytest.approx(load_E.max() / load_E.mean())
 
 
+@pytest.mark.slow  # compiles and runs whole train steps: the full suite, not the edit loop
 def test_optimizer_and_weight_decay_never_touch_the_bias():
     """With a balance loss instead of the bias update, the router gets gradients from three
     losses, and the bias must still stay exactly where it was."""
@@ -221,6 +240,7 @@ def test_optimizer_and_weight_decay_never_touch_the_bias():
     assert all(jax.tree.leaves(changed))  # while every parameter, the router's included, did move
 
 
+@pytest.mark.slow  # compiles and runs whole train steps: the full suite, not the edit loop
 def test_checkpoint_round_trip_restores_the_bias(tmp_path):
     cfg = model_config("moe.num_shared_experts=2", "moe.layers=1")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
@@ -246,7 +266,7 @@ def test_checkpoint_round_trip_restores_the_bias(tmp_path):
 def test_greedy_generation_uses_the_bias_and_matches_the_full_forward():
     cfg = model_config("model.init_std=0.5", "model.seq_len=32")
     spec = spec_of(cfg)
-    params, moe_state = init_variables(spec, jax.random.key(0))
+    params, moe_state = init_variables_jit(spec, jax.random.key(0))
     moe_state = jax.tree.map(lambda b: jax.random.normal(jax.random.key(7), b.shape), moe_state)
     prompt = [5, 17, 3, 42, 8]
     out = generate(spec, params, prompt, Sampling(max_new_tokens=10, temperature=0.0, min_new_tokens=0), moe_state=moe_state)
@@ -311,7 +331,7 @@ def test_layer_patterns_and_bad_moe_configs():
 def test_active_and_total_params():
     cfg = model_config("moe.layers=1", "moe.num_shared_experts=1")
     spec = spec_of(cfg)
-    params, _ = init_variables(spec, jax.random.key(0))
+    params = jax.eval_shape(functools.partial(init_variables, spec), jax.random.key(0))[0]  # shapes suffice
     assert count_params(spec) == sum(x.size for x in jax.tree.leaves(params))
     D, E, F = 32, 8, spec.moe.expert_hidden
     assert F == 64 * -(-spec.ffn_hidden // (64 * 3))  # ffn_hidden / (top_k + shared), rounded up to 64
