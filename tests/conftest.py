@@ -21,15 +21,25 @@ sys.path.insert(0, str(ROOT))
 os.environ.pop("PUFFERFISH_T0", None)
 
 # Compiling is most of the suite's time, and LLVM's optimizations are not what it tests: without
-# them XLA compiles about twice as fast and computes the same values. The suite runs on as many
-# pytest workers as there are cores (`just test`), so each test process computes on one thread:
-# XLA's pool would otherwise put two threads per core and spin them against each other (the fast
-# suite took 183 CPU-s with the pool and 137 without, on 2 cores). Set before jax is imported, so
-# it holds in this process and in every subprocess a test starts (they inherit the environment).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+# them XLA compiles about twice as fast and computes the same values. Set before jax is imported,
+# so it holds in this process and in every subprocess a test starts (they inherit the environment).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+# The suite runs on as many pytest workers as there are cores (`just test`), so each worker's own
+# JAX computes on one thread: two XLA pools per core spin against each other (the fast suite took
+# 183 CPU-s with the pools and 137 without, on 2 cores). The backend reads the flag once, when it
+# starts, so it starts here and the flag is dropped again: the training runs tests start as
+# subprocesses keep XLA's threads (single-threaded, the full suite's CPU time grew from 504 s to
+# 578 s).
+_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_flags = os.environ["XLA_FLAGS"]
+os.environ["XLA_FLAGS"] = f"{_flags} {_ONE_THREAD}"
+import jax  # noqa: E402
+
+jax.devices()
+os.environ["XLA_FLAGS"] = _flags
 
 
 def pytest_configure(config):
