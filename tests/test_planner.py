@@ -161,6 +161,19 @@ def test_measurements_stop_when_the_planning_allowance_is_spent(compile_s, budge
     assert chosen["measured"]
 
 
+@pytest.mark.parametrize("budget_s", [120, 300, 600])
+def test_a_warm_rerun_measures_nothing(budget_s):
+    """Whatever the first plan measured is cached; planning the same budget again on the same
+    machine compiles nothing, so warm planning costs no compile at all."""
+    clock = [1000.0]
+    cache = DtypeCache(0.8, clock, compile_s=10.0)
+    first = _dtype_plan(budget_s, cache, clock)
+    measured = dict(cache.measured)
+    second = _dtype_plan(budget_s, cache, clock)
+    assert cache.measured == measured and second.measuring_s == 0.0
+    assert (second.model, second.batch_size) == (first.model, first.batch_size)
+
+
 def test_tokens_per_param_rule():
     plan = _plan(3600, FakeCache(rate=2e12), **{"budget.tokens_per_param": 20.0})
     assert plan.tokens_per_param >= 20.0

@@ -328,14 +328,26 @@ def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, bu
     """Measures until the leader and its runner-up are both measured, not predicted (a candidate
     the time model wrongly thinks slow would otherwise never get the chance to win), the
     planning allowance is spent, or MAX_MEASUREMENTS were taken; returns the final scores.
-    Each measurement costs a cold compile: the next is taken only if the last one's compile
-    still fits in what is left of the allowance."""
-    last_compile_s = 0.0
-    for taken in range(MAX_MEASUREMENTS):
+
+    An unmeasured leader is measured first whatever it costs: its compile is the run's own. Any
+    other measurement costs a cold compile the run would not otherwise pay, estimated by the last
+    cold compile seen, and is taken only if it still fits in the allowance. The leader's compile
+    counts against the allowance even when it comes from the cache, so a warm rerun makes the
+    decisions the first run made and measures nothing."""
+    charged_s, last_compile_s, first = 0.0, 0.0, True
+    for _ in range(MAX_MEASUREMENTS):
         rows = _score_all(cfg, candidates, cache, mesh, budget())
-        unmeasured = [i for i in _ranking(rows, limit, cfg.budget.tokens_per_param)[:CONTENDERS] if not rows[i]["measured"]]
-        if not unmeasured or (taken and spent() + last_compile_s > allowance_s):
+        ranked = _ranking(rows, limit, cfg.budget.tokens_per_param)
+        if first and rows[ranked[0]]["measured"]:  # warm: charge the leader's compile as if paid now
+            spec, batch = candidates[ranked[0]]
+            leader = cache.cached(spec, cfg.train, batch, mesh)
+            charged_s = last_compile_s = leader.cold_compile_s or leader.compile_s
+        unmeasured = [i for i in ranked[:CONTENDERS] if not rows[i]["measured"]]
+        if not unmeasured:
             return rows
+        if not (first and unmeasured[0] == ranked[0]) and charged_s + spent() + last_compile_s > allowance_s:
+            return rows
+        first = False
         spec, batch = candidates[unmeasured[0]]
         last_compile_s = cache.get(spec, cfg.train, batch, mesh, log=log).cold_compile_s
     return _score_all(cfg, candidates, cache, mesh, budget())
