@@ -323,6 +323,12 @@ def _score_all(cfg, candidates: list[tuple[ModelSpec, int]], cache: CalibrationC
     return rows
 
 
+def _with_train(candidate: tuple[ModelSpec, int], cfg) -> tuple:
+    """(spec, train config, batch): the calibration cache's argument order."""
+    spec, batch = candidate
+    return spec, cfg.train, batch
+
+
 def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, budget: Callable[[], _Budget],
                         limit: float, *, log, allowance_s: float, spent: Callable[[], float]) -> list[dict]:
     """Measures until the leader and its runner-up are both measured, not predicted (a candidate
@@ -331,17 +337,17 @@ def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, bu
 
     An unmeasured leader is measured first whatever it costs: its compile is the run's own. Any
     other measurement costs a cold compile the run would not otherwise pay, estimated by the last
-    cold compile seen, and is taken only if it still fits in the allowance. The leader's compile
-    counts against the allowance even when it comes from the cache, so a warm rerun makes the
-    decisions the first run made and measures nothing."""
+    cold compile seen, and is taken only if it still fits in the allowance. Compiles that earlier
+    plans on this machine paid for these candidates count against it as if paid now, so a warm
+    rerun reaches the state the first run stopped in and measures nothing."""
     charged_s, last_compile_s, first = 0.0, 0.0, True
     for _ in range(MAX_MEASUREMENTS):
         rows = _score_all(cfg, candidates, cache, mesh, budget())
         ranked = _ranking(rows, limit, cfg.budget.tokens_per_param)
-        if first and rows[ranked[0]]["measured"]:  # warm: charge the leader's compile as if paid now
-            spec, batch = candidates[ranked[0]]
-            leader = cache.cached(spec, cfg.train, batch, mesh)
-            charged_s = last_compile_s = leader.cold_compile_s or leader.compile_s
+        if first:  # what earlier plans on this machine already compiled counts as if paid now
+            cached = [cache.cached(*_with_train(candidates[i], cfg), mesh) for i, r in enumerate(rows) if r["measured"]]
+            charged_s = sum(m.cold_compile_s or m.compile_s for m in cached)
+            last_compile_s = max((m.cold_compile_s or m.compile_s for m in cached), default=0.0)
         unmeasured = [i for i in ranked[:CONTENDERS] if not rows[i]["measured"]]
         if not unmeasured:
             return rows
