@@ -323,12 +323,6 @@ def _score_all(cfg, candidates: list[tuple[ModelSpec, int]], cache: CalibrationC
     return rows
 
 
-def _with_train(candidate: tuple[ModelSpec, int], cfg) -> tuple:
-    """(spec, train config, batch): the calibration cache's argument order."""
-    spec, batch = candidate
-    return spec, cfg.train, batch
-
-
 def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, budget: Callable[[], _Budget],
                         limit: float, *, log, allowance_s: float, spent: Callable[[], float]) -> list[dict]:
     """Measures until the leader and its runner-up are both measured, not predicted (a candidate
@@ -345,7 +339,7 @@ def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, bu
         rows = _score_all(cfg, candidates, cache, mesh, budget())
         ranked = _ranking(rows, limit, cfg.budget.tokens_per_param)
         if first:  # what earlier plans on this machine already compiled counts as if paid now
-            cached = [cache.cached(*_with_train(candidates[i], cfg), mesh) for i, r in enumerate(rows) if r["measured"]]
+            cached = [cache.cached(spec, cfg.train, batch, mesh) for (spec, batch), r in zip(candidates, rows) if r["measured"]]
             charged_s = sum(m.cold_compile_s or m.compile_s for m in cached)
             last_compile_s = max((m.cold_compile_s or m.compile_s for m in cached), default=0.0)
         unmeasured = [i for i in ranked[:CONTENDERS] if not rows[i]["measured"]]
