@@ -28,8 +28,8 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 4.6 minutes on
-# 2 cores, AMD EPYC with AVX-512).
+# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 4.5-5.5
+# minutes on 2 cores, AMD EPYC with AVX-512).
 test *ARGS:
     python -m pytest -q -n auto --dist loadfile tests "$@"
 
