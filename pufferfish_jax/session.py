@@ -33,7 +33,7 @@ from pufferfish_jax.budget.calibrate import CalibrationCache
 from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.budget.planner import Plan, apply_plan, budget_plan, fixed_steps_plan
 from pufferfish_jax.data.corpora import load_documents
-from pufferfish_jax.data.files import no_log
+from pufferfish_jax.data.files import Log, no_log
 from pufferfish_jax.data.pipeline import PreparedData, encode_documents, prepare_data, unigram_bpb
 from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.spec import ModelSpec
@@ -41,8 +41,6 @@ from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.evaluate import evaluate
 from pufferfish_jax.train.state import TrainState, abstract_state, make_optimizer
 from pufferfish_jax.train.step import make_eval_step
-
-Log = Callable[[str], None]
 
 # What a run writes into its run dir (and nothing else may be there for it to start afresh).
 RUN_FILES = {"config.json", "plan.json", "outcome.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
