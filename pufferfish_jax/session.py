@@ -71,6 +71,10 @@ def start(cfg: ml_collections.ConfigDict) -> Mesh:
 
 
 def use_compilation_cache(cache_dir: Path) -> None:
+    """The cache folder's `jax/`, unless JAX's own setting (JAX_COMPILATION_CACHE_DIR) names one:
+    the user's choice wins, and the test suite shares one cache across all its processes that way."""
+    if jax.config.jax_compilation_cache_dir:
+        return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

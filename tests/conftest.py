@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,17 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
+# One persistent compilation cache for the whole run, shared by both workers and every subprocess
+# (they inherit the environment; `session.use_compilation_cache` defers to JAX's own setting): the
+# same tiny programs are compiled by many tests, and a cache hit replaces a compile. Named by the
+# run's id, so that a run never reads what an earlier one wrote and the suite's time is a clean
+# clone's; removed when the run ends (`pytest_unconfigure`).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
+JAX_CACHE = Path(tempfile.gettempdir()) / f"pufferfish-tests-{_RUN_ID}" / "jax"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # The suite runs on as many pytest workers as there are cores (`just test`), so each worker's own
 # JAX computes on one thread: two XLA pools per core spin against each other (the fast suite took
 # 183 CPU-s with the pools and 137 without, on 2 cores). The backend reads the flag once, when it
@@ -38,8 +50,14 @@ _flags = os.environ["XLA_FLAGS"]
 os.environ["XLA_FLAGS"] = f"{_flags} {_ONE_THREAD}"
 import jax  # noqa: E402
 
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
 jax.devices()
 os.environ["XLA_FLAGS"] = _flags
+
+
+def pytest_unconfigure(config):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, after every worker has finished
+        shutil.rmtree(JAX_CACHE.parent, ignore_errors=True)
 
 
 def pytest_configure(config):
