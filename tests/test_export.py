@@ -63,6 +63,7 @@ def model_case(request, restored, exported, tmp_path_factory):
     return RANDOM_SPEC, params, restored.tokenizer, folder
 
 
+@pytest.mark.slow  # imports torch and transformers (about 6 s of CPU), compiles decoding
 def test_transformers_computes_our_logits(model_case):
     """Same tokens in, the same float32 logits out of LlamaForCausalLM, to 1e-4."""
     import torch
@@ -85,6 +86,7 @@ def test_transformers_computes_our_logits(model_case):
     assert diff <= 1e-4
 
 
+@pytest.mark.slow  # imports torch and transformers (about 6 s of CPU), compiles decoding
 def test_transformers_greedy_continuations_equal_ours(model_case):
     import torch
     from transformers import AutoModelForCausalLM
@@ -124,6 +126,35 @@ def test_export_import_export_is_bit_identical(restored, exported, tmp_path):
         assert (exported / name).read_bytes() == (again / name).read_bytes(), name
 
 
+@pytest.mark.slow  # imports torch and transformers (about 6 s of CPU), compiles decoding
+def test_a_checkpoint_saved_by_transformers_imports_with_its_logits(restored, tmp_path):
+    """The other direction: a Llama that transformers made and saved (its own config keys,
+    rope_parameters, untied, grouped heads) computes the same logits in our model once imported."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=False,
+                         initializer_range=0.15)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "theirs")
+    (tmp_path / "theirs" / "tokenizer.json").write_text(restored.tokenizer.to_str())
+    cfg = config_lib.apply_overrides(config_lib.defaults(), ["steps=1", f"init_from=hf:{tmp_path / 'theirs'}",
+                                                             "model.dtype=float32"])
+    hf_import.configure(cfg, {"train.init_from", "model.dtype"})
+    spec = ModelSpec.from_config(cfg.model, cfg.moe)
+    assert (spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.tie_embeddings) == (2, 16, 5000.0, False)
+    tokens_BT = np.arange(64, dtype=np.int32).reshape(2, 32) * 7 % 300
+    forward = jax.jit(Transformer(dataclasses.replace(spec, attention="xla")).apply)
+    ours_BTV = np.asarray(forward({"params": hf_import.initial_params(cfg)}, jnp.asarray(tokens_BT)))
+    with torch.no_grad():
+        theirs_BTV = model(torch.from_numpy(tokens_BT.astype(np.int64))).logits.numpy()
+    assert ours_BTV.std() > 0.1 and float(np.abs(ours_BTV - theirs_BTV).max()) <= 1e-4
+
+
+@pytest.mark.slow  # imports torch and transformers (about 6 s of CPU), compiles decoding
 def test_sharded_export_loads_in_transformers(restored, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
