@@ -256,6 +256,17 @@ def test_import_refuses_unknown_tensors_and_conflicting_keys(restored, exported)
         hf_import.configure(cfg, {"train.init_from", "model.num_layers"})
 
 
+def test_gguf_refuses_a_tokenizer_llama_cpp_would_split_differently(restored, tmp_path):
+    from tokenizers import pre_tokenizers
+
+    other = Tokenizer.from_str(restored.tokenizer.to_str())
+    other.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    with pytest.raises(ExportError, match="pre-tokenizer Sequence"):
+        export_model(restored.spec, restored.state.params, other, tmp_path / "m.gguf", fmt="gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_export_refuses_a_folder_with_other_files(trained_run, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["export", str(trained_run), str(tmp_path)]) == 2

@@ -46,8 +46,12 @@ def interleave_rope_rows(w_RD: np.ndarray, heads: int) -> np.ndarray:
 
 def _tokenizer_metadata(writer: gguf.GGUFWriter, tok: Tokenizer, eos_id: int, vocab_size: int) -> None:
     spec = json.loads(tok.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise ExportError(f"GGUF export writes byte-level BPE tokenizers; this one is {spec['model']['type']}")
+    pre = spec.get("pre_tokenizer") or {}
+    if spec["model"]["type"] != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
+            or spec.get("normalizer"):
+        kind = f"{spec['model']['type']} with pre-tokenizer {pre.get('type')} and normalizer {(spec.get('normalizer') or {}).get('type')}"
+        raise ExportError(f"GGUF export writes GPT-2 style byte-level BPE tokenizers (what we train); this one is {kind}, "
+                          "which llama.cpp would split differently: export --format hf instead")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # the rows past the tokenizer's size are padding
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, i in spec["model"]["vocab"].items():
