@@ -62,6 +62,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("train.keep_checkpoints", 3, "Checkpoints kept in the run dir (oldest deleted first)."),
     ("train.run_dir", "", "Output folder; '' = runs/<timestamp> (runs/latest links to it)."),
     ("train.resume", "auto", "A run dir with checkpoints: auto = continue from the newest, never = refuse, or a step number."),
+    ("train.init_from", "", "Start from a Hugging Face Llama: hf:FOLDER or hf:OWNER/NAME (its architecture and tokenizer; docs/export.md); '' = fresh weights."),
     # data
     ("data.corpus", "wiki", "Training text: wiki | shakespeare | kjv, files, folders, globs, hf:NAME; comma-separated."),
     ("data.val_source", "", "Held-out text (same syntax as corpus); '' = a split of the corpus."),
@@ -125,7 +126,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # Shortcuts accepted on the command line: `just train budget=5m steps=100 run_dir=out`.
 ALIASES: dict[str, str] = {"budget": "budget.time", "steps": "train.steps", "run_dir": "train.run_dir",
-                           "resume": "train.resume"}
+                           "resume": "train.resume", "init_from": "train.init_from"}
 MODEL_SHAPE_KEYS = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
                     "model.head_dim", "model.ffn_hidden")
 
@@ -266,6 +267,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup_fraction < 1:
         raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
+    if t.init_from and not t.init_from.startswith("hf:"):
+        raise ConfigError(f"train.init_from={t.init_from!r}: expected hf:FOLDER or hf:OWNER/NAME (a Hugging Face Llama)")
     if t.resume not in ("auto", "never") and not t.resume.isdigit():
         raise ConfigError(f"train.resume={t.resume!r}: expected auto, never or a checkpoint step number")
     sizes = {f"mesh.{axis}": cfg.mesh[axis] for axis in ("data", "fsdp", "tensor")}

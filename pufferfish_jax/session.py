@@ -36,6 +36,7 @@ from pufferfish_jax.data.corpora import load_documents
 from pufferfish_jax.data.files import Log, no_log
 from pufferfish_jax.data.pipeline import PreparedData, encode_documents, prepare_data, unigram_bpb
 from pufferfish_jax.errors import ConfigError
+from pufferfish_jax.export import hf_import
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.evaluate import evaluate
@@ -43,7 +44,8 @@ from pufferfish_jax.train.state import TrainState, abstract_state, make_optimize
 from pufferfish_jax.train.step import make_eval_step
 
 # What a run writes into its run dir (and nothing else may be there for it to start afresh).
-RUN_FILES = {"config.json", "plan.json", "outcome.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+RUN_FILES = {"config.json", "plan.json", "outcome.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard"}
+RUN_FOLDERS = {"checkpoints", "tensorboard"}
 # Keys a resumed run may change: where and how often it writes, not what it trains.
 # The mesh is free too: a checkpoint restores under any mesh.
 RESUME_FREE_KEYS = {"train.run_dir", "train.resume", "train.checkpoint_every_s", "train.keep_checkpoints",
@@ -85,7 +87,10 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
             plan: Plan | None = None, log: Log = no_log) -> tuple[PreparedData, Plan]:
     """Data, then a plan (unless one is given): the part of train and plan before any training.
     Every process plans; process 0's plan is the one all of them follow. Fills in
-    model.vocab_size = 0 from the tokenizer."""
+    model.vocab_size = 0 from the tokenizer; with train.init_from, first writes the imported
+    model's architecture and tokenizer into cfg and its shape keys into user_keys (a fixed shape)."""
+    if cfg.train.init_from:
+        hf_import.configure(cfg, user_keys, log=log)
     if not (cfg.budget.time and cfg.budget.planner == "measured" and "train.batch_size" not in user_keys):
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)  # this batch is kept: fail now
     cache = config_lib.cache_dir(cfg)
@@ -136,6 +141,7 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
                       display_console=display_console)
     data, plan = prepare(cfg, user_keys, started_at, mesh, plan, log=log)
     resolved = apply_plan(cfg, plan)
+    initial = hf_import.initial_params(resolved) if resolved.train.init_from else None  # read before any write
     run_dir = _new_run_dir(resolved)
     if sharding.is_primary():
         (run_dir / "config.json").write_text(config_lib.to_json(resolved))
@@ -145,7 +151,7 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
     log(f"run dir: {run_dir}")
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
     outcome = loop.run(resolved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
-                       display_console=display_console, peak_flops=_peak_flops(resolved))
+                       display_console=display_console, peak_flops=_peak_flops(resolved), initial_params=initial)
     _correct_calibration(resolved, plan, outcome, mesh, log)
     return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
 
@@ -239,8 +245,9 @@ def _new_run_dir(cfg: ml_collections.ConfigDict) -> Path:
 def _prepare_run_dir(run_dir: Path, *, link_latest: bool) -> None:
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= RUN_FILES:
         # An attempt killed before its first checkpoint: nothing in it can be resumed, so start over.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        for name in RUN_FILES - {"checkpoints"}:
+        for name in RUN_FOLDERS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in RUN_FILES - RUN_FOLDERS:
             (run_dir / name).unlink(missing_ok=True)
     if run_dir.is_file() or (run_dir.exists() and any(run_dir.iterdir())):
         raise ConfigError(f"run dir {run_dir} is not an empty folder (and has no checkpoint to resume); choose another run_dir")

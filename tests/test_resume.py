@@ -133,8 +133,12 @@ def test_attempt_killed_before_its_first_checkpoint_starts_over(corpus_file, ses
     (run_dir / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a save cut short
     (run_dir / "config.json").write_text("{}")
     (run_dir / "metrics.jsonl").write_text('{"event": "eval"}\n')
+    stale_events = run_dir / "tensorboard" / "events.out.tfevents.1.killed"
+    stale_events.parent.mkdir()
+    stale_events.write_bytes(b"")
     assert main([*args, f"run_dir={run_dir}"]) == 0, capsys.readouterr().err[-2000:]
     assert '"final": true' in (run_dir / "metrics.jsonl").read_text()
+    assert not stale_events.exists() and any((run_dir / "tensorboard").iterdir())  # the new attempt's curves only
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
