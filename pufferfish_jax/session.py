@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from pufferfish_jax import config as config_lib
-from pufferfish_jax import loop, sharding
+from pufferfish_jax import loop, rundir, sharding
 from pufferfish_jax.budget.calibrate import CalibrationCache
 from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.budget.planner import Plan, apply_plan, budget_plan, fixed_steps_plan
@@ -101,7 +101,19 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
                            memory_limit=probe(measure=False).memory_bytes, log=lambda s: log(f"planning: {s}"))
     elif plan is None:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens), mesh=sharding.shape_of(mesh))
+        _refuse_if_too_big(plan, probe(measure=False).memory_bytes)
     return data, Plan(**sharding.agree_json(plan.to_dict()))
+
+
+def _refuse_if_too_big(plan: Plan, memory_limit: int) -> None:
+    """A steps= run keeps the user's shape, so one that cannot fit is refused here, before anything
+    is allocated (the budget planner only ever chooses shapes that fit)."""
+    if plan.predicted_memory_bytes > memory_limit:
+        m = plan.model
+        raise ConfigError(f"{m['num_layers']} layers x d {m['d_model']} at batch {plan.batch_size} needs about "
+                          f"{plan.predicted_memory_bytes / 2**30:,.1f} GiB per device to train, more than the "
+                          f"{memory_limit / 2**30:,.1f} GiB there is; lower model.d_model, model.num_layers or "
+                          "train.batch_size, or set model.remat=full")
 
 
 # ----------------------------------------------------------------------------- training
@@ -150,7 +162,7 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
            log: Log = no_log, on_plan: Callable[[Plan], None] = lambda plan: None, display_console=None) -> RunResult:
     """Continues run_dir from its newest readable checkpoint (or train.resume=STEP) with the saved
     config and plan; a budgeted run gets what is left of its budget."""
-    saved = config_lib.load_file(run_dir / "config.json")
+    saved = rundir.read_config(run_dir)
     before, asked = config_lib.flatten(saved), config_lib.flatten(cfg)
     for key in sorted(user_keys - RESUME_FREE_KEYS):
         if asked[key] != before[key]:
@@ -159,7 +171,7 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
     for key in RESUME_FREE_KEYS:
         section, name = key.split(".")
         saved[section][name] = cfg[section][name]
-    plan = Plan(**json.loads((run_dir / "plan.json").read_text()))
+    plan = rundir.read_plan(run_dir)
     data = prepare_data(saved.data, config_lib.cache_dir(saved), log=log)
     spec = ModelSpec.from_config(saved.model, saved.moe)
     at_most = int(cfg.train.resume) if cfg.train.resume.isdigit() else None
@@ -265,10 +277,14 @@ class Restored:
     ref: checkpoint.CheckpointRef
 
 
-def restore(path: str | Path) -> Restored:
-    """A run dir, its checkpoints/ folder or one step folder, restored on one device."""
+def restore(path: str | Path, cache_dir: Path | None = None) -> Restored:
+    """A run dir, its checkpoints/ folder or one step folder, restored on one device. Caches (built-in
+    corpora, tokens, compiled code) go to `cache_dir`: the current command's (its config's
+    data.cache_dir, else $PUFFERFISH_CACHE, else the default), never the one the checkpoint saved,
+    which would let a checkpoint choose where this machine reads and writes."""
     ref = checkpoint.locate(path)
     cfg, tokenizer_json = checkpoint.load_metadata(ref)
+    cfg.data.cache_dir = str(cache_dir) if cache_dir else ""
     use_compilation_cache(config_lib.cache_dir(cfg))
     spec = ModelSpec.from_config(cfg.model, cfg.moe)
     state = checkpoint.restore_state(ref, abstract_state(spec, make_optimizer(cfg.train)))
