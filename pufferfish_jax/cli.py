@@ -234,7 +234,7 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     restored = session.restore(args.path)
-    with _progress("evaluating", err_console) as (log, _):
+    with _progress("evaluating", err_console if args.json else console) as (log, _):  # stderr: the error alone
         train_tokens = session.training_data(restored, log=log).train_tokens
         result = session.evaluate_text(restored, args.data, train_tokens=train_tokens, batch_size=args.batch_size, log=log)
     if args.json:

@@ -35,7 +35,7 @@ from pufferfish_jax.budget.planner import Plan, apply_plan, budget_plan, fixed_s
 from pufferfish_jax.data.corpora import load_documents
 from pufferfish_jax.data.files import Log, no_log
 from pufferfish_jax.data.pipeline import PreparedData, encode_documents, prepare_data, unigram_bpb
-from pufferfish_jax.errors import ConfigError
+from pufferfish_jax.errors import ConfigError, DataError
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.evaluate import evaluate
@@ -88,6 +88,10 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
     data = prepare_data(cfg.data, cache, log=log)
     log(f"data: {cfg.data.corpus}: {len(data.train_tokens):,} train tokens, {len(data.val_tokens):,} held-out "
         f"tokens, vocab {data.vocab_size:,} ({data.prep_seconds:.1f}s)")
+    if len(data.val_tokens) < cfg.model.seq_len + 1:  # no eval window: every score would be noise or nan
+        held_out = f"data.val_source={cfg.data.val_source}" if cfg.data.val_source else "the held-out split"
+        raise DataError(f"{held_out} has {len(data.val_tokens):,} tokens, fewer than one eval window of "
+                        f"{cfg.model.seq_len + 1}; give more held-out text or a shorter model.seq_len")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:

@@ -114,9 +114,15 @@ def _read_only_manager(ref: CheckpointRef) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(ref.root, options=options, item_names=ITEMS)
 
 
+def _progress_where(ref: CheckpointRef) -> str:
+    return f"the progress record of checkpoint {ref.root / str(ref.step)}"
+
+
 def check_format(record, ref: CheckpointRef) -> None:
     """Refuses a checkpoint whose progress record says a newer program wrote it."""
-    version = record.get("format", 1) if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        check_record(record, PROGRESS_FIELDS, _progress_where(ref), CheckpointError)  # the one-line "not an object"
+    version = record.get("format", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"checkpoint {ref.root / str(ref.step)} has no valid format in its progress record; it is damaged")
     if version > FORMAT:
@@ -127,8 +133,7 @@ def check_format(record, ref: CheckpointRef) -> None:
 def check_progress(record, ref: CheckpointRef) -> dict:
     """The progress record a resumed run trusts, checked against FORMAT and PROGRESS_FIELDS."""
     check_format(record, ref)
-    return check_record(record, PROGRESS_FIELDS, f"the progress record of checkpoint {ref.root / str(ref.step)}",
-                        CheckpointError)
+    return check_record(record, PROGRESS_FIELDS, _progress_where(ref), CheckpointError)
 
 
 def load_metadata(ref: CheckpointRef) -> tuple[ml_collections.ConfigDict, str]:
