@@ -220,6 +220,19 @@ def test_damaged_or_hostile_run_dir(capsys, trained_run_copy, corpus_file, tmp_p
         assert snapshot(elsewhere) == outside
 
 
+def test_a_checkpoint_cannot_choose_the_cache_dir(capsys, trained_run_copy, files, tmp_path, session_cache):
+    """A checkpoint whose saved config names another data.cache_dir: eval (which reads corpora and
+    writes token caches) uses this command's cache ($PUFFERFISH_CACHE here) and never touches it."""
+    chosen = tmp_path / "chosen_by_the_checkpoint"
+    saved("config", _set("data", "cache_dir", str(chosen)))(trained_run_copy, None)
+    run_file("config.json", _set("data", "cache_dir", str(chosen)))(trained_run_copy, None)
+    capsys.readouterr()
+    assert main(["eval", str(trained_run_copy), "--data", str(files / "ok.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert not chosen.exists()
+    assert (session_cache / "jax").is_dir()  # the compilation cache went to this command's cache
+
+
 # ----------------------------------------------------------------------------- commands on the good run
 @pytest.mark.parametrize("args, fragment", [
     (["generate", "{run}", "hi", "--max-new-tokens", str(10**12)], "max new tokens"),  # refused: no hang
