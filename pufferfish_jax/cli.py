@@ -218,7 +218,7 @@ def cmd_inspect(argv: list[str]) -> int:
                                  f"width {m.expert_hidden}, in blocks {', '.join(map(str, m.layers))}; "
                                  f"{count_params(spec, active=True):,} params active per token; balance {m.balance}")
     metrics_path = ref.root.parent / "metrics.jsonl"
-    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    records = read_metrics(metrics_path) if metrics_path.is_file() and not metrics_path.is_symlink() else []
     for event in ("train", "eval"):
         if last := next((r for r in reversed(records) if r["event"] == event), None):
             table.add_row(f"last {event}", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -50,6 +50,15 @@ def regular_file(path: Path) -> Path:
     return path
 
 
+def refuse_links(run_dir: Path, names: set[str]) -> None:
+    """Refuses a run dir in which any of `names` (the files a run reads and writes) is a symbolic
+    link: resuming would read it, or append to it, wherever it points."""
+    for name in sorted(names):
+        if (run_dir / name).is_symlink():
+            raise CheckpointError(f"{run_dir / name} is a symbolic link; a run dir's files are read and written only "
+                                  "when they are its own: replace the link with a copy")
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(regular_file(path).read_text())

@@ -166,6 +166,7 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
            log: Log = no_log, on_plan: Callable[[Plan], None] = lambda plan: None, display_console=None) -> RunResult:
     """Continues run_dir from its newest readable checkpoint (or train.resume=STEP) with the saved
     config and plan; a budgeted run gets what is left of its budget."""
+    rundir.refuse_links(run_dir, RUN_FILES)
     saved = rundir.read_config(run_dir)
     before, asked = config_lib.flatten(saved), config_lib.flatten(cfg)
     for key in sorted(user_keys - RESUME_FREE_KEYS):

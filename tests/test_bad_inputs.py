@@ -143,9 +143,12 @@ def link_inside_state(run: Path, elsewhere: Path) -> None:
     manifest.symlink_to(elsewhere / "manifest.ocdbt")
 
 
-def link_config_json(run: Path, elsewhere: Path) -> None:
-    shutil.move(run / "config.json", elsewhere)
-    (run / "config.json").symlink_to(elsewhere)
+def link_run_file(name: str):
+    """The run dir's file `name` moves outside it, and a link to it takes its place."""
+    def damage(run: Path, elsewhere: Path) -> None:
+        shutil.move(run / name, elsewhere)
+        (run / name).symlink_to(elsewhere)
+    return damage
 
 
 def saved(item: str, change):
@@ -177,7 +180,8 @@ DAMAGED_RUNS = [
     ("symlinked newest step, resumed", link_newest_step, RESUME, "is a symbolic link"),
     ("symlinked checkpoints folder", link_checkpoints, GENERATE, "is a symbolic link"),
     ("symlink inside a step", link_inside_state, GENERATE, "is a symbolic link"),
-    ("symlinked config.json", link_config_json, RESUME, "is a symbolic link"),
+    ("symlinked config.json", link_run_file("config.json"), RESUME, "config.json is a symbolic link"),
+    ("symlinked metrics.jsonl", link_run_file("metrics.jsonl"), RESUME, "metrics.jsonl is a symbolic link"),
     ("config.json not an object", write("config.json", "[1, 2, 3]"), RESUME, "holds a JSON list, not an object"),
     ("config.json not JSON", write("config.json", "{model: 1"), RESUME, "not valid JSON"),
     ("config.json wrong type", run_file("config.json", _set("model", "d_model", "big")), RESUME, "expected int"),
@@ -210,14 +214,14 @@ DAMAGED_RUNS = [
 def test_damaged_or_hostile_run_dir(capsys, trained_run_copy, corpus_file, tmp_path, case, damage, command, fragment):
     elsewhere = tmp_path / "elsewhere"
     damage(trained_run_copy, elsewhere)
-    outside = snapshot(elsewhere) if elsewhere.is_dir() else None
+    outside = snapshot(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes() if elsewhere.is_file() else None
     argv = (["generate", str(trained_run_copy), "hi"] if command == GENERATE else
             ["train", f"steps={TINY_STEPS}", f"data.corpus={corpus_file}", *TINY_MODEL, f"run_dir={trained_run_copy}"])
     kept = snapshot(trained_run_copy)
     _fails(capsys, argv, fragment)
     assert snapshot(trained_run_copy) == kept  # a refused run dir is left as it was, damage and all
-    if outside is not None:
-        assert snapshot(elsewhere) == outside
+    if outside is not None:  # and so is whatever a link pointed at
+        assert (snapshot(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()) == outside
 
 
 def test_a_checkpoint_cannot_choose_the_cache_dir(capsys, trained_run_copy, files, tmp_path, session_cache):
