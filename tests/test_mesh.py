@@ -178,6 +178,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert checkpoint.saved_steps(tmp_path / "two" / "checkpoints") == [3]
 
 
+@pytest.mark.slow  # two fresh jax processes
 def test_processes_follow_process_0s_attention_backend_when_their_timings_disagree():
     """Two jax.distributed processes whose own timings pick different backends (forced in
     tests/agree_worker.py): alone each keeps its own, in a program spanning both each uses process 0's."""
