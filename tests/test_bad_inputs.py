@@ -16,6 +16,7 @@ import random
 import shutil
 from pathlib import Path
 
+import jax
 import pytest
 from conftest import TINY_MODEL, TINY_STEPS, random_corpus
 
@@ -224,7 +225,7 @@ def test_damaged_or_hostile_run_dir(capsys, trained_run_copy, corpus_file, tmp_p
         assert (snapshot(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()) == outside
 
 
-def test_a_checkpoint_cannot_choose_the_cache_dir(capsys, trained_run_copy, files, tmp_path, session_cache):
+def test_a_checkpoint_cannot_choose_the_cache_dir(capsys, trained_run_copy, files, tmp_path):
     """A checkpoint whose saved config names another data.cache_dir: eval (which reads corpora and
     writes token caches) uses this command's cache ($PUFFERFISH_CACHE here) and never touches it."""
     chosen = tmp_path / "chosen_by_the_checkpoint"
@@ -234,7 +235,7 @@ def test_a_checkpoint_cannot_choose_the_cache_dir(capsys, trained_run_copy, file
     assert main(["eval", str(trained_run_copy), "--data", str(files / "ok.txt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
     assert not chosen.exists()
-    assert (session_cache / "jax").is_dir()  # the compilation cache went to this command's cache
+    assert str(chosen) not in str(jax.config.jax_compilation_cache_dir)  # nor did the compiled programs go there
 
 
 # ----------------------------------------------------------------------------- commands on the good run
