@@ -220,7 +220,7 @@ def cmd_inspect(argv: list[str]) -> int:
                                  f"width {m.expert_hidden}, in blocks {', '.join(map(str, m.layers))}; "
                                  f"{count_params(spec, active=True):,} params active per token; balance {m.balance}")
     metrics_path = ref.root.parent / "metrics.jsonl"
-    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    records = read_metrics(metrics_path) if metrics_path.is_file() and not metrics_path.is_symlink() else []
     for event in ("train", "eval"):
         if last := next((r for r in reversed(records) if r["event"] == event), None):
             table.add_row(f"last {event}", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -253,7 +253,7 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     restored = session.restore(args.path)
-    with _progress("evaluating", err_console) as (log, _):
+    with _progress("evaluating", err_console if args.json else console) as (log, _):  # stderr: the error alone
         train_tokens = session.training_data(restored, log=log).train_tokens
         result = session.evaluate_text(restored, args.data, train_tokens=train_tokens, batch_size=args.batch_size, log=log)
     if args.json:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -158,6 +159,8 @@ def _coerce(key: str, raw: Any) -> Any:
     """Converts a value to the type of the key's default; strings come from the command line."""
     default = dict((k, v) for k, v, _ in SCHEMA)[key]
     try:
+        if isinstance(raw, (dict, list, tuple)) or raw is None:  # from a JSON file: never a scalar's text
+            raise ValueError
         if isinstance(default, bool):
             if isinstance(raw, bool):
                 return raw
@@ -234,6 +237,10 @@ def load_file(path: str | Path) -> ml_collections.ConfigDict:
             tree = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; it is not a saved config") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} holds a JSON {type(tree).__name__}, not an object of config sections")
         return from_saved(tree)
     spec = importlib.util.spec_from_file_location(f"_pufferfish_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -250,6 +257,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     flat = flatten(cfg)
     for key, choices in CHOICES.items():
         spec_lib.check_choice(key, flat[key], choices)
+    for key, value in flat.items():  # NaN compares false with every bound below, so it is refused first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    for key in ("train.lr", "train.beta1", "train.beta2", "train.weight_decay", "train.grad_clip",
+                "train.checkpoint_every_s", "train.eval_every", "train.eval_tokens", "data.max_chars"):
+        if flat[key] < 0 or (key == "train.lr" and flat[key] == 0):
+            raise ConfigError(f"{key}={flat[key]} must be {'positive' if key == 'train.lr' else 'non-negative'}")
     for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "data.vocab_size"):
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be positive")

@@ -175,3 +175,54 @@ def trained_run(tmp_path_factory, session_cache, corpus_file) -> Path:
 def trained_run_copy(trained_run, tmp_path) -> Path:
     """A private copy of the shared trained run, free to damage or resume."""
     return Path(shutil.copytree(trained_run, tmp_path / "trained"))
+
+
+# ----------------------------------------------------------------------------- a local package index
+class FakeIndex:
+    """A PEP 503 index on localhost (the tests run offline): `publish` puts an archive on a project
+    page, `requests` lists every path asked for, in order."""
+
+    def __init__(self, root: Path, url: str, requests: list):
+        self.root, self.url, self.requests = root, url, requests
+
+    def publish(self, project: str, archive: Path, fragment: str | None = None) -> None:
+        """Links `archive` from the project page; `fragment` (default: its real sha256) is what the
+        page claims its hash is."""
+        import hashlib
+
+        files = self.root / "files"
+        files.mkdir(exist_ok=True)
+        shutil.copy(archive, files / archive.name)
+        fragment = fragment or hashlib.sha256(archive.read_bytes()).hexdigest()
+        page = self.root / "simple" / project
+        page.mkdir(parents=True, exist_ok=True)
+        (page / "index.html").write_text(f'<html><body><a href="../../files/{archive.name}#sha256={fragment}">'
+                                         f"{archive.name}</a></body></html>")
+
+
+@pytest.fixture
+def fake_index(tmp_path, monkeypatch):
+    """A FakeIndex served over HTTP from a thread, and PIP_INDEX_URL pointing at it."""
+    import functools
+    import http.server
+    import threading
+
+    root, requests = tmp_path / "index", []
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    index = FakeIndex(root, f"http://127.0.0.1:{server.server_address[1]}/simple/", requests)
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    yield index
+    server.shutdown()
+    server.server_close()

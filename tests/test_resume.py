@@ -36,12 +36,15 @@ def _digest(run_dir, env):
     return result.stdout.strip()
 
 
+def _newest(run_dir) -> int:
+    return max((int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()), default=-1)
+
+
 def _start_and_wait_for_checkpoint(cmd, env, run_dir, min_step=1):
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
-        if steps and max(steps) >= min_step:
+        if _newest(run_dir) >= min_step:
             return process
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint appeared: {process.communicate()[1][-2000:]}")
@@ -52,12 +55,16 @@ def test_sigkill_and_resume_is_bit_identical(env, tmp_path):
     env, corpus = env
     reference = tmp_path / "reference"
     subprocess.run(_cmd(reference, corpus), cwd=ROOT, env=env, check=True, capture_output=True)
-    chaos = tmp_path / "chaos"
-    for _ in range(2):  # two kills, each after a checkpoint, then a clean finish
-        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus), env, chaos)
-        time.sleep(0.3)
+    chaos, final = tmp_path / "chaos", int(ARGS[0].split("=")[1])
+    often = "train.checkpoint_every_s=0.1"  # a resumed attempt saves again well before the end, even on a fast machine
+    for _ in range(2):  # two kills, each mid-training: after a checkpoint newer than any before, short of the end
+        seen = _newest(chaos)
+        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus, often), env, chaos, min_step=seen + 1)
+        time.sleep(0.1)
+        assert process.poll() is None and seen < _newest(chaos) < final  # still training when killed
         process.send_signal(signal.SIGKILL)
         process.wait()
+        assert process.returncode == -signal.SIGKILL and seen < _newest(chaos) < final
     result = subprocess.run(_cmd(chaos, corpus), cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming" in result.stdout
