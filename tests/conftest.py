@@ -1,6 +1,7 @@
 """Shared pytest setup: the repo root importable however pytest is launched; the synthetic corpora
 the tests write; one cache and one tiny trained run dir per session; running the real command."""
 
+import fcntl
 import os
 import random
 import re
@@ -144,10 +145,27 @@ def command_env(session_cache) -> dict:
     return {**os.environ, "PUFFERFISH_CACHE": str(session_cache), "PYTHONPATH": str(ROOT)}
 
 
+def once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(path)` by whichever pytest worker asks first; the others wait for it and share `path`.
+    A session fixture is made once per worker (each has its own session), and training the shared
+    run twice cost one worker a whole training run."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, all workers'
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """The structured corpus as a file (1500 sentences, about 60 KB)."""
-    return story_corpus(tmp_path_factory.mktemp("corpus") / "story.txt", sentences=1500)
+    return once_per_run(tmp_path_factory, "corpus", lambda d: story_corpus(d / "story.txt", sentences=1500)) / "story.txt"
 
 
 # The tiny model every shared run uses: one layer, d 32, sequences of 32 tokens.
@@ -158,17 +176,18 @@ TINY_STEPS = 8
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, session_cache, corpus_file) -> Path:
-    """ONE tiny finished run dir (8 fixed steps through the CLI, in this process), made once per
-    session for every test that only needs some trained checkpoint. Read it, never change it:
-    a test that damages or extends a run takes `trained_run_copy`."""
+    """ONE tiny finished run dir (8 fixed steps through the CLI), made once per test run by the
+    first worker that needs it, for every test that only needs some trained checkpoint. Read it,
+    never change it: a test that damages or extends a run takes `trained_run_copy`."""
     from pufferfish_jax.cli import main
 
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PUFFERFISH_CACHE", str(session_cache))
-        assert main(["train", f"steps={TINY_STEPS}", f"data.corpus={corpus_file}", *TINY_MODEL,
-                     "train.log_every=4", f"run_dir={run_dir}"]) == 0
-    return run_dir
+    def train(folder: Path) -> None:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PUFFERFISH_CACHE", str(session_cache))
+            assert main(["train", f"steps={TINY_STEPS}", f"data.corpus={corpus_file}", *TINY_MODEL,
+                         "train.log_every=4", f"run_dir={folder / 'run'}"]) == 0
+
+    return once_per_run(tmp_path_factory, "trained", train) / "run"
 
 
 @pytest.fixture
