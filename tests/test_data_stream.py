@@ -120,3 +120,113 @@ def test_an_interrupted_preparation_leaves_no_entry_and_a_rerun_reuses_the_token
     monkeypatch.setattr("pufferfish_jax.data.tokenizer.train_tokenizer", lambda *a: pytest.fail("tokenizer retrained"))
     again = prepare_data(cfg, tmp_path / "cache")
     assert again.val_tokens.size > 1 and again.train_tokens.size > again.val_tokens.size
+
+
+# ----------------------------------------------------------------------------- sources at scale
+def write_parquet(path: Path, texts: list[str], field: str = "text") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({field: texts, "n": list(range(len(texts)))}), path, row_group_size=3)
+    return path
+
+
+def write_zst(path: Path, data: bytes) -> Path:
+    import zstandard
+    path.write_bytes(zstandard.ZstdCompressor().compress(data))
+    return path
+
+
+def test_shards_of_every_format_with_a_text_field(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    a, b, c, d = docs_of(2), docs_of(3, 10), docs_of(7, 20), docs_of(2, 30)
+    with gzip.open(folder / "a.txt.gz", "wt") as f:
+        f.write(a[0])
+    write_zst(folder / "b.jsonl.zst", "".join(json.dumps({"body": t}) + "\n" for t in b).encode())
+    write_parquet(folder / "c.parquet", c, field="body")
+    write_jsonl(folder / "d.jsonl.gz", d, field="body", opener=gzip.open)
+    (folder / "e.md").write_text("not a corpus file")
+    assert load_documents(str(folder), tmp_path, text_field="body") == [a[0]] + b + c + d
+    assert load_documents(f"{folder}/*.parquet", tmp_path, text_field="body", max_chars=1) == c[:1]
+    with pytest.raises(DataError) as excinfo:  # the default field is 'text'
+        load_documents(str(folder / "c.parquet"), tmp_path)
+    assert "set data.text_field" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def corrupt_shards(folder: Path) -> dict[str, Path]:
+    """One broken file of each kind, each in its own folder beside a good shard."""
+    good = docs_of(20)
+    gz = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in good).encode())
+    cases = {"bad.jsonl.gz": b"this is not gzip" * 10, "cut.jsonl.gz": gz[:len(gz) // 2],
+             "bad.jsonl.zst": b"not zstd either" * 10, "bad.parquet": b"PAR1 not really a parquet file PAR1"}
+    folders = {}
+    for name, data in cases.items():
+        case = folder / name.replace(".", "_")
+        case.mkdir(parents=True)
+        write_jsonl(case / "0_good.jsonl", good)
+        (case / name).write_bytes(data)
+        folders[name] = case
+    line = folder / "bad_line"
+    line.mkdir()
+    write_jsonl(line / "0_good.jsonl", good)
+    (line / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    folders["bad.jsonl:2"] = line
+    return folders
+
+
+def test_a_corrupt_shard_is_named_in_one_line_and_nothing_prepared_is_lost(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", docs_of(50))
+    before = prepare_data(data_cfg(str(good)), tmp_path / "cache")
+    entries = sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
+    for needle, folder in corrupt_shards(tmp_path / "corrupt").items():
+        with pytest.raises(DataError) as excinfo:
+            prepare_data(data_cfg(str(folder)), tmp_path / "cache")
+        message = str(excinfo.value)
+        assert needle in message and "\n" not in message, message
+    assert sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir()) == entries  # no partial entry
+    after = prepare_data(data_cfg(str(good)), tmp_path / "cache")
+    assert after.fingerprint == before.fingerprint and np.array_equal(after.train_tokens, before.train_tokens)
+
+
+@pytest.fixture
+def offline_datasets(monkeypatch):
+    """`datasets` with the hub switched off, as on a machine without it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    return datasets
+
+
+def test_hf_spec_parsing_and_load_arguments(tmp_path):
+    from pufferfish_jax.data import hub
+    assert hub.parse_hf("roneneldan/TinyStories") == ("roneneldan/TinyStories", "", "train")
+    assert hub.parse_hf("HuggingFaceFW/fineweb-edu:sample-10BT@train") == (
+        "HuggingFaceFW/fineweb-edu", "sample-10BT", "train")
+    assert hub.parse_hf("wikitext:wikitext-2-raw-v1@validation") == ("wikitext", "wikitext-2-raw-v1", "validation")
+    assert hub.load_args("wikitext", "wikitext-2-raw-v1", "test") == (
+        ("wikitext", "wikitext-2-raw-v1"), {"split": "test", "streaming": True})
+    write_parquet(tmp_path / "b.parquet", ["x"])
+    write_parquet(tmp_path / "a.parquet", ["y"])
+    args, kwargs = hub.load_args(str(tmp_path), "", "train")
+    assert args == ("parquet",) and kwargs["data_files"] == {"train": [str(tmp_path / "a.parquet"),
+                                                                        str(tmp_path / "b.parquet")]}
+    with pytest.raises(DataError):
+        hub.parse_hf(":config@train")
+
+
+def test_hf_stream_through_datasets_parquet_builder_offline(tmp_path, offline_datasets):
+    """hf:FOLDER runs the real `datasets.load_dataset(..., streaming=True)` path on local parquet
+    shards; a stream is split by document hash alone and its held-out documents never train."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    docs = docs_of(120)
+    write_parquet(folder / "part-0.parquet", docs[:70], field="story")
+    write_parquet(folder / "part-1.parquet", docs[70:], field="story")
+    spec = f"hf:{folder}@train"
+    assert load_documents(spec, tmp_path, text_field="story") == docs
+    prepared = prepare_data(data_cfg(spec, text_field="story", val_min_tokens=10**6), tmp_path / "cache")
+    held_out = stream_docs(prepared.val_tokens, prepared.tokenizer)
+    trained = stream_docs(prepared.train_tokens, prepared.tokenizer)
+    assert held_out == split_documents(docs, 0.1)[1]  # the hash rule alone: no floor for a stream
+    assert sorted(trained + held_out) == sorted(docs)
+    assert not set(held_out) & set(trained)
