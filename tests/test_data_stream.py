@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import time
 from pathlib import Path
 
 import ml_collections
@@ -107,8 +108,8 @@ def test_an_interrupted_preparation_leaves_no_entry_and_a_rerun_reuses_the_token
     cfg = data_cfg(str(corpus))
     real = prepare.encode_into
 
-    def fail_midway(tok, chunks, train, val, log):
-        real(tok, [next(iter(chunks))], train, val, log)
+    def fail_midway(tok, chunks, train, val, log, **kwargs):
+        real(tok, [next(iter(chunks))], train, val, log, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare, "_CHUNK_DOCS", 5)
@@ -230,3 +231,41 @@ def test_hf_stream_through_datasets_parquet_builder_offline(tmp_path, offline_da
     assert held_out == split_documents(docs, 0.1)[1]  # the hash rule alone: no floor for a stream
     assert sorted(trained + held_out) == sorted(docs)
     assert not set(held_out) & set(trained)
+
+
+def test_a_corpus_too_slow_for_its_budget_stops_early_with_one_line(tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs_of(80))
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 10)
+    monkeypatch.setattr(prepare, "PROJECT_AFTER_S", 0.0)  # project from the first chunk
+    seen = []
+    real = prepare._check_finish
+    monkeypatch.setattr(prepare, "_check_finish", lambda *a: seen.append(a) or real(*a))
+    with pytest.raises(DataError) as excinfo:
+        prepare_data(data_cfg(str(corpus)), tmp_path / "cache", finish_by=time.time() - 1)
+    assert "data.max_chars" in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert len(seen) == 1 and seen[0][0] < seen[0][1]  # stopped after the first chunk of several
+    assert not list((tmp_path / "cache" / "tokens").iterdir())
+    done = prepare_data(data_cfg(str(corpus)), tmp_path / "cache", finish_by=time.time() + 3600)
+    assert done.train_tokens.size > 1
+
+
+def test_runs_saved_before_the_new_keys_keep_their_data_fingerprint(tmp_path):
+    """A saved config without data.text_field / data.tokenizer_sample_bytes reads as they did then
+    (field 'text', the tokenizer on all training text), so the cache key is the one they hashed."""
+    from pufferfish_jax import config as config_lib
+    from pufferfish_jax.data import cache
+    corpus = str(write_jsonl(tmp_path / "c.jsonl", docs_of(5)))
+    saved = config_lib.to_json(config_lib.defaults())
+    tree = json.loads(saved)
+    tree["data"] |= {"corpus": corpus}
+    for key in ("text_field", "tokenizer_sample_bytes"):
+        del tree["data"][key]
+    old = config_lib.from_saved(tree)
+    assert old.data.tokenizer_sample_bytes == 0 and old.data.text_field == "text"
+    before_keys = ml_collections.ConfigDict({k: v for k, v in old.data.to_dict().items()
+                                             if k not in ("text_field", "tokenizer_sample_bytes")})
+    assert cache.keys(old.data) == cache.keys(before_keys)
+    new = config_lib.defaults()
+    new.data.corpus = corpus
+    assert new.data.tokenizer_sample_bytes > 0 and cache.keys(new.data)[2] != cache.keys(old.data)[2]
+    assert cache.keys(new.data)[0] == cache.keys(old.data)[0]  # the same split either way

@@ -55,6 +55,7 @@ class Split:
 
     parts: tuple[tuple[str, HashSplit], ...]
     train_bytes: int
+    total_bytes: int = 0  # train and val; 0 for a stream
 
 
 def _documents(cfg: ml_collections.ConfigDict, spec: str, cache_dir: Path, log: Log) -> Iterator[str]:
@@ -81,11 +82,12 @@ def scan_split(cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no
         return Split(parts + (((cfg.val_source, ALWAYS),) if cfg.val_source else ()), 0)
     u, size = _hashes(cfg, cfg.corpus, cache_dir, log)
     if cfg.val_source:
-        return Split(((cfg.corpus, NEVER), (cfg.val_source, ALWAYS)), int(size.sum()))
+        val_bytes = 0 if is_stream(cfg.val_source) else int(_hashes(cfg, cfg.val_source, cache_dir, log)[1].sum())
+        return Split(((cfg.corpus, NEVER), (cfg.val_source, ALWAYS)), int(size.sum()), int(size.sum()) + val_bytes)
     rule = split_rule(u, size.astype(np.float64), cfg.val_fraction, cfg.val_min_tokens)
     is_val = rule.is_val(u)
     log(f"corpus {cfg.corpus}: {len(u):,} documents, {int(size.sum()):,} bytes; {int(is_val.sum()):,} held out")
-    return Split(((cfg.corpus, rule),), int(size[~is_val].sum()))
+    return Split(((cfg.corpus, rule),), int(size[~is_val].sum()), int(size.sum()))
 
 
 def sided_documents(cfg: ml_collections.ConfigDict, split: Split, cache_dir: Path,
@@ -196,9 +198,25 @@ def _ids(encodings: list, eos: int, vocab_size: int) -> np.ndarray:
     return ids
 
 
+PROJECT_AFTER_S = 3.0  # encoding time after which the finish of preparation is projected
+
+
+def _check_finish(done: int, total: int, elapsed: float, finish_by: float | None) -> None:
+    """Raises when encoding at the rate so far would end after `finish_by` (a time.time())."""
+    if finish_by is None or not total or elapsed < PROJECT_AFTER_S or not done:
+        return
+    left_s = (total - done) * elapsed / done
+    if time.time() + left_s > finish_by:
+        raise DataError(f"tokenizing this corpus ({total / 1e6:,.0f} MB at {done / 1e6 / elapsed:.1f} MB/s here) "
+                        f"would take about {(elapsed + left_s) / 60:.0f} min, more than the budget leaves for it; "
+                        "give a bigger budget once (the tokens are cached, later runs start at once), "
+                        "run without one (steps=N), or set data.max_chars")
+
+
 def encode_into(tok: Tokenizer, chunks: Iterable[list[tuple[str, int, bool]]], train: _Stream, val: _Stream,
-                log: Log = no_log) -> None:
-    """Pass 3: every chunk batch-encoded and appended, document by document, to its side's stream."""
+                log: Log = no_log, *, total_bytes: int = 0, finish_by: float | None = None) -> None:
+    """Pass 3: every chunk batch-encoded and appended, document by document, to its side's stream.
+    With `finish_by`, stops with a DataError as soon as the rate seen projects past it."""
     eos, vocab_size = eos_id(tok), tok.get_vocab_size()
     start, reported = time.perf_counter(), 0
     for chunk in chunks:
@@ -207,9 +225,11 @@ def encode_into(tok: Tokenizer, chunks: Iterable[list[tuple[str, int, bool]]], t
             mine = [(e, n) for e, (_, n, held_out) in zip(encodings, chunk, strict=True) if held_out == side]
             if mine:
                 stream.append(_ids([e for e, _ in mine], eos, vocab_size), sum(n + 1 for _, n in mine), len(mine))
-        if (done := train.bytes + val.bytes) - reported >= _LOG_EVERY_BYTES:
+        done, elapsed = train.bytes + val.bytes, time.perf_counter() - start
+        _check_finish(done, total_bytes, elapsed, finish_by)
+        if done - reported >= _LOG_EVERY_BYTES:
             reported = done
-            log(f"data: tokenized {done / 1e6:,.0f} MB ({done / 1e6 / (time.perf_counter() - start):.1f} MB/s)")
+            log(f"data: tokenized {done / 1e6:,.0f} of {total_bytes / 1e6:,.0f} MB ({done / 1e6 / elapsed:.1f} MB/s)")
 
 
 def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> tuple[np.ndarray, int]:
@@ -225,7 +245,7 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> tuple[np.ndarray, i
 
 
 def _write_entry(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
-                 log: Log) -> None:
+                 log: Log, finish_by: float | None) -> None:
     """Encodes the split into the cache entry `key`: the two streams, then the meta file."""
     meta_path, train_path, val_path = cache.paths(cache_dir, key)
     dtype, eos = token_dtype(tok.get_vocab_size()), np.array([eos_id(tok)])
@@ -233,7 +253,8 @@ def _write_entry(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, c
         train, val = _Stream(train_file, dtype), _Stream(val_file, dtype)
         train.append(eos, 0, 0)
         val.append(eos, 0, 0)
-        encode_into(tok, _read_ahead(_chunks(sided_documents(cfg, split, cache_dir, log))), train, val, log)
+        encode_into(tok, _read_ahead(_chunks(sided_documents(cfg, split, cache_dir, log))), train, val, log,
+                    total_bytes=split.total_bytes, finish_by=finish_by)
         if not train.docs or not val.docs:
             side = "training" if not train.docs else "held-out"
             raise DataError(f"corpus '{cfg.corpus}' gave no {side} documents; add text, raise or lower "
@@ -245,8 +266,13 @@ def _write_entry(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, c
         f.write(json.dumps(meta).encode())
 
 
-def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log) -> PreparedData:
+def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log,
+                 finish_by: float | None = None) -> PreparedData:
     """Corpus -> split -> tokenizer -> token streams, cached under `cache_dir`, in bounded memory.
+
+    `finish_by` (a time.time(), e.g. part of a budget): a corpus whose encoding, at the rate
+    measured over its first seconds, would end later stops then with a one-line DataError, instead
+    of spending the budget; a stream (size unknown) is not checked.
 
     A warm call (same corpus files, split and tokenizer settings) reads only the cache: the corpus is
     identified by cheap fingerprints (archive pins, file sizes and mtimes), never re-read.
@@ -261,7 +287,7 @@ def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: L
     split = scan_split(data_cfg, cache_dir, log=log)
     tok = tokenizer_for(data_cfg, cache_dir, split, log=log)
     log("data: tokenizing")
-    _write_entry(data_cfg, split, tok, cache_dir, key, log)
+    _write_entry(data_cfg, split, tok, cache_dir, key, log, finish_by)
     prepared = cache.load_cached(cache_dir, key, start)
     assert prepared is not None, "token cache unreadable right after writing it"
     log(f"data: {prepared.train_tokens.size:,} train / {prepared.val_tokens.size:,} val tokens "
