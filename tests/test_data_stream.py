@@ -269,3 +269,13 @@ def test_runs_saved_before_the_new_keys_keep_their_data_fingerprint(tmp_path):
     new.data.corpus = corpus
     assert new.data.tokenizer_sample_bytes > 0 and cache.keys(new.data)[2] != cache.keys(old.data)[2]
     assert cache.keys(new.data)[0] == cache.keys(old.data)[0]  # the same split either way
+
+
+def test_the_benchmark_corpus_has_the_asked_size_in_shuffled_distinct_documents(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench_data
+    paragraphs = [f"Paragraph {i}: " + sentences(i, 2) for i in range(300)]
+    written = bench_data.write_corpus(tmp_path / "corpus", 1, paragraphs)
+    docs = load_documents(str(tmp_path / "corpus"), tmp_path)
+    assert 1_000_000 <= written == sum(len(d.encode()) for d in docs) < 1_010_000
+    assert len(set(docs)) > 0.99 * len(docs) and all(3 <= d.count("\n") + 1 <= 12 for d in docs)
