@@ -20,7 +20,7 @@ import pytest
 from conftest import sentences
 
 from pufferfish_jax.budget.planner import BATCH_SIZES
-from pufferfish_jax.data import builtin, corpora, pipeline, prepare, tokenizer
+from pufferfish_jax.data import builtin, corpora, prepare, tokenizer
 from pufferfish_jax.data.corpora import load_documents, split_documents
 from pufferfish_jax.errors import DataError
 from pufferfish_jax.data.pipeline import (batch_at, eval_batches, num_windows_available, prepare_data,

@@ -224,12 +224,12 @@ def test_hf_stream_through_datasets_parquet_builder_offline(tmp_path, offline_da
     write_parquet(folder / "part-0.parquet", docs[:70], field="story")
     write_parquet(folder / "part-1.parquet", docs[70:], field="story")
     spec = f"hf:{folder}@train"
-    assert load_documents(spec, tmp_path, text_field="story") == docs
     prepared = prepare_data(data_cfg(spec, text_field="story", val_min_tokens=10**6), tmp_path / "cache")
     held_out = stream_docs(prepared.val_tokens, prepared.tokenizer)
     trained = stream_docs(prepared.train_tokens, prepared.tokenizer)
     assert held_out == split_documents(docs, 0.1)[1]  # the hash rule alone: no floor for a stream
-    assert sorted(trained + held_out) == sorted(docs)
+    assert sorted(trained + held_out) == sorted(docs)  # every row, once
+    assert trained == [d for d in docs if d not in set(held_out)]  # in the dataset's order
     assert not set(held_out) & set(trained)
 
 

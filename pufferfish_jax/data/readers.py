@@ -56,6 +56,11 @@ def _open_binary(path: Path) -> BinaryIO:
     return path.open("rb")
 
 
+def _brief(error: Exception) -> str:
+    """An exception's message on one short line, for a one-line DataError."""
+    return " ".join(str(error).split())[:80]
+
+
 def _blocks(path: Path) -> Iterator[bytes]:
     """The file's (decompressed) bytes in blocks; a broken compressed stream is a DataError."""
     try:
@@ -63,12 +68,11 @@ def _blocks(path: Path) -> Iterator[bytes]:
             while block := f.read(_READ_BYTES):
                 yield block
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}); "
-                        "fix or remove that file") from None
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {_brief(e)}); fix or remove that file") from None
     except Exception as e:  # zstandard.ZstdError is not an OSError
         if type(e).__name__ != "ZstdError":
             raise
-        raise DataError(f"{path} is not a valid zstd stream ({str(e)[:80]}); fix or remove that file") from None
+        raise DataError(f"{path} is not a valid zstd stream ({_brief(e)}); fix or remove that file") from None
 
 
 def _decoded(path: Path) -> Iterator[str]:
