@@ -206,9 +206,9 @@ def _check_finish(done: int, total: int, elapsed: float, finish_by: float | None
     if finish_by is None or not total or elapsed < PROJECT_AFTER_S or not done:
         return
     left_s = (total - done) * elapsed / done
-    if time.time() + left_s > finish_by:
-        raise DataError(f"tokenizing this corpus ({total / 1e6:,.0f} MB at {done / 1e6 / elapsed:.1f} MB/s here) "
-                        f"would take about {(elapsed + left_s) / 60:.0f} min, more than the budget leaves for it; "
+    if (late_s := time.time() + left_s - finish_by) > 0:
+        raise DataError(f"tokenizing this corpus ({total / 1e6:,.0f} MB at {done / 1e6 / elapsed:.1f} MB/s here) needs "
+                        f"about {left_s:.0f}s more, {late_s:.0f}s past the time the budget leaves for preparing data; "
                         "give a bigger budget once (the tokens are cached, later runs start at once), "
                         "run without one (steps=N), or set data.max_chars")
 
