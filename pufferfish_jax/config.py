@@ -102,7 +102,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("pipeline.stages", "corpus,tokenizer,tokens,plan,train,evaluate,sample,report",
      "Stages to run, comma-separated; the stages they need run too, and finished ones are skipped."),
     ("pipeline.run_dir", "", "Pipeline output folder; '' = runs/<config file name>."),
-    ("eval.sets", "val", "Texts the evaluate stage scores, comma-separated SOURCE or NAME=SOURCE: val (the held-out split), wiki | shakespeare | kjv, a file, folder, glob or hf:NAME[:split]."),
+    ("eval.sets", "val", "Texts the evaluate stage scores, comma-separated SOURCE or NAME=SOURCE: val (the held-out split), wiki | shakespeare | kjv, a file, folder, glob or hf:NAME[:config][@split]."),
     ("eval.max_chars", 1_000_000, "Characters read from each eval set other than val (its first ones); 0 = all."),
     ("sample.prompts", "The history of|Once upon a time", "Prompts the sample stage continues, separated by |."),
     ("sample.max_new_tokens", SAMPLING.max_new_tokens, "Tokens sampled per prompt (at most model.seq_len minus the prompt)."),
