@@ -29,7 +29,8 @@ from pufferfish_jax import config as config_lib
 from pufferfish_jax import rundir, session
 from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.data.corpora import corpus_fingerprint
-from pufferfish_jax.data.pipeline import load_split, prepare_data, tokenizer_for, unigram_bpb
+from pufferfish_jax.data.pipeline import prepare_data, tokenizer_for, unigram_bpb
+from pufferfish_jax.data.prepare import scan_split, sided_documents
 from pufferfish_jax.data.tokenizer import tokenizer_fingerprint
 from pufferfish_jax.display import console, plan_table
 from pufferfish_jax.errors import ConfigError
@@ -141,12 +142,16 @@ def _hardware() -> dict:
 # ----------------------------------------------------------------------------- stages
 def corpus(ctx: Context) -> dict:
     """Fetches the corpus (built-ins are downloaded once into the cache) and splits it."""
-    with _status("corpus: loading") as log:
-        train_docs, val_docs = load_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
     record = {"corpus": ctx.cfg.data.corpus, "val_source": ctx.cfg.data.val_source or "a split of the corpus"}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        record |= {f"{split}_documents": len(docs), f"{split}_chars": sum(map(len, docs)),
-                   f"{split}_bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    counts = {f"{side}_{what}": 0 for side in ("train", "val") for what in ("documents", "chars", "bytes")}
+    with _status("corpus: loading") as log:
+        split = scan_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
+        for doc, data, held_out, _ in sided_documents(ctx.cfg.data, split, _cache(ctx.cfg), log):
+            side = "val" if held_out else "train"
+            counts[f"{side}_documents"] += 1
+            counts[f"{side}_chars"] += len(doc)
+            counts[f"{side}_bytes"] += len(data)
+    record |= counts
     write_json(ctx.run_dir / "corpus.json", record)
     return record
 
@@ -154,8 +159,7 @@ def corpus(ctx: Context) -> dict:
 def tokenizer(ctx: Context) -> dict:
     """The byte-level BPE trained on the training split (or data.tokenizer), as tokenizer.json."""
     with _status("tokenizer: loading the training split") as log:
-        train_docs, _ = load_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
-        tok = tokenizer_for(ctx.cfg.data, train_docs, _cache(ctx.cfg), log=log)
+        tok = tokenizer_for(ctx.cfg.data, _cache(ctx.cfg), log=log)
     (ctx.run_dir / "tokenizer.json").write_text(tok.to_str())
     return {"vocab_size": tok.get_vocab_size(), "source": ctx.cfg.data.tokenizer or "trained byte-level BPE",
             "fingerprint": tokenizer_fingerprint(tok)}

@@ -72,6 +72,8 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("data.vocab_size", 8192, "Vocabulary size of the byte-level BPE trained on the corpus."),
     ("data.tokenizer", "", "Path to a tokenizer.json to use instead of training one."),
     ("data.max_chars", 0, "Use only the first N characters of the corpus; 0 = all."),
+    ("data.text_field", "text", "The jsonl field, parquet column or hf: dataset column that holds the text."),
+    ("data.tokenizer_sample_bytes", 32_000_000, "Train the BPE on a deterministic sample of about this many bytes of training text; 0 = all of it."),
     ("data.cache_dir", "", "Cache folder; '' = $PUFFERFISH_CACHE or ~/.cache/pufferfish."),
     # budget
     ("budget.time", "", "Wall-clock budget, e.g. 90s, 5m, 1h30m; '' = no budget (use train.steps)."),
@@ -102,7 +104,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("pipeline.stages", "corpus,tokenizer,tokens,plan,train,evaluate,sample,report",
      "Stages to run, comma-separated; the stages they need run too, and finished ones are skipped."),
     ("pipeline.run_dir", "", "Pipeline output folder; '' = runs/<config file name>."),
-    ("eval.sets", "val", "Texts the evaluate stage scores, comma-separated SOURCE or NAME=SOURCE: val (the held-out split), wiki | shakespeare | kjv, a file, folder, glob or hf:NAME[:split]."),
+    ("eval.sets", "val", "Texts the evaluate stage scores, comma-separated SOURCE or NAME=SOURCE: val (the held-out split), wiki | shakespeare | kjv, a file, folder, glob or hf:NAME[:config][@split]."),
     ("eval.max_chars", 1_000_000, "Characters read from each eval set other than val (its first ones); 0 = all."),
     ("sample.prompts", "The history of|Once upon a time", "Prompts the sample stage continues, separated by |."),
     ("sample.max_new_tokens", SAMPLING.max_new_tokens, "Tokens sampled per prompt (at most model.seq_len minus the prompt)."),
@@ -214,7 +216,7 @@ def from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
 # Keys added after runs were saved without them, and the value that reproduces how those runs
 # behaved: a saved config (run dir, checkpoint) that lacks one gets this, not today's default, so
 # its data split, hence its tokenizer and token cache, stay the ones it was trained on.
-BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0}
+BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0, "data.tokenizer_sample_bytes": 0}
 
 
 def from_saved(tree: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -277,6 +279,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     if cfg.data.val_min_tokens < 0:
         raise ConfigError(f"data.val_min_tokens={cfg.data.val_min_tokens} must not be negative (0 = no floor)")
+    if cfg.data.tokenizer_sample_bytes < 0 or not cfg.data.text_field:
+        raise ConfigError("data.tokenizer_sample_bytes must not be negative (0 = all) and data.text_field not empty")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup_fraction < 1:

@@ -83,6 +83,11 @@ def use_compilation_cache(cache_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- data and plan
+# A budgeted run whose corpus would take longer than this share of the budget to tokenize stops
+# within seconds with a one-line error (prepare_data's finish_by) instead of spending it.
+PREP_SHARE = 0.5
+
+
 def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float, mesh: Mesh,
             plan: Plan | None = None, log: Log = no_log) -> tuple[PreparedData, Plan]:
     """Data, then a plan (unless one is given): the part of train and plan before any training.
@@ -94,7 +99,8 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
     if not (cfg.budget.time and cfg.budget.planner == "measured" and "train.batch_size" not in user_keys):
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)  # this batch is kept: fail now
     cache = config_lib.cache_dir(cfg)
-    data = prepare_data(cfg.data, cache, log=log)
+    finish_by = started_at + PREP_SHARE * config_lib.parse_duration(cfg.budget.time) if cfg.budget.time else None
+    data = prepare_data(cfg.data, cache, log=log, finish_by=finish_by)
     log(f"data: {cfg.data.corpus}: {len(data.train_tokens):,} train tokens, {len(data.val_tokens):,} held-out "
         f"tokens, vocab {data.vocab_size:,} ({data.prep_seconds:.1f}s)")
     if len(data.val_tokens) < cfg.model.seq_len + 1:  # no eval window: every score would be noise or nan

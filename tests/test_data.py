@@ -20,7 +20,7 @@ import pytest
 from conftest import sentences
 
 from pufferfish_jax.budget.planner import BATCH_SIZES
-from pufferfish_jax.data import builtin, corpora, pipeline, tokenizer
+from pufferfish_jax.data import builtin, corpora, prepare, tokenizer
 from pufferfish_jax.data.corpora import load_documents, split_documents
 from pufferfish_jax.errors import DataError
 from pufferfish_jax.data.pipeline import (batch_at, eval_batches, num_windows_available, prepare_data,
@@ -371,7 +371,7 @@ def test_prepare_data_end_to_end_and_warm_cache(tmp_path, monkeypatch):
 
     bin_path = tmp_path / "cache" / "tokens" / f"{cold.fingerprint}.train.bin"
     mtime = bin_path.stat().st_mtime_ns
-    monkeypatch.setattr(pipeline, "load_documents", lambda *a, **k: pytest.fail("corpus re-read on a warm call"))
+    monkeypatch.setattr(prepare, "iter_documents", lambda *a, **k: pytest.fail("corpus re-read on a warm call"))
     warm = prepare_data(cfg, tmp_path / "cache")
     assert warm.fingerprint == cold.fingerprint and warm.tokenizer_json == cold.tokenizer_json
     assert (np.asarray(warm.train_tokens) == np.asarray(cold.train_tokens)).all()

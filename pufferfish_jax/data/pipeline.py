@@ -1,183 +1,21 @@
-"""From a data config to a cached token stream, and from a token stream to batches.
+"""From a token stream to batches, and the unigram baseline.
 
-Token stream layout: `EOS doc_1 EOS doc_2 EOS ... doc_n EOS`. Every document token has context
-starting at a document boundary, and the predicted tokens of a stream (all but the first) are
-exactly the documents' tokens plus one EOS per document; so bits per byte counts each document's
-UTF-8 bytes plus one byte per EOS, the separator the EOS stands for.
-
-The streams are cached as raw memmaps keyed by everything that determines them, so a warm start
-costs a JSON read and two mmaps. Training batches are a pure function of (seed, step): resuming at
-step k needs no replay and no saved iterator state.
+Training batches are a pure function of (seed, step): resuming at step k needs no replay and no
+saved iterator state. Preparing the token streams lives in prepare.py and the token cache in
+cache.py; their names are re-exported here for the callers that import them from this module.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import math
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 
 import grain
-import ml_collections
 import numpy as np
-import tokenizers
-from tokenizers import Tokenizer
 
-from pufferfish_jax.data.corpora import corpus_fingerprint, load_documents, split_documents
-from pufferfish_jax.data.files import Log, atomic_write, no_log
-from pufferfish_jax.data.tokenizer import eos_id, load_or_train_tokenizer
+from pufferfish_jax.data.cache import PreparedData, token_dtype  # noqa: F401  (re-exported)
+from pufferfish_jax.data.prepare import encode_documents, prepare_data, tokenizer_for  # noqa: F401
 from pufferfish_jax.errors import DataError
-
-_CACHE_VERSION = 1  # bump when the stream layout or the meta fields change
-_ENCODE_CHUNK = 1024  # documents per encode_batch call: parallel enough, bounded memory
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
-class PreparedData:
-    """Everything training needs from the data side, ready to use."""
-
-    tokenizer: Tokenizer
-    tokenizer_json: str
-    train_tokens: np.ndarray  # [train_len] uint16/uint32 memmap
-    val_tokens: np.ndarray  # [val_len]
-    train_bytes: int
-    val_bytes: int  # UTF-8 bytes the predicted val tokens encode (one per EOS included)
-    vocab_size: int
-    fingerprint: str  # corpus + split + tokenizer: names the cache and identifies the data in runs
-    prep_seconds: float
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest unsigned dtype holding every id: halves the cache and mmap reads for <= 64K."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
-def _file_digest(path: str) -> str:
-    try:
-        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
-    except OSError:
-        raise DataError(f"tokenizer file {path} cannot be read; fix data.tokenizer or set it to '' "
-                        "to train one") from None
-
-
-def _keys(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
-    """(split key, cache key): what fixes the train/val documents, and that plus the tokenizer."""
-    split_key = _digest(_CACHE_VERSION, corpus_fingerprint(cfg.corpus),
-                        corpus_fingerprint(cfg.val_source) if cfg.val_source else "",
-                        cfg.val_fraction, cfg.val_min_tokens, cfg.max_chars)
-    tokenizer_key = _file_digest(cfg.tokenizer) if cfg.tokenizer else [cfg.vocab_size, tokenizers.__version__]
-    return split_key, _digest(split_key, tokenizer_key)
-
-
-def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> tuple[np.ndarray, int]:
-    """`EOS doc EOS doc ... EOS` as one array, and the UTF-8 bytes its predicted tokens encode."""
-    vocab_size = tok.get_vocab_size()
-    eos = eos_id(tok)
-    parts, num_bytes = [np.array([eos], np.int64)], 0
-    for i in range(0, len(docs), _ENCODE_CHUNK):
-        chunk = docs[i:i + _ENCODE_CHUNK]
-        encodings = tok.encode_batch_fast(chunk, add_special_tokens=False)
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encodings), np.int64)
-        if ids.size and ids.max() >= vocab_size:
-            raise DataError(f"the tokenizer produced id {ids.max()} >= its vocab size {vocab_size}; "
-                            "the tokenizer.json is inconsistent: fix it or set data.tokenizer='' to train one")
-        parts.append(ids)
-        num_bytes += sum(len(d.encode("utf-8")) for d in chunk) + len(chunk)
-    return np.concatenate(parts).astype(token_dtype(vocab_size)), num_bytes
-
-
-def _write_stream(docs: Sequence[str], tok: Tokenizer, path: Path) -> tuple[int, int]:
-    """Encodes `docs` into the memmap file `path`; returns (tokens, bytes)."""
-    tokens, num_bytes = encode_documents(tok, docs)
-    with atomic_write(path) as f:
-        f.write(tokens.tobytes())
-    return tokens.size, num_bytes
-
-
-def _paths(cache_dir: Path, key: str) -> tuple[Path, Path, Path]:
-    folder = Path(cache_dir) / "tokens"
-    return folder / f"{key}.json", folder / f"{key}.train.bin", folder / f"{key}.val.bin"
-
-
-def _load_cached(cache_dir: Path, key: str, start: float) -> PreparedData | None:
-    """The cached streams for `key`, or None if absent or inconsistent (then they are rebuilt)."""
-    meta_path, train_path, val_path = _paths(cache_dir, key)
-    try:
-        meta = json.loads(meta_path.read_text())
-        dtype = np.dtype(meta["dtype"])
-        train = np.memmap(train_path, dtype=dtype, mode="r")
-        val = np.memmap(val_path, dtype=dtype, mode="r")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if (train.size, val.size) != (meta["train_tokens"], meta["val_tokens"]):
-        return None
-    tok = Tokenizer.from_str(meta["tokenizer"])
-    return PreparedData(tokenizer=tok, tokenizer_json=meta["tokenizer"], train_tokens=train,
-                        val_tokens=val, train_bytes=meta["train_bytes"], val_bytes=meta["val_bytes"],
-                        vocab_size=tok.get_vocab_size(), fingerprint=key,
-                        prep_seconds=time.perf_counter() - start)
-
-
-def load_split(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *,
-               log: Log = no_log) -> tuple[list[str], list[str]]:
-    """(train, val) documents: the corpus split by content hash (at least about data.val_min_tokens
-    held out, `split_documents`), or the corpus and data.val_source."""
-    docs = load_documents(data_cfg.corpus, cache_dir, max_chars=data_cfg.max_chars, log=log)
-    if data_cfg.val_source:
-        return docs, load_documents(data_cfg.val_source, cache_dir, max_chars=data_cfg.max_chars, log=log)
-    return split_documents(docs, data_cfg.val_fraction, data_cfg.val_min_tokens)
-
-
-def tokenizer_for(data_cfg: ml_collections.ConfigDict, train_docs: Sequence[str], cache_dir: Path, *,
-                  log: Log = no_log) -> Tokenizer:
-    """The tokenizer `prepare_data` uses for these settings: data.tokenizer, or the BPE trained on
-    `train_docs` (cached under the split's key, so a pipeline's tokenizer stage and a later
-    prepare_data share one training)."""
-    split_key, _ = _keys(data_cfg)
-    return load_or_train_tokenizer(train_docs, data_cfg.vocab_size, cache_dir, path=data_cfg.tokenizer,
-                                   corpus_fingerprint=split_key, log=log)
-
-
-def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log) -> PreparedData:
-    """Corpus -> documents -> split -> tokenizer -> token streams, cached under `cache_dir`.
-
-    A warm call (same corpus files, split and tokenizer settings) reads only the cache: the corpus is
-    identified by cheap fingerprints (archive pins, file sizes and mtimes), never re-read.
-    """
-    start = time.perf_counter()
-    cache_dir = Path(cache_dir)
-    _, key = _keys(data_cfg)
-    if (cached := _load_cached(cache_dir, key, start)) is not None:
-        log(f"data: cached token streams {key} ({cached.train_tokens.size:,} train / "
-            f"{cached.val_tokens.size:,} val tokens)")
-        return cached
-
-    train_docs, val_docs = load_split(data_cfg, cache_dir, log=log)
-    log(f"split: {len(train_docs):,} train / {len(val_docs):,} val documents")
-    tok = tokenizer_for(data_cfg, train_docs, cache_dir, log=log)
-
-    meta_path, train_path, val_path = _paths(cache_dir, key)
-    log("data: tokenizing")
-    train_tokens, train_bytes = _write_stream(train_docs, tok, train_path)
-    val_tokens, val_bytes = _write_stream(val_docs, tok, val_path)
-    meta = dict(version=_CACHE_VERSION, dtype=token_dtype(tok.get_vocab_size()).name,
-                train_tokens=train_tokens, val_tokens=val_tokens, train_bytes=train_bytes,
-                val_bytes=val_bytes, train_docs=len(train_docs), val_docs=len(val_docs),
-                tokenizer=tok.to_str())
-    with atomic_write(meta_path) as f:  # written last: its presence marks a complete cache
-        f.write(json.dumps(meta).encode())
-    prepared = _load_cached(cache_dir, key, start)
-    assert prepared is not None, "token cache unreadable right after writing it"
-    log(f"data: {train_tokens:,} train / {val_tokens:,} val tokens in {prepared.prep_seconds:.1f}s")
-    return prepared
 
 
 def unigram_bpb(train_tokens: np.ndarray, val_tokens: np.ndarray, val_bytes: int, vocab_size: int) -> float:

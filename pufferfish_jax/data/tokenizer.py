@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
@@ -23,7 +23,7 @@ EOS = "<|endoftext|>"
 _EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<eos>")  # what user tokenizers call it
 
 
-def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(train_docs: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE with `<|endoftext|>` as id 0; deterministic for a given corpus and size.
 
     The 256 byte symbols are seeded as the initial alphabet so every byte is encodable even when
@@ -63,7 +63,7 @@ def _read_tokenizer(path: Path) -> Tokenizer:
                         "give a Hugging Face tokenizer.json or set data.tokenizer='' to train one") from None
 
 
-def load_or_train_tokenizer(train_docs: Sequence[str], vocab_size: int, cache_dir: Path, *,
+def load_or_train_tokenizer(train_docs: Iterable[str], vocab_size: int, cache_dir: Path, *,
                             path: str = "", corpus_fingerprint: str, log: Log = no_log) -> Tokenizer:
     """The tokenizer at `path` if given, else the cached or freshly trained BPE for this corpus.
 
@@ -80,7 +80,7 @@ def load_or_train_tokenizer(train_docs: Sequence[str], vocab_size: int, cache_di
     if cached.exists():
         log(f"tokenizer: cached {cached}")
         return _read_tokenizer(cached)
-    log(f"tokenizer: training byte-level BPE, vocab {vocab_size:,}, on {len(train_docs):,} documents")
+    log(f"tokenizer: training byte-level BPE, vocab {vocab_size:,}, on the training text's sample")
     tok = train_tokenizer(train_docs, vocab_size)
     with atomic_write(cached) as f:
         f.write(tok.to_str().encode())

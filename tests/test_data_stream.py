@@ -1,0 +1,281 @@
+"""Streaming preparation: chunked reading and encoding, the tokenizer's sample, compressed and
+parquet shards, hf: through `datasets` (offline, a local parquet dataset), corrupt shards.
+Tiny corpora written to tmp_path; no network."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from conftest import sentences
+
+from pufferfish_jax.data import prepare, readers
+from pufferfish_jax.data.corpora import load_documents, split_documents
+from pufferfish_jax.data.pipeline import encode_documents, prepare_data
+from pufferfish_jax.data.tokenizer import eos_id, tokenizer_fingerprint, train_tokenizer
+from pufferfish_jax.errors import DataError
+
+
+def data_cfg(corpus: str, **overrides) -> ml_collections.ConfigDict:
+    cfg = dict(corpus=corpus, val_source="", val_fraction=0.1, val_min_tokens=0, vocab_size=400, tokenizer="",
+               max_chars=0, text_field="text", tokenizer_sample_bytes=0)
+    return ml_collections.ConfigDict({**cfg, **overrides})
+
+
+def docs_of(n: int, offset: int = 0) -> list[str]:
+    return [f"Doc {i}. " + sentences(i, 3 + i % 5) for i in range(offset, offset + n)]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text", opener=open) -> Path:
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts))
+    return path
+
+
+def stream_docs(tokens: np.ndarray, tok) -> list[str]:
+    """The documents of an `EOS doc EOS doc ... EOS` stream."""
+    eos, ids = eos_id(tok), np.asarray(tokens).tolist()
+    cuts = [i for i, t in enumerate(ids) if t == eos]
+    return [tok.decode(ids[a + 1:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+# ----------------------------------------------------------------------------- bounded reading
+def test_streamed_txt_chunks_equal_whole_text_chunks_whatever_the_blocks():
+    rng = random.Random(0)
+    text = "".join(rng.choice(["word ", "long-word ", "\n", "\n\n", "x" * 50]) for _ in range(40_000))
+    whole = readers.chunk_text(text)
+    assert len(whole) > 10 and "".join(whole) == text
+    for block in (1, 777, 8192, 100_000):
+        blocks = iter([text[i:i + block] for i in range(0, len(text), block)]) if block > 1 else iter(text)
+        assert list(readers.chunked_text(blocks)) == whole, block
+    assert readers.chunk_text("short text") == ["short text"] and readers.chunk_text(" \n ") == []
+
+
+def test_streaming_prep_gives_the_one_shot_tokens_in_chunks(tmp_path, monkeypatch):
+    """Several files, chunks of 3 documents: the same tokenizer and streams as the whole-corpus path
+    (load everything, split, train on the whole training list, encode in one array)."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", docs_of(40))
+    write_jsonl(folder / "b.jsonl.gz", docs_of(30, 40), opener=gzip.open)
+    (folder / "c.txt").write_text("\n\n".join(sentences(i, 8) for i in range(200)))  # > 64 KB: chunked
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 3)
+    cfg = data_cfg(str(folder), val_min_tokens=500)
+    streamed = prepare_data(cfg, tmp_path / "cache")
+
+    docs = load_documents(str(folder), tmp_path)
+    train_docs, val_docs = split_documents(docs, 0.1, val_min_tokens=500)
+    tok = train_tokenizer(train_docs, 400)
+    assert tokenizer_fingerprint(streamed.tokenizer) == tokenizer_fingerprint(tok)
+    for tokens, side in ((streamed.train_tokens, train_docs), (streamed.val_tokens, val_docs)):
+        one_shot, num_bytes = encode_documents(tok, side)
+        assert np.array_equal(np.asarray(tokens), one_shot) and tokens.dtype == np.uint16
+    assert streamed.train_bytes == encode_documents(tok, train_docs)[1]
+    assert streamed.val_bytes == encode_documents(tok, val_docs)[1]
+    held_out = set(stream_docs(streamed.val_tokens, streamed.tokenizer))
+    assert held_out == set(val_docs) and not held_out & set(stream_docs(streamed.train_tokens, streamed.tokenizer))
+
+
+def test_tokenizer_trains_on_a_deterministic_sample_of_training_documents(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs_of(400))
+    docs = load_documents(str(corpus), tmp_path)
+    train_docs, val_docs = split_documents(docs, 0.1)
+    train_bytes = sum(len(d.encode()) + 1 for d in train_docs)
+    cfg = data_cfg(str(corpus), tokenizer_sample_bytes=train_bytes // 4)
+    sample = list(prepare.sample_documents(cfg, tmp_path))
+    assert sample == list(prepare.sample_documents(cfg, tmp_path))  # deterministic
+    assert set(sample) < set(train_docs) and not set(sample) & set(val_docs)
+    assert sample == [d for d in train_docs if d in set(sample)]  # corpus order kept
+    assert 0.15 < sum(len(d.encode()) + 1 for d in sample) / train_bytes < 0.35  # about a quarter
+    everything = list(prepare.sample_documents(data_cfg(str(corpus), tokenizer_sample_bytes=10**9), tmp_path))
+    assert everything == train_docs == list(prepare.sample_documents(data_cfg(str(corpus)), tmp_path))
+
+    sampled = prepare_data(cfg, tmp_path / "cache")
+    full = prepare_data(data_cfg(str(corpus)), tmp_path / "cache")
+    assert sampled.fingerprint != full.fingerprint  # the sample size is part of the key
+    assert tokenizer_fingerprint(sampled.tokenizer) == tokenizer_fingerprint(train_tokenizer(sample, 400))
+    assert sampled.train_bytes == full.train_bytes  # the same split, only the tokenizer differs
+
+
+def test_an_interrupted_preparation_leaves_no_entry_and_a_rerun_reuses_the_tokenizer(tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs_of(60))
+    cfg = data_cfg(str(corpus))
+    real = prepare.encode_into
+
+    def fail_midway(tok, chunks, train, val, log, **kwargs):
+        real(tok, [next(iter(chunks))], train, val, log, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 5)
+    monkeypatch.setattr(prepare, "encode_into", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "tokens").iterdir())  # no partial stream under any name
+    monkeypatch.setattr(prepare, "encode_into", real)
+    monkeypatch.setattr("pufferfish_jax.data.tokenizer.train_tokenizer", lambda *a: pytest.fail("tokenizer retrained"))
+    again = prepare_data(cfg, tmp_path / "cache")
+    assert again.val_tokens.size > 1 and again.train_tokens.size > again.val_tokens.size
+
+
+# ----------------------------------------------------------------------------- sources at scale
+def write_parquet(path: Path, texts: list[str], field: str = "text") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({field: texts, "n": list(range(len(texts)))}), path, row_group_size=3)
+    return path
+
+
+def write_zst(path: Path, data: bytes) -> Path:
+    import zstandard
+    path.write_bytes(zstandard.ZstdCompressor().compress(data))
+    return path
+
+
+def test_shards_of_every_format_with_a_text_field(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    a, b, c, d = docs_of(2), docs_of(3, 10), docs_of(7, 20), docs_of(2, 30)
+    with gzip.open(folder / "a.txt.gz", "wt") as f:
+        f.write(a[0])
+    write_zst(folder / "b.jsonl.zst", "".join(json.dumps({"body": t}) + "\n" for t in b).encode())
+    write_parquet(folder / "c.parquet", c, field="body")
+    write_jsonl(folder / "d.jsonl.gz", d, field="body", opener=gzip.open)
+    (folder / "e.md").write_text("not a corpus file")
+    assert load_documents(str(folder), tmp_path, text_field="body") == [a[0]] + b + c + d
+    assert load_documents(f"{folder}/*.parquet", tmp_path, text_field="body", max_chars=1) == c[:1]
+    with pytest.raises(DataError) as excinfo:  # the default field is 'text'
+        load_documents(str(folder / "c.parquet"), tmp_path)
+    assert "set data.text_field" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def corrupt_shards(folder: Path) -> dict[str, Path]:
+    """One broken file of each kind, each in its own folder beside a good shard."""
+    good = docs_of(20)
+    gz = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in good).encode())
+    cases = {"bad.jsonl.gz": b"this is not gzip" * 10, "cut.jsonl.gz": gz[:len(gz) // 2],
+             "bad.jsonl.zst": b"not zstd either" * 10, "bad.parquet": b"PAR1 not really a parquet file PAR1"}
+    folders = {}
+    for name, data in cases.items():
+        case = folder / name.replace(".", "_")
+        case.mkdir(parents=True)
+        write_jsonl(case / "0_good.jsonl", good)
+        (case / name).write_bytes(data)
+        folders[name] = case
+    line = folder / "bad_line"
+    line.mkdir()
+    write_jsonl(line / "0_good.jsonl", good)
+    (line / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    folders["bad.jsonl:2"] = line
+    return folders
+
+
+def test_a_corrupt_shard_is_named_in_one_line_and_nothing_prepared_is_lost(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", docs_of(50))
+    before = prepare_data(data_cfg(str(good)), tmp_path / "cache")
+    entries = sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
+    for needle, folder in corrupt_shards(tmp_path / "corrupt").items():
+        with pytest.raises(DataError) as excinfo:
+            prepare_data(data_cfg(str(folder)), tmp_path / "cache")
+        message = str(excinfo.value)
+        assert needle in message and "\n" not in message, message
+    assert sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir()) == entries  # no partial entry
+    after = prepare_data(data_cfg(str(good)), tmp_path / "cache")
+    assert after.fingerprint == before.fingerprint and np.array_equal(after.train_tokens, before.train_tokens)
+
+
+@pytest.fixture
+def offline_datasets(monkeypatch):
+    """`datasets` with the hub switched off, as on a machine without it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    return datasets
+
+
+def test_hf_spec_parsing_and_load_arguments(tmp_path):
+    from pufferfish_jax.data import hub
+    assert hub.parse_hf("roneneldan/TinyStories") == ("roneneldan/TinyStories", "", "train")
+    assert hub.parse_hf("HuggingFaceFW/fineweb-edu:sample-10BT@train") == (
+        "HuggingFaceFW/fineweb-edu", "sample-10BT", "train")
+    assert hub.parse_hf("wikitext:wikitext-2-raw-v1@validation") == ("wikitext", "wikitext-2-raw-v1", "validation")
+    assert hub.load_args("wikitext", "wikitext-2-raw-v1", "test") == (
+        ("wikitext", "wikitext-2-raw-v1"), {"split": "test", "streaming": True})
+    write_parquet(tmp_path / "b.parquet", ["x"])
+    write_parquet(tmp_path / "a.parquet", ["y"])
+    args, kwargs = hub.load_args(str(tmp_path), "", "train")
+    assert args == ("parquet",) and kwargs["data_files"] == {"train": [str(tmp_path / "a.parquet"),
+                                                                        str(tmp_path / "b.parquet")]}
+    with pytest.raises(DataError):
+        hub.parse_hf(":config@train")
+
+
+def test_hf_stream_through_datasets_parquet_builder_offline(tmp_path, offline_datasets):
+    """hf:FOLDER runs the real `datasets.load_dataset(..., streaming=True)` path on local parquet
+    shards; a stream is split by document hash alone and its held-out documents never train."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    docs = docs_of(120)
+    write_parquet(folder / "part-0.parquet", docs[:70], field="story")
+    write_parquet(folder / "part-1.parquet", docs[70:], field="story")
+    spec = f"hf:{folder}@train"
+    prepared = prepare_data(data_cfg(spec, text_field="story", val_min_tokens=10**6), tmp_path / "cache")
+    held_out = stream_docs(prepared.val_tokens, prepared.tokenizer)
+    trained = stream_docs(prepared.train_tokens, prepared.tokenizer)
+    assert held_out == split_documents(docs, 0.1)[1]  # the hash rule alone: no floor for a stream
+    assert sorted(trained + held_out) == sorted(docs)  # every row, once
+    assert trained == [d for d in docs if d not in set(held_out)]  # in the dataset's order
+    assert not set(held_out) & set(trained)
+
+
+def test_a_corpus_too_slow_for_its_budget_stops_early_with_one_line(tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs_of(80))
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 10)
+    monkeypatch.setattr(prepare, "PROJECT_AFTER_S", 0.0)  # project from the first chunk
+    seen = []
+    real = prepare._check_finish
+    monkeypatch.setattr(prepare, "_check_finish", lambda *a: seen.append(a) or real(*a))
+    with pytest.raises(DataError) as excinfo:
+        prepare_data(data_cfg(str(corpus)), tmp_path / "cache", finish_by=time.time() - 1)
+    assert "data.max_chars" in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert len(seen) == 1 and seen[0][0] < seen[0][1]  # stopped after the first chunk of several
+    assert not list((tmp_path / "cache" / "tokens").iterdir())
+    done = prepare_data(data_cfg(str(corpus)), tmp_path / "cache", finish_by=time.time() + 3600)
+    assert done.train_tokens.size > 1
+
+
+def test_runs_saved_before_the_new_keys_keep_their_data_fingerprint(tmp_path):
+    """A saved config without data.text_field / data.tokenizer_sample_bytes reads as they did then
+    (field 'text', the tokenizer on all training text), so the cache key is the one they hashed."""
+    from pufferfish_jax import config as config_lib
+    from pufferfish_jax.data import cache
+    corpus = str(write_jsonl(tmp_path / "c.jsonl", docs_of(5)))
+    saved = config_lib.to_json(config_lib.defaults())
+    tree = json.loads(saved)
+    tree["data"] |= {"corpus": corpus}
+    for key in ("text_field", "tokenizer_sample_bytes"):
+        del tree["data"][key]
+    old = config_lib.from_saved(tree)
+    assert old.data.tokenizer_sample_bytes == 0 and old.data.text_field == "text"
+    before_keys = ml_collections.ConfigDict({k: v for k, v in old.data.to_dict().items()
+                                             if k not in ("text_field", "tokenizer_sample_bytes")})
+    assert cache.keys(old.data) == cache.keys(before_keys)
+    new = config_lib.defaults()
+    new.data.corpus = corpus
+    assert new.data.tokenizer_sample_bytes > 0 and cache.keys(new.data)[2] != cache.keys(old.data)[2]
+    assert cache.keys(new.data)[0] == cache.keys(old.data)[0]  # the same split either way
+
+
+def test_the_benchmark_corpus_has_the_asked_size_in_shuffled_distinct_documents(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench_data
+    paragraphs = [f"Paragraph {i}: " + sentences(i, 2) for i in range(300)]
+    written = bench_data.write_corpus(tmp_path / "corpus", 1, paragraphs)
+    docs = load_documents(str(tmp_path / "corpus"), tmp_path)
+    assert 1_000_000 <= written == sum(len(d.encode()) for d in docs) < 1_010_000
+    assert len(set(docs)) > 0.99 * len(docs) and all(3 <= d.count("\n") + 1 <= 12 for d in docs)
