@@ -136,3 +136,18 @@ def test_adamw_keeps_the_state_layout_checkpoints_hold():
     state = make_optimizer(cfg.train).init(params)
     assert isinstance(state[0], optax.EmptyState) and isinstance(state[1], optax.ScaleByAdamState)
     assert jax.tree.structure(state[1].mu) == jax.tree.structure(params)
+
+
+def test_step_timings_keep_their_keys_and_muon_and_costly_options_get_their_own():
+    from dataclasses import replace
+
+    from pufferfish_jax import sharding
+    from pufferfish_jax.budget.calibrate import _shape_key, family_key
+
+    _, spec, _, _ = _model(forward=False)
+    key = _shape_key(spec, 8)
+    assert not any(name in key for name in ("qk_norm", "zero_init_out", "logit_softcap", '"mlp"'))  # as before
+    assert _shape_key(replace(spec, zero_init_out=True), 8) == key  # costs nothing
+    assert len({key, _shape_key(replace(spec, qk_norm=True), 8), _shape_key(replace(spec, mlp="relu2"), 8)}) == 3
+    mesh, train = sharding.single_device_mesh(), apply_overrides(defaults(), ["train.optimizer=muon"]).train
+    assert family_key(spec, train, mesh) != family_key(spec, defaults().train, mesh)
