@@ -219,12 +219,12 @@ def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch(op
 
 
 @pytest.mark.slow  # compiles and runs whole train steps: the full suite, not the edit loop
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_optimizer_and_weight_decay_never_touch_the_bias(optimizer):
+def test_optimizer_and_weight_decay_never_touch_the_bias():
     """With a balance loss instead of the bias update, the router gets gradients from three
-    losses, and the bias must still stay exactly where it was (Muon's experts too)."""
+    losses, and the bias must still stay exactly where it was. (With Muon, the test above shows
+    the bias moving by the loss-free rule and nothing else.)"""
     cfg = model_config("moe.balance=aux_loss", "moe.router_z_loss_weight=0.01", "train.weight_decay=0.5",
-                       "train.grad_clip=0", f"train.optimizer={optimizer}", "train.muon_weight_decay=0.5")
+                       "train.grad_clip=0")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
     state = init_state(spec, optimizer, jax.random.key(0))
     state = state.replace(moe_state=jax.tree.map(lambda b: b + 0.3, state.moe_state))
