@@ -46,6 +46,10 @@ hardware:
 inspect *ARGS:
     python -m pufferfish_jax inspect "$@"
 
+# Write a checkpoint for transformers or llama.cpp: `just export runs/latest out/ [--format hf|gguf] [--dtype bfloat16]`.
+export *ARGS:
+    python -m pufferfish_jax export "$@"
+
 # A config-file pipeline, each stage cached: `just pipeline configs/quick.py [key=value ...]`.
 pipeline *ARGS:
     python -m pipelines "$@"

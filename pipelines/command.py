@@ -14,6 +14,7 @@ from pufferfish_jax import config as config_lib
 from pufferfish_jax import session
 from pufferfish_jax.display import console, err_console
 from pufferfish_jax.errors import ConfigError, UserError
+from pufferfish_jax.export import hf_import
 
 USAGE = "usage: python -m pipelines CONFIG.py [key=value ...] [--debug]"
 
@@ -27,6 +28,8 @@ def build(argv: list[str]):
     overrides = [("pipeline.run_dir=" + a.split("=", 1)[1]) if a.startswith("run_dir=") else a
                  for a in argv if "=" in a]
     cfg, user_keys = config_lib.from_command_line([f"config={files[0]}", *overrides])
+    if cfg.train.init_from:  # every stage, the tokenizer's first, sees the imported model's keys
+        hf_import.configure(cfg, user_keys)
     check(cfg)
     run_dir = Path(cfg.pipeline.run_dir or Path("runs") / Path(files[0]).stem)
     cfg.train.run_dir = str(run_dir / "train")

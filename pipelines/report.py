@@ -18,7 +18,8 @@ import ml_collections
 from pipelines.records import HELD_OUT, STAGE_NAMES, read_json
 from pipelines.runner import load_manifest
 from pufferfish_jax import config as config_lib
-from pufferfish_jax.budget.planner import Plan, apply_plan
+from pufferfish_jax import rundir
+from pufferfish_jax.budget.planner import apply_plan
 from pufferfish_jax.train.metrics import read_metrics
 
 PLOT = "loss_curves.png"
@@ -140,7 +141,7 @@ def write_report(run_dir: Path, cfg: ml_collections.ConfigDict) -> Path:
     lines += _plan_and_outcome(plan, outcome, records)
     lines += _evaluation(read_json(run_dir, "eval.json"))
     lines += _samples(read_json(run_dir, "samples.json"))
-    lines += _config(apply_plan(cfg, Plan(**plan)))
+    lines += _config(apply_plan(cfg, rundir.plan_from_dict(plan, str(run_dir / "train" / "plan.json"))))
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

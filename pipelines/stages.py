@@ -26,9 +26,8 @@ from pipelines.records import HELD_OUT, STAGE_NAMES, read_json, write_json
 from pipelines.report import write_report
 from pipelines.runner import Context, Stage
 from pufferfish_jax import config as config_lib
-from pufferfish_jax import session
+from pufferfish_jax import rundir, session
 from pufferfish_jax.budget.hardware import probe
-from pufferfish_jax.budget.planner import Plan
 from pufferfish_jax.data.corpora import corpus_fingerprint
 from pufferfish_jax.data.pipeline import load_split, prepare_data, tokenizer_for, unigram_bpb
 from pufferfish_jax.data.tokenizer import tokenizer_fingerprint
@@ -129,7 +128,7 @@ def _eval_sources(cfg: ml_collections.ConfigDict) -> list:
 
 def _restore_trained(ctx: Context) -> session.Restored:
     """The train stage's final checkpoint."""
-    return session.restore(ctx.run_dir / "train")
+    return session.restore(ctx.run_dir / "train", cache_dir=_cache(ctx.cfg))
 
 
 def _hardware() -> dict:
@@ -191,7 +190,7 @@ def plan(ctx: Context) -> dict:
 def train(ctx: Context) -> dict:
     """`just train` with the plan stage's plan into <run_dir>/train; an unfinished one resumes
     from its newest checkpoint with what is left of its budget."""
-    chosen = Plan(**read_json(ctx.run_dir, "plan.json"))
+    chosen = rundir.read_plan(ctx.run_dir)
     train_dir = Path(ctx.cfg.train.run_dir)
     resuming = bool(checkpoint.saved_steps(train_dir / "checkpoints"))
     # A plan made by an earlier command gets the budget it was made for, counted from now.

@@ -1,4 +1,4 @@
-"""Command line: `pufferfish {train,plan,generate,eval,inspect,hardware,configure} ...` (or
+"""Command line: `pufferfish {train,plan,generate,eval,inspect,export,hardware,configure} ...` (or
 `python -m pufferfish_jax ...`), or no command on a terminal for the guided mode.
 
 Commands are thin: they parse, call the session layer, and print. Every user mistake surfaces as
@@ -23,6 +23,7 @@ from pufferfish_jax.budget.hardware import CpuInfo, best_peak, probe
 from pufferfish_jax.configure import check, commands, edit, overrides
 from pufferfish_jax.display import console, err_console, plan_table
 from pufferfish_jax.errors import ConfigError, UserError
+from pufferfish_jax.export import write as export_write
 from pufferfish_jax.generate import Sampling
 from pufferfish_jax.model.transformer import count_params
 from pufferfish_jax.prompting import is_interactive
@@ -35,6 +36,7 @@ COMMANDS = {
     "generate": "continue a prompt with a run dir or checkpoint; no prompt: the REPL",
     "eval": "loss and bits per byte of a checkpoint on any text (--data)",
     "inspect": "what a run dir or checkpoint holds (--digest: SHA-256 of the parameters)",
+    "export": "write a checkpoint as a Hugging Face Llama folder (--format hf) or a GGUF file (--format gguf)",
     "hardware": "devices, memory, CPU and cores, and each dtype's matmul peak on this machine",
     "configure": "edit a config in a table and save it for train config=FILE",
 }
@@ -218,12 +220,29 @@ def cmd_inspect(argv: list[str]) -> int:
                                  f"width {m.expert_hidden}, in blocks {', '.join(map(str, m.layers))}; "
                                  f"{count_params(spec, active=True):,} params active per token; balance {m.balance}")
     metrics_path = ref.root.parent / "metrics.jsonl"
-    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    records = read_metrics(metrics_path) if metrics_path.is_file() and not metrics_path.is_symlink() else []
     for event in ("train", "eval"):
         if last := next((r for r in reversed(records) if r["event"] == event), None):
             table.add_row(f"last {event}", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in last.items() if k not in ("event", "time")))
     console.print(table)
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    parser = _checkpoint_parser("pufferfish export", "Write a checkpoint for transformers (hf) or llama.cpp (gguf).")
+    parser.add_argument("out", help="folder to write (hf; a previous export in it is replaced), or a .gguf file or a "
+                                    "folder for model.gguf (gguf)")
+    parser.add_argument("--format", choices=export_write.FORMATS, default="hf")
+    parser.add_argument("--dtype", choices=export_write.DTYPES, default="float32", help="dtype of the weights written")
+    args = parser.parse_args(argv)
+    restored = session.restore(args.path)
+    written = export_write.export_model(restored.spec, restored.state.params, restored.tokenizer, Path(args.out),
+                                        fmt=args.format, dtype=args.dtype,
+                                        name=f"pufferfish-{restored.ref.root.parent.name}-step{restored.ref.step}")
+    size = sum(p.stat().st_size for p in written)
+    console.print(f"wrote {args.out} ({args.format}, {args.dtype}, {size / 2**20:,.1f} MiB, {len(written)} files) from "
+                  f"{restored.ref.root / str(restored.ref.step)}", markup=False)
     return 0
 
 
@@ -234,7 +253,7 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     restored = session.restore(args.path)
-    with _progress("evaluating", err_console) as (log, _):
+    with _progress("evaluating", err_console if args.json else console) as (log, _):  # stderr: the error alone
         train_tokens = session.training_data(restored, log=log).train_tokens
         result = session.evaluate_text(restored, args.data, train_tokens=train_tokens, batch_size=args.batch_size, log=log)
     if args.json:
@@ -253,7 +272,7 @@ def main(argv: list[str], started_at: float | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     commands_ = {"train": lambda a: cmd_train(a, started_at), "plan": lambda a: cmd_plan(a, started_at),
                  "generate": cmd_generate, "eval": cmd_eval, "hardware": cmd_hardware, "inspect": cmd_inspect,
-                 "configure": cmd_configure}
+                 "export": cmd_export, "configure": cmd_configure}
     if argv and argv[0] in ("-h", "--help", "help"):
         console.print(usage(), markup=False)
         return 0

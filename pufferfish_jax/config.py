@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -72,6 +73,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("train.keep_checkpoints", 3, "Checkpoints kept in the run dir (oldest deleted first)."),
     ("train.run_dir", "", "Output folder; '' = runs/<timestamp> (runs/latest links to it)."),
     ("train.resume", "auto", "A run dir with checkpoints: auto = continue from the newest, never = refuse, or a step number."),
+    ("train.init_from", "", "Start from a Hugging Face Llama: hf:FOLDER or hf:OWNER/NAME (its architecture and tokenizer; docs/export.md); '' = fresh weights."),
     # data
     ("data.corpus", "wiki", "Training text: wiki | shakespeare | kjv, files, folders, globs, hf:NAME; comma-separated."),
     ("data.val_source", "", "Held-out text (same syntax as corpus); '' = a split of the corpus."),
@@ -138,7 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # Shortcuts accepted on the command line: `just train budget=5m steps=100 run_dir=out`.
 ALIASES: dict[str, str] = {"budget": "budget.time", "steps": "train.steps", "run_dir": "train.run_dir",
-                           "resume": "train.resume"}
+                           "resume": "train.resume", "init_from": "train.init_from"}
 MODEL_SHAPE_KEYS = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
                     "model.head_dim", "model.ffn_hidden")
 
@@ -170,6 +172,8 @@ def _coerce(key: str, raw: Any) -> Any:
     """Converts a value to the type of the key's default; strings come from the command line."""
     default = dict((k, v) for k, v, _ in SCHEMA)[key]
     try:
+        if isinstance(raw, (dict, list, tuple)) or raw is None:  # from a JSON file: never a scalar's text
+            raise ValueError
         if isinstance(default, bool):
             if isinstance(raw, bool):
                 return raw
@@ -246,6 +250,10 @@ def load_file(path: str | Path) -> ml_collections.ConfigDict:
             tree = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; it is not a saved config") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} holds a JSON {type(tree).__name__}, not an object of config sections")
         return from_saved(tree)
     spec = importlib.util.spec_from_file_location(f"_pufferfish_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -262,6 +270,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     flat = flatten(cfg)
     for key, choices in CHOICES.items():
         spec_lib.check_choice(key, flat[key], choices)
+    for key, value in flat.items():  # NaN compares false with every bound below, so it is refused first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    for key in ("train.lr", "train.beta1", "train.beta2", "train.weight_decay", "train.grad_clip",
+                "train.checkpoint_every_s", "train.eval_every", "train.eval_tokens", "data.max_chars"):
+        if flat[key] < 0 or (key == "train.lr" and flat[key] == 0):
+            raise ConfigError(f"{key}={flat[key]} must be {'positive' if key == 'train.lr' else 'non-negative'}")
     for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "data.vocab_size"):
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be positive")
@@ -279,6 +294,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup_fraction < 1:
         raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
+    if t.init_from and not t.init_from.startswith("hf:"):
+        raise ConfigError(f"train.init_from={t.init_from!r}: expected hf:FOLDER or hf:OWNER/NAME (a Hugging Face Llama)")
     if not 0 < t.warmdown_fraction <= 1:
         raise ConfigError(f"train.warmdown_fraction={t.warmdown_fraction} must be in (0, 1]")
     if t.lr <= 0 or t.muon_lr <= 0 or not 0 <= t.muon_beta < 1:

@@ -25,6 +25,11 @@ class CheckpointError(UserError, ValueError):
     """A run dir or checkpoint that cannot be read, trusted or written."""
 
 
+class ExportError(UserError, ValueError):
+    """A model that cannot be written in, or read from, another format (Hugging Face, GGUF): a
+    feature the format has no equivalent for, or a file that is not what it should be."""
+
+
 class AttentionBackendError(UserError, ValueError):
     """model.attention names a backend this platform, dtype or shape cannot run."""
 

@@ -14,6 +14,7 @@ it would alone.
 """
 
 import itertools
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,6 +143,9 @@ class Sampling:
 
     def check(self, seq_len: int) -> "Sampling":
         """Refuses settings generation would silently clamp or misread; returns self so calls chain."""
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise ConfigError(f"{name.replace('_', ' ')} {getattr(self, name)} must be a finite number")
         if not 0 < self.max_new_tokens < seq_len:
             raise ConfigError(f"max new tokens {self.max_new_tokens} must be between 1 and {seq_len - 1} "
                               f"(the model's context is {seq_len} tokens)")

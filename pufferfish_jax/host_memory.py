@@ -12,7 +12,9 @@ fast but fragmented the heap: peak RSS 2.1x.)
 A tunable is read once, when the process starts, so the entry points (`python -m pufferfish_jax`,
 `python -m pipelines`) call `rerun_with_huge_pages` first: where it would help and is not set
 yet, it replaces the process with the same command line and the tunable added (no new process, a
-few tens of ms). A `glibc.malloc.hugetlb` the user sets is left alone (=0 turns this off).
+few tens of ms). A `glibc.malloc.hugetlb` the user sets is left alone (=0 turns this off). The
+re-run is one-shot: it carries RERUN_SENTINEL, and a process that has it never re-runs, even
+where something between the two (a wrapper, a secure-exec loader) stripped the tunable again.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+RERUN_SENTINEL = "PUFFERFISH_HUGE_PAGES_RERUN"  # set in the re-run's environment (children inherit it, and the tunable)
 
 
 def huge_page_env(environ: dict, glibc: str | None = None, thp_setting: str | None = None) -> dict | None:
@@ -51,11 +54,14 @@ def huge_page_env(environ: dict, glibc: str | None = None, thp_setting: str | No
 
 def rerun_with_huge_pages(started_at: float) -> None:
     """Re-executes this Python command with the tunable set, where `huge_page_env` says it helps;
-    returns only when it does not. The start time travels in PUFFERFISH_T0, so a budget still
-    counts from the first start."""
+    returns only when it does not, or when this process is already the re-run. The start time
+    travels in PUFFERFISH_T0, so a budget still counts from the first start."""
+    if os.environ.get(RERUN_SENTINEL):
+        return
     env = huge_page_env(dict(os.environ))
     if env is None:
         return
+    env[RERUN_SENTINEL] = "1"
     try:
         started_at = min(started_at, float(env.get("PUFFERFISH_T0", "inf")))
     except ValueError:

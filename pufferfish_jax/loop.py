@@ -27,13 +27,13 @@ from pufferfish_jax import sharding
 from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.planner import Plan
 from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
-from pufferfish_jax.display import TrainDisplay
+from pufferfish_jax.display import TrainDisplay, memory_usage
 from pufferfish_jax.errors import CheckpointError, TrainingDiverged
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.evaluate import EvalResult, evaluate
 from pufferfish_jax.train.metrics import MetricsWriter
-from pufferfish_jax.train.state import create_state, learning_rate, make_optimizer
+from pufferfish_jax.train.state import create_state, learning_rate, make_optimizer, with_params
 from pufferfish_jax.train.step import make_eval_step, make_train_step
 
 
@@ -71,10 +71,11 @@ class _StopFlag:
 
 def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir: Path, *, mesh: Mesh,
         deadline: float | None, started_at: float, display_console, peak_flops: tuple[float, str],
-        resumed: tuple | None = None) -> Outcome:
+        resumed: tuple | None = None, initial_params: dict | None = None) -> Outcome:
     """Trains into run_dir on `mesh`, from scratch or from `resumed` = (state, progress record of
     its checkpoint); returns the outcome after the final eval and save. `peak_flops` is the MFU
-    denominator and its source, for the display.
+    denominator and its source, for the display. `initial_params` (a fresh run only: imported
+    weights) replace the initialisation.
 
     A resumed run continues exactly: the data order is a function of (seed, step), the schedule's
     progress is restored, and nothing else carries state (no dropout, no RNG in the step).
@@ -82,7 +83,8 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     are process 0's and a stop signal to any process stops all, so all run the same steps.
     """
     return _Run(cfg, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
-                display_console=display_console, peak_flops=peak_flops, resumed=resumed).train()
+                display_console=display_console, peak_flops=peak_flops, resumed=resumed,
+                initial_params=initial_params).train()
 
 
 class _Run:
@@ -90,7 +92,8 @@ class _Run:
     (the state, the step, the re-fitted total, the schedule's progress, the pending metrics)."""
 
     def __init__(self, cfg, plan: Plan, data: PreparedData, run_dir: Path, *, mesh: Mesh, deadline: float | None,
-                 started_at: float, display_console, peak_flops: tuple[float, str], resumed: tuple | None):
+                 started_at: float, display_console, peak_flops: tuple[float, str], resumed: tuple | None,
+                 initial_params: dict | None = None):
         self.cfg, self.plan, self.data, self.run_dir, self.mesh = cfg, plan, data, run_dir, mesh
         self.deadline, self.started_at = deadline, started_at
         self.spec = ModelSpec.from_config(cfg.model, cfg.moe)
@@ -100,10 +103,13 @@ class _Run:
         sharding.check_batch(self.batch_size, cfg.train.grad_accum, mesh)
         if resumed is None:
             self.state = create_state(self.spec, self.optimizer, cfg.train.seed, mesh)
+            if initial_params is not None:
+                self.state = with_params(self.state, initial_params)
             self.progress, self.used_before, self.saved_step, record = 0.0, 0.0, None, {}
         else:
             self.state, record = resumed
             self.progress, self.used_before, self.saved_step = record["progress"], record["elapsed_s"], int(self.state.step)
+        self.imported = resumed is None and initial_params is not None
         # wsd in a budgeted run: the progress at which the clock started the warmdown (None: not
         # yet), and when training began on the run's clock (seconds of the budget used by then).
         self.warmdown_from, self.train_began_s = record.get("warmdown_from"), record.get("train_began_s")
@@ -118,6 +124,7 @@ class _Run:
         self.display = TrainDisplay(display_console, self.total, started_at, deadline, cfg.train.log_every,
                                     tokens_per_step=self.tokens_per_step, flops_per_token=plan.flops_per_token,
                                     peak_flops=peak_flops[0], peak_source=peak_flops[1])
+        self.peak_flops = peak_flops[0]
         self.intervals: deque[float] = deque(maxlen=25)
         self.pending = None  # (step, metrics, lr) of the last dispatched step, not read yet
         self.last_loss = float("nan")
@@ -129,16 +136,18 @@ class _Run:
 
     def first_eval(self) -> None:
         """The untrained loss (about ln V), which also times evaluation on this machine: that sizes
-        the time kept for periodic evals and the final full one."""
+        the time kept for periodic evals and the final full one. A run from imported weights
+        scores them on the whole held-out set, like the final eval, so the two compare."""
         window, mask = next(eval_batches(self.data.val_tokens, seq_len=self.seq_len, batch_size=self.batch_size))
         started = time.time()
         jax.block_until_ready(self.eval_step(self.state.variables, sharding.shard_batch(window, self.mesh),
                                              sharding.shard_batch(mask, self.mesh)))
         self.eval_compile_s = time.time() - started
         started = time.time()
-        first = self.evaluate(self.cfg.train.eval_tokens)
+        first = self.evaluate(0 if self.imported else self.cfg.train.eval_tokens)
         self.eval_s_per_token = (time.time() - started) / max(first.tokens, 1)
-        self.periodic_eval_s = self.eval_s_per_token * first.tokens
+        self.periodic_eval_s = self.eval_s_per_token * (min(first.tokens, self.cfg.train.eval_tokens) if self.imported
+                                                         else first.tokens)
         self.record_eval(first)
 
     def record_eval(self, result: EvalResult, **extra) -> None:
@@ -191,9 +200,13 @@ class _Run:
                                    f"lower train.lr (was {self.cfg.train.lr:g}) or set train.grad_clip")
         if (done_step + 1) % self.cfg.train.log_every == 0:
             step_s = self.step_s()
+            tokens_per_s = self.tokens_per_step / step_s if self.intervals else None
+            mfu = tokens_per_s * self.plan.flops_per_token / self.peak_flops if tokens_per_s and self.peak_flops else None
+            memory_bytes, memory_peak_bytes, _, _ = memory_usage()
             self.metrics.write("train", step=done_step + 1, loss=loss, grad_norm=grad_norm, lr=lr,
                                tokens=(done_step + 1) * self.tokens_per_step, step_s=step_s,
-                               tokens_per_s=self.tokens_per_step / step_s if self.intervals else None,
+                               tokens_per_s=tokens_per_s, mfu=mfu, memory_bytes=memory_bytes,
+                               memory_peak_bytes=memory_peak_bytes,
                                elapsed_s=self.used_before + time.time() - self.started_at, **routing)
         self.last_loss = loss
 
@@ -201,8 +214,9 @@ class _Run:
         """Saves the state; a failed save (disk full, permissions) is reported, not fatal: Orbax
         writes to a temporary folder first, so the previous checkpoint is still intact."""
         record = {"step": self.step, "elapsed_s": self.used_before + time.time() - self.started_at,
-                  "progress": self.progress, "data_fingerprint": self.data.fingerprint,
-                  "warmdown_from": self.warmdown_from, "train_began_s": self.train_began_s}
+                  "progress": self.progress, "data_fingerprint": self.data.fingerprint}
+        schedule = {"warmdown_from": self.warmdown_from, "train_began_s": self.train_began_s}
+        record |= {key: value for key, value in schedule.items() if value is not None}  # budgeted runs only
         try:
             self.manager.wait_until_finished()  # surfaces a failure of the previous async save
             checkpoint.save(self.manager, self.state, self.cfg, self.data.tokenizer_json, record)

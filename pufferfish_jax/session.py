@@ -28,14 +28,15 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from pufferfish_jax import config as config_lib
-from pufferfish_jax import loop, sharding
+from pufferfish_jax import loop, rundir, sharding
 from pufferfish_jax.budget.calibrate import CalibrationCache
 from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.budget.planner import Plan, apply_plan, budget_plan, fixed_steps_plan
 from pufferfish_jax.data.corpora import load_documents
 from pufferfish_jax.data.files import Log, no_log
 from pufferfish_jax.data.pipeline import PreparedData, encode_documents, prepare_data, unigram_bpb
-from pufferfish_jax.errors import ConfigError
+from pufferfish_jax.errors import ConfigError, DataError
+from pufferfish_jax.export import hf_import
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.evaluate import evaluate
@@ -43,7 +44,8 @@ from pufferfish_jax.train.state import TrainState, abstract_state, make_optimize
 from pufferfish_jax.train.step import make_eval_step
 
 # What a run writes into its run dir (and nothing else may be there for it to start afresh).
-RUN_FILES = {"config.json", "plan.json", "outcome.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+RUN_FILES = {"config.json", "plan.json", "outcome.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard"}
+RUN_FOLDERS = {"checkpoints", "tensorboard"}
 # Keys a resumed run may change: where and how often it writes, not what it trains.
 # The mesh is free too: a checkpoint restores under any mesh.
 RESUME_FREE_KEYS = {"train.run_dir", "train.resume", "train.checkpoint_every_s", "train.keep_checkpoints",
@@ -71,6 +73,10 @@ def start(cfg: ml_collections.ConfigDict) -> Mesh:
 
 
 def use_compilation_cache(cache_dir: Path) -> None:
+    """The cache folder's `jax/`, unless JAX's own setting (JAX_COMPILATION_CACHE_DIR) names one:
+    the user's choice wins, and the test suite shares one cache across all its processes that way."""
+    if jax.config.jax_compilation_cache_dir:
+        return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -81,13 +87,20 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
             plan: Plan | None = None, log: Log = no_log) -> tuple[PreparedData, Plan]:
     """Data, then a plan (unless one is given): the part of train and plan before any training.
     Every process plans; process 0's plan is the one all of them follow. Fills in
-    model.vocab_size = 0 from the tokenizer."""
+    model.vocab_size = 0 from the tokenizer; with train.init_from, first writes the imported
+    model's architecture and tokenizer into cfg and its shape keys into user_keys (a fixed shape)."""
+    if cfg.train.init_from:
+        hf_import.configure(cfg, user_keys, log=log)
     if not (cfg.budget.time and cfg.budget.planner == "measured" and "train.batch_size" not in user_keys):
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)  # this batch is kept: fail now
     cache = config_lib.cache_dir(cfg)
     data = prepare_data(cfg.data, cache, log=log)
     log(f"data: {cfg.data.corpus}: {len(data.train_tokens):,} train tokens, {len(data.val_tokens):,} held-out "
         f"tokens, vocab {data.vocab_size:,} ({data.prep_seconds:.1f}s)")
+    if len(data.val_tokens) < cfg.model.seq_len + 1:  # no eval window: every score would be noise or nan
+        held_out = f"data.val_source={cfg.data.val_source}" if cfg.data.val_source else "the held-out split"
+        raise DataError(f"{held_out} has {len(data.val_tokens):,} tokens, fewer than one eval window of "
+                        f"{cfg.model.seq_len + 1}; give more held-out text or a shorter model.seq_len")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:
@@ -101,7 +114,19 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
                            memory_limit=probe(measure=False).memory_bytes, log=lambda s: log(f"planning: {s}"))
     elif plan is None:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens), mesh=sharding.shape_of(mesh))
+        _refuse_if_too_big(plan, probe(measure=False).memory_bytes)
     return data, Plan(**sharding.agree_json(plan.to_dict()))
+
+
+def _refuse_if_too_big(plan: Plan, memory_limit: int) -> None:
+    """A steps= run keeps the user's shape, so one that cannot fit is refused here, before anything
+    is allocated (the budget planner only ever chooses shapes that fit)."""
+    if plan.predicted_memory_bytes > memory_limit:
+        m = plan.model
+        raise ConfigError(f"{m['num_layers']} layers x d {m['d_model']} at batch {plan.batch_size} needs about "
+                          f"{plan.predicted_memory_bytes / 2**30:,.1f} GiB per device to train, more than the "
+                          f"{memory_limit / 2**30:,.1f} GiB there is; lower model.d_model, model.num_layers or "
+                          "train.batch_size, or set model.remat=full")
 
 
 # ----------------------------------------------------------------------------- training
@@ -132,6 +157,7 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
                       display_console=display_console)
     data, plan = prepare(cfg, user_keys, started_at, mesh, plan, log=log)
     resolved = apply_plan(cfg, plan)
+    initial = hf_import.initial_params(resolved) if resolved.train.init_from else None  # read before any write
     run_dir = _new_run_dir(resolved)
     if sharding.is_primary():
         (run_dir / "config.json").write_text(config_lib.to_json(resolved))
@@ -141,7 +167,7 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
     log(f"run dir: {run_dir}")
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
     outcome = loop.run(resolved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
-                       display_console=display_console, peak_flops=_peak_flops(resolved))
+                       display_console=display_console, peak_flops=_peak_flops(resolved), initial_params=initial)
     _correct_calibration(resolved, plan, outcome, mesh, log)
     return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
 
@@ -150,7 +176,8 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
            log: Log = no_log, on_plan: Callable[[Plan], None] = lambda plan: None, display_console=None) -> RunResult:
     """Continues run_dir from its newest readable checkpoint (or train.resume=STEP) with the saved
     config and plan; a budgeted run gets what is left of its budget."""
-    saved = config_lib.load_file(run_dir / "config.json")
+    rundir.refuse_links(run_dir, RUN_FILES)
+    saved = rundir.read_config(run_dir)
     before, asked = config_lib.flatten(saved), config_lib.flatten(cfg)
     for key in sorted(user_keys - RESUME_FREE_KEYS):
         if asked[key] != before[key]:
@@ -159,7 +186,7 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
     for key in RESUME_FREE_KEYS:
         section, name = key.split(".")
         saved[section][name] = cfg[section][name]
-    plan = Plan(**json.loads((run_dir / "plan.json").read_text()))
+    plan = rundir.read_plan(run_dir)
     data = prepare_data(saved.data, config_lib.cache_dir(saved), log=log)
     spec = ModelSpec.from_config(saved.model, saved.moe)
     at_most = int(cfg.train.resume) if cfg.train.resume.isdigit() else None
@@ -235,8 +262,9 @@ def _new_run_dir(cfg: ml_collections.ConfigDict) -> Path:
 def _prepare_run_dir(run_dir: Path, *, link_latest: bool) -> None:
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= RUN_FILES:
         # An attempt killed before its first checkpoint: nothing in it can be resumed, so start over.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        for name in RUN_FILES - {"checkpoints"}:
+        for name in RUN_FOLDERS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in RUN_FILES - RUN_FOLDERS:
             (run_dir / name).unlink(missing_ok=True)
     if run_dir.is_file() or (run_dir.exists() and any(run_dir.iterdir())):
         raise ConfigError(f"run dir {run_dir} is not an empty folder (and has no checkpoint to resume); choose another run_dir")
@@ -265,10 +293,14 @@ class Restored:
     ref: checkpoint.CheckpointRef
 
 
-def restore(path: str | Path) -> Restored:
-    """A run dir, its checkpoints/ folder or one step folder, restored on one device."""
+def restore(path: str | Path, cache_dir: Path | None = None) -> Restored:
+    """A run dir, its checkpoints/ folder or one step folder, restored on one device. Caches (built-in
+    corpora, tokens, compiled code) go to `cache_dir`: the current command's (its config's
+    data.cache_dir, else $PUFFERFISH_CACHE, else the default), never the one the checkpoint saved,
+    which would let a checkpoint choose where this machine reads and writes."""
     ref = checkpoint.locate(path)
     cfg, tokenizer_json = checkpoint.load_metadata(ref)
+    cfg.data.cache_dir = str(cache_dir) if cache_dir else ""
     use_compilation_cache(config_lib.cache_dir(cfg))
     spec = ModelSpec.from_config(cfg.model, cfg.moe)
     state = checkpoint.restore_state(ref, abstract_state(spec, make_optimizer(cfg.train)))

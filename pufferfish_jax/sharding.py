@@ -12,6 +12,7 @@ with 2 kv heads still runs with tensor=8: those weights are replicated over that
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -132,12 +133,27 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, _mesh_axes(logical, x.shape, dict(mesh.shape)))
 
 
+# Whether the program being traced runs on a mesh of several processes: then every process traces
+# it in lockstep, and a measured choice inside it must be process 0's (`agree_json`).
+_SPANS_PROCESSES: contextvars.ContextVar[bool] = contextvars.ContextVar("spans_processes", default=False)
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh):
     """Code traced inside this context (it may be inside a jitted function) places the model's
     activation constraints on `mesh`; `nn.with_logical_constraint` sees LOGICAL_RULES too."""
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        yield
+    token = _SPANS_PROCESSES.set(len({d.process_index for d in mesh.devices.flat}) > 1)
+    try:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            yield
+    finally:
+        _SPANS_PROCESSES.reset(token)
+
+
+def tracing_across_processes() -> bool:
+    """True inside `activation_sharding` of a mesh that spans processes: a program every process
+    traces at the same point (the train and eval steps), never the planner's local timings."""
+    return _SPANS_PROCESSES.get()
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,12 +1,14 @@
 """Shared pytest setup: the repo root importable however pytest is launched; the synthetic corpora
 the tests write; one cache and one tiny trained run dir per session; running the real command."""
 
+import fcntl
 import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +29,17 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
+# One persistent compilation cache for the whole run, shared by both workers and every subprocess
+# (they inherit the environment; `session.use_compilation_cache` defers to JAX's own setting): the
+# same tiny programs are compiled by many tests, and a cache hit replaces a compile. Named by the
+# run's id, so that a run never reads what an earlier one wrote and the suite's time is a clean
+# clone's; removed when the run ends (`pytest_unconfigure`).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
+JAX_CACHE = Path(tempfile.gettempdir()) / f"pufferfish-tests-{_RUN_ID}" / "jax"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # The suite runs on as many pytest workers as there are cores (`just test`), so each worker's own
 # JAX computes on one thread: two XLA pools per core spin against each other (the fast suite took
 # 183 CPU-s with the pools and 137 without, on 2 cores). The backend reads the flag once, when it
@@ -38,8 +51,14 @@ _flags = os.environ["XLA_FLAGS"]
 os.environ["XLA_FLAGS"] = f"{_flags} {_ONE_THREAD}"
 import jax  # noqa: E402
 
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
 jax.devices()
 os.environ["XLA_FLAGS"] = _flags
+
+
+def pytest_unconfigure(config):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, after every worker has finished
+        shutil.rmtree(JAX_CACHE.parent, ignore_errors=True)
 
 
 def pytest_configure(config):
@@ -126,10 +145,27 @@ def command_env(session_cache) -> dict:
     return {**os.environ, "PUFFERFISH_CACHE": str(session_cache), "PYTHONPATH": str(ROOT)}
 
 
+def once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(path)` by whichever pytest worker asks first; the others wait for it and share `path`.
+    A session fixture is made once per worker (each has its own session), and training the shared
+    run twice cost one worker a whole training run."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, all workers'
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """The structured corpus as a file (1500 sentences, about 60 KB)."""
-    return story_corpus(tmp_path_factory.mktemp("corpus") / "story.txt", sentences=1500)
+    return once_per_run(tmp_path_factory, "corpus", lambda d: story_corpus(d / "story.txt", sentences=1500)) / "story.txt"
 
 
 # The tiny model every shared run uses: one layer, d 32, sequences of 32 tokens.
@@ -140,20 +176,72 @@ TINY_STEPS = 8
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, session_cache, corpus_file) -> Path:
-    """ONE tiny finished run dir (8 fixed steps through the CLI, in this process), made once per
-    session for every test that only needs some trained checkpoint. Read it, never change it:
-    a test that damages or extends a run takes `trained_run_copy`."""
+    """ONE tiny finished run dir (8 fixed steps through the CLI), made once per test run by the
+    first worker that needs it, for every test that only needs some trained checkpoint. Read it,
+    never change it: a test that damages or extends a run takes `trained_run_copy`."""
     from pufferfish_jax.cli import main
 
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PUFFERFISH_CACHE", str(session_cache))
-        assert main(["train", f"steps={TINY_STEPS}", f"data.corpus={corpus_file}", *TINY_MODEL,
-                     "train.log_every=4", f"run_dir={run_dir}"]) == 0
-    return run_dir
+    def train(folder: Path) -> None:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PUFFERFISH_CACHE", str(session_cache))
+            assert main(["train", f"steps={TINY_STEPS}", f"data.corpus={corpus_file}", *TINY_MODEL,
+                         "train.log_every=4", f"run_dir={folder / 'run'}"]) == 0
+
+    return once_per_run(tmp_path_factory, "trained", train) / "run"
 
 
 @pytest.fixture
 def trained_run_copy(trained_run, tmp_path) -> Path:
     """A private copy of the shared trained run, free to damage or resume."""
     return Path(shutil.copytree(trained_run, tmp_path / "trained"))
+
+
+# ----------------------------------------------------------------------------- a local package index
+class FakeIndex:
+    """A PEP 503 index on localhost (the tests run offline): `publish` puts an archive on a project
+    page, `requests` lists every path asked for, in order."""
+
+    def __init__(self, root: Path, url: str, requests: list):
+        self.root, self.url, self.requests = root, url, requests
+
+    def publish(self, project: str, archive: Path, fragment: str | None = None) -> None:
+        """Links `archive` from the project page; `fragment` (default: its real sha256) is what the
+        page claims its hash is."""
+        import hashlib
+
+        files = self.root / "files"
+        files.mkdir(exist_ok=True)
+        shutil.copy(archive, files / archive.name)
+        fragment = fragment or hashlib.sha256(archive.read_bytes()).hexdigest()
+        page = self.root / "simple" / project
+        page.mkdir(parents=True, exist_ok=True)
+        (page / "index.html").write_text(f'<html><body><a href="../../files/{archive.name}#sha256={fragment}">'
+                                         f"{archive.name}</a></body></html>")
+
+
+@pytest.fixture
+def fake_index(tmp_path, monkeypatch):
+    """A FakeIndex served over HTTP from a thread, and PIP_INDEX_URL pointing at it."""
+    import functools
+    import http.server
+    import threading
+
+    root, requests = tmp_path / "index", []
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    index = FakeIndex(root, f"http://127.0.0.1:{server.server_address[1]}/simple/", requests)
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    yield index
+    server.shutdown()
+    server.server_close()

@@ -27,7 +27,8 @@ def test_restore_infers_shape_and_reproduces_logits(tmp_path, model):
     state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(1))  # jit: eager is slow
     tokenizer_json = Tokenizer(models.BPE()).to_str()
     manager = checkpoint.open_manager(tmp_path / "checkpoints", keep=2)
-    checkpoint.save(manager, state, cfg, tokenizer_json, {"step": 0, "elapsed_s": 1.5})
+    record = {"step": 0, "elapsed_s": 1.5, "progress": 0.0, "data_fingerprint": "abc"}
+    checkpoint.save(manager, state, cfg, tokenizer_json, record)
     manager.wait_until_finished()
     manager.close()
 
@@ -41,7 +42,7 @@ def test_restore_infers_shape_and_reproduces_logits(tmp_path, model):
     after = jax.jit(Transformer(restored_spec).apply)({"params": restored.params}, tokens)
     np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
     assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
-    assert checkpoint.load_progress(ref) == {"step": 0, "elapsed_s": 1.5}
+    assert checkpoint.load_progress(ref) == record | {"format": checkpoint.FORMAT}
 
 
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path):

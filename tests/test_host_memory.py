@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from pufferfish_jax.host_memory import TUNABLE, huge_page_env
+from pufferfish_jax.host_memory import RERUN_SENTINEL, TUNABLE, huge_page_env
 
 THP_MADVISE = "always [madvise] never"
 
@@ -43,6 +43,36 @@ def test_rerun_keeps_the_command_line_and_the_earliest_start():
         assert runs == [[None, ["train", "budget=1m"], "150.5"]]
     else:
         assert runs == [[None, ["train", "budget=1m"], "150.5"], [TUNABLE, ["train", "budget=1m"], "150.5"]]
+
+
+def test_rerun_is_one_shot_when_a_wrapper_strips_the_tunable(tmp_path):
+    """The re-run goes through a wrapper that unsets GLIBC_TUNABLES (as a secure-exec loader or a
+    site script might): without the sentinel every start would re-run again, forever. Here the
+    tunable is made to look helpful on any machine, and a runaway is cut off after 5 starts."""
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(f"#!/bin/sh\nunset GLIBC_TUNABLES\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    starts = tmp_path / "starts"
+    code = textwrap.dedent(f"""
+        import os, sys
+        from pufferfish_jax import host_memory
+        with open({str(starts)!r}, "a") as f:
+            f.write(f"{{os.getpid()}} {{os.environ.get('GLIBC_TUNABLES')}} {{os.environ.get(host_memory.RERUN_SENTINEL)}}\\n")
+        if len(open({str(starts)!r}).readlines()) >= 5:
+            sys.exit(3)  # a loop: stop it here rather than let it spin
+        real = host_memory.huge_page_env
+        host_memory.huge_page_env = lambda env: real(env, "glibc 2.36", "always [madvise] never")
+        sys.executable = {str(wrapper)!r}  # the re-run goes through the wrapper
+        host_memory.rerun_with_huge_pages(0.0)
+        print("ran")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", RERUN_SENTINEL)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    lines = starts.read_text().splitlines()
+    assert out.returncode == 0 and out.stdout.strip() == "ran", (out.stderr[-2000:], lines)
+    first, second = (line.split() for line in lines)  # exactly one re-run: two starts
+    assert first[0] == second[0]  # the same process, replaced by exec
+    assert first[1:] == ["None", "None"] and second[1:] == ["None", "1"]  # the wrapper stripped the tunable
 
 
 @pytest.mark.slow  # jax in a fresh process, twice

@@ -183,3 +183,21 @@ def test_two_processes_train_like_one(tmp_path):
     assert len(losses(tmp_path / "two")) == 3  # one writer, not two
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=RTOL)
     assert checkpoint.saved_steps(tmp_path / "two" / "checkpoints") == [3]
+
+
+@pytest.mark.slow  # two fresh jax processes
+def test_processes_follow_process_0s_attention_backend_when_their_timings_disagree():
+    """Two jax.distributed processes whose own timings pick different backends (forced in
+    tests/agree_worker.py): alone each keeps its own, in a program spanning both each uses process 0's."""
+    coordinator = f"localhost:{_free_port()}"
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "agree_worker.py"), coordinator, str(i)],
+                             env=_subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in (0, 1)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    for run, (_, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-3000:]
+    seen = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [s["devices"] for s in seen] == [2, 2] and [s["process"] for s in seen] == [0, 1]
+    assert [s["local"] for s in seen] == ["pallas", "xla"]  # the disagreement happened
+    assert [s["agreed"] for s in seen] == ["pallas", "pallas"]
+    assert all(s["timed"] == [["cudnn", "pallas", "xla"]] for s in seen)  # each timed once, then the choice was reused

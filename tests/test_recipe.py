@@ -151,3 +151,16 @@ def test_step_timings_keep_their_keys_and_muon_and_costly_options_get_their_own(
     assert len({key, _shape_key(replace(spec, qk_norm=True), 8), _shape_key(replace(spec, mlp="relu2"), 8)}) == 3
     mesh, train = sharding.single_device_mesh(), apply_overrides(defaults(), ["train.optimizer=muon"]).train
     assert family_key(spec, train, mesh) != family_key(spec, defaults().train, mesh)
+
+
+def test_export_refuses_the_options_llama_cannot_compute_and_keeps_zero_init():
+    from dataclasses import replace
+
+    from pufferfish_jax.errors import ExportError
+    from pufferfish_jax.export.llama_map import check_exportable
+
+    _, spec, _, _ = _model(forward=False)
+    check_exportable(replace(spec, zero_init_out=True))  # an initialisation: the model computes what Llama does
+    for option, value in (("qk_norm", True), ("mlp", "relu2"), ("logit_softcap", 15.0)):
+        with pytest.raises(ExportError, match=f"model.{option}="):
+            check_exportable(replace(spec, **{option: value}))

@@ -38,12 +38,15 @@ def _digest(run_dir, env):
     return result.stdout.strip()
 
 
+def _newest(run_dir) -> int:
+    return max((int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()), default=-1)
+
+
 def _start_and_wait_for_checkpoint(cmd, env, run_dir, min_step=1):
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
-        if steps and max(steps) >= min_step:
+        if _newest(run_dir) >= min_step:
             return process
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint appeared: {process.communicate()[1][-2000:]}")
@@ -58,12 +61,16 @@ def test_sigkill_and_resume_is_bit_identical(env, tmp_path):
     env, corpus = env
     reference = tmp_path / "reference"
     subprocess.run(_cmd(reference, corpus, *RECIPE), cwd=ROOT, env=env, check=True, capture_output=True)
-    chaos = tmp_path / "chaos"
-    for _ in range(2):  # two kills, each after a checkpoint, then a clean finish
-        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus, *RECIPE), env, chaos)
-        time.sleep(0.3)
+    chaos, final = tmp_path / "chaos", int(ARGS[0].split("=")[1])
+    often = "train.checkpoint_every_s=0.1"  # a resumed attempt saves again well before the end, even on a fast machine
+    for _ in range(2):  # two kills, each mid-training: after a checkpoint newer than any before, short of the end
+        seen = _newest(chaos)
+        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus, often, *RECIPE), env, chaos, min_step=seen + 1)
+        time.sleep(0.1)
+        assert process.poll() is None and seen < _newest(chaos) < final  # still training when killed
         process.send_signal(signal.SIGKILL)
         process.wait()
+        assert process.returncode == -signal.SIGKILL and seen < _newest(chaos) < final
     result = subprocess.run(_cmd(chaos, corpus, *RECIPE), cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming" in result.stdout
@@ -146,8 +153,12 @@ def test_attempt_killed_before_its_first_checkpoint_starts_over(corpus_file, ses
     (run_dir / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a save cut short
     (run_dir / "config.json").write_text("{}")
     (run_dir / "metrics.jsonl").write_text('{"event": "eval"}\n')
+    stale_events = run_dir / "tensorboard" / "events.out.tfevents.1.killed"
+    stale_events.parent.mkdir()
+    stale_events.write_bytes(b"")
     assert main([*args, f"run_dir={run_dir}"]) == 0, capsys.readouterr().err[-2000:]
     assert '"final": true' in (run_dir / "metrics.jsonl").read_text()
+    assert not stale_events.exists() and any((run_dir / "tensorboard").iterdir())  # the new attempt's curves only
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Kill a fixed-step training with SIGKILL at random moments, resume it each time, and check that
-# its final parameters are bit-identical to an uninterrupted run of the same config and seed.
+# Kill a fixed-step training with SIGKILL mid-training, resume it each time, and check that its
+# final parameters are bit-identical to an uninterrupted run of the same config and seed.
 #
 #   tools/chaos_resume.sh [KILLS=5] [STEPS=400] [key=value ...]
 #
-# Kills land anywhere: in data preparation, compilation, steps or checkpoint saves (checkpoints
-# are written every 0.5 s here so that many kills hit a save in flight).
+# Every kill lands mid-training: each attempt is watched until a checkpoint newer than any seen
+# before appears (so it has resumed and trained on), then killed a random 0-0.4 s later, while
+# its newest checkpoint is still short of the final step. Checkpoints are written every 0.5 s, so
+# many kills hit a save in flight. The script counts the kills that landed mid-training and fails
+# unless all of them did, as well as when the digests differ: it cannot pass without testing a
+# mid-training resume.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
@@ -14,34 +18,42 @@ work="$(mktemp -d)"
 args=(steps="$steps" data.corpus=shakespeare data.vocab_size=1024 data.max_chars=300000 model.num_layers=2
       model.d_model=64 model.seq_len=64 train.batch_size=4 train.checkpoint_every_s=0.5 "$@")
 train() { python -m pufferfish_jax train "${args[@]}" run_dir="$1"; }
+newest() { { ls "$work/chaos/checkpoints" 2>/dev/null || true; } | { grep -E '^[0-9]+$' || echo -1; } | sort -n | tail -1; }
 
 echo "reference run ($steps steps) ..."
-start=$(date +%s.%N)
 train "$work/reference" > "$work/reference.log" 2>&1
-duration=$(python -c "import time; print(max(4.0, time.time() - $start))")
 reference=$(python -m pufferfish_jax inspect "$work/reference" --digest)
 
+mid=0
 for i in $(seq 1 "$kills"); do
-  delay=$(python -c "import random; print(round(random.uniform(1.0, $duration * 0.8), 2))")
+  seen=$(newest)
   train "$work/chaos" > "$work/chaos-$i.log" 2>&1 &
   pid=$!
+  while kill -0 "$pid" 2>/dev/null && [ "$(newest)" -le "$seen" ]; do sleep 0.05; done
+  delay=$(printf "0.%03d" $(( RANDOM % 400 )))
   sleep "$delay"
-  if kill -9 "$pid" 2>/dev/null; then
+  before=$(newest)
+  if [ "$before" -gt "$seen" ] && [ "$before" -lt "$steps" ] && kill -9 "$pid" 2>/dev/null; then
     wait "$pid" 2>/dev/null || true
-    saved=$(ls "$work/chaos/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)
-    echo "kill $i after ${delay}s (newest checkpoint: ${saved:-none})"
+    after=$(newest)
+    if [ "$after" -lt "$steps" ]; then
+      mid=$((mid + 1))
+      echo "kill $i: mid-training, ${delay}s after checkpoint $before appeared (previous attempt's newest: $seen; newest now: $after)"
+      continue
+    fi
   else
-    wait "$pid" || true
-    echo "kill $i after ${delay}s came too late: the run had finished"
+    wait "$pid" 2>/dev/null || true
   fi
+  echo "kill $i: NOT mid-training (newest checkpoint before: $seen, at the kill: $before, final step: $steps)"
 done
 echo "final resume ..."
 train "$work/chaos" > "$work/chaos-final.log" 2>&1
 chaos=$(python -m pufferfish_jax inspect "$work/chaos" --digest)
 echo "uninterrupted: $reference"
 echo "with $kills kills: $chaos"
-if [ "$reference" = "$chaos" ]; then
-  echo "digests equal"; rm -rf "$work"
-else
-  echo "DIGESTS DIFFER (runs kept in $work)"; exit 1
-fi
+echo "kills mid-training: $mid of $kills"
+status=0
+if [ "$reference" = "$chaos" ]; then echo "digests equal"; else echo "DIGESTS DIFFER"; status=1; fi
+if [ "$mid" -lt "$kills" ]; then echo "FEWER THAN ALL KILLS LANDED MID-TRAINING: the check proves nothing for them"; status=1; fi
+if [ "$status" = 0 ]; then rm -rf "$work"; else echo "runs kept in $work"; fi
+exit "$status"

@@ -1,4 +1,4 @@
-"""The tokenizer: a byte-level BPE trained on the training split, or the user's tokenizer.json.
+"""The tokenizer: a byte-level BPE trained on (a sample of) the training split, or the user's tokenizer.json.
 
 Byte-level BPE encodes any Unicode text losslessly with no unknown token, so decode(encode(text))
 == text and bits-per-byte is well defined. Training on the train split only keeps the validation

@@ -24,6 +24,7 @@ from pufferfish_jax.model.blocked_attention import causal_attention
 from pufferfish_jax.model.layers import RMSNorm, apply_rope, dot, logical, proj
 from pufferfish_jax.errors import AttentionBackendError
 from pufferfish_jax.model.spec import ATTENTION_BACKENDS, ModelSpec, check_choice
+from pufferfish_jax import sharding
 from pufferfish_jax.sharding import constrain
 
 Array = jax.Array
@@ -118,7 +119,8 @@ def resolve_backend(backend: str, q_BTNH: Array, k_BSKH: Array, *, cached: bool 
     if platform == "gpu" and q_BTNH.shape[1] >= AUTO_MIN_SEQ:
         candidates = tuple(b for b in ("cudnn", "pallas") if not backend_problem(b, q_BTNH))
         B, T, N, H = q_BTNH.shape
-        return fastest_backend(candidates + ("xla",), B, T, N, k_BSKH.shape[2], H, jnp.dtype(q_BTNH.dtype).name)
+        shape = (candidates + ("xla",), B, T, N, k_BSKH.shape[2], H, jnp.dtype(q_BTNH.dtype).name)
+        return agreed_fastest_backend(*shape) if sharding.tracing_across_processes() else fastest_backend(*shape)
     return "blocked" if platform == "cpu" else "xla"
 
 
@@ -133,6 +135,21 @@ def fastest_backend(candidates: tuple[str, ...], B: int, T: int, N: int, K: int,
     # called while a training step is being traced.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(_time_candidates, candidates, B, T, N, K, H, dtype).result()
+
+
+_AGREED: dict[tuple, str] = {}  # process 0's choice per shape, for programs that span processes
+
+
+def agreed_fastest_backend(candidates: tuple[str, ...], B: int, T: int, N: int, K: int, H: int, dtype: str) -> str:
+    """Process 0's `fastest_backend` on every process. Each process times the candidates on its own
+    GPU and may rank them differently; a program that spans processes must be the same program
+    everywhere, or its collectives diverge or hang. Called while every process traces the same
+    step, so the broadcast (in a side thread, outside the trace) meets its partners."""
+    key = (candidates, B, T, N, K, H, dtype)
+    if key not in _AGREED:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            _AGREED[key] = pool.submit(lambda: sharding.agree_json(fastest_backend(*key))).result()
+    return _AGREED[key]
 
 
 def _time_candidates(candidates: tuple[str, ...], B: int, T: int, N: int, K: int, H: int, dtype: str) -> str:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
@@ -96,6 +97,19 @@ def create_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed:
     init = jax.jit(lambda: init_state(spec, optimizer, jax.random.key(seed)),
                    out_shardings=state_shardings(spec, optimizer, mesh))
     return init()
+
+
+def with_params(state: TrainState, params: dict) -> TrainState:
+    """`state` with `params` (host arrays, the same tree and shapes: imported weights) in place of
+    its own, each laid out as the state's own leaf. The optimizer's moments are zeros whatever the
+    values, so the rest of a fresh state stays valid."""
+    def place(new, old: jax.Array) -> jax.Array:
+        new = np.asarray(new, old.dtype)
+        if new.shape != old.shape:
+            raise ValueError(f"initial parameter of shape {new.shape} where the model has {old.shape}")
+        return jax.make_array_from_callback(old.shape, old.sharding, lambda index: new[index])
+
+    return state.replace(params=jax.tree.map(place, params, state.params))
 
 
 def abstract_state(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> TrainState:
