@@ -44,13 +44,23 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("model.remat", "none", "Activation recomputation policy: none | full | save_dots."),
     ("model.attention", "auto", "Attention backend: auto | xla | blocked | cudnn | pallas | splash (auto: the fastest this platform runs; blocked: causal query blocks, fast on CPU)."),
     ("model.init_std", 0.02, "Std of the normal initializer for weights."),
+    ("model.qk_norm", False, "RMSNorm on each head's queries and keys before RoPE."),
+    ("model.zero_init_out", False, "Start the projections into the residual stream (attention output, FFN down) at zero."),
+    ("model.mlp", "swiglu", "Dense FFN: swiglu | relu2 (squared ReLU, 3/2 the hidden width: same parameters)."),
+    ("model.logit_softcap", 0.0, "Soft-cap the logits at this value (cap * tanh(logits / cap)); 0 = off."),
     # train
     ("train.steps", 0, "Optimizer steps; 0 = as many as the budget allows."),
     ("train.batch_size", 16, "Sequences per optimizer step (split over grad_accum micro-batches)."),
     ("train.grad_accum", 1, "Micro-batches accumulated per optimizer step."),
+    ("train.optimizer", "adamw", "adamw | muon (Muon on the hidden matrices, AdamW at train.lr on embeddings, head, norms, routers)."),
     ("train.lr", 3e-3, "Peak learning rate (AdamW)."),
+    ("train.muon_lr", 0.02, "optimizer=muon: peak learning rate of the Muon matrices (follows the same schedule)."),
+    ("train.muon_beta", 0.95, "optimizer=muon: Muon's (Nesterov) momentum."),
+    ("train.muon_weight_decay", 0.0, "optimizer=muon: decoupled weight decay of the Muon matrices."),
+    ("train.schedule", "cosine", "Learning-rate schedule: cosine (decay to min_lr_ratio) | wsd (warmup, constant, linear warmdown to zero)."),
     ("train.min_lr_ratio", 0.1, "Final learning rate as a fraction of the peak (cosine floor)."),
     ("train.warmup_fraction", 0.05, "Fraction of the steps spent warming the learning rate up."),
+    ("train.warmdown_fraction", 0.3, "schedule=wsd: the warmdown starts when this fraction of the training time (budget) or steps is left."),
     ("train.weight_decay", 0.1, "Decoupled weight decay (not applied to norms and embeddings)."),
     ("train.beta1", 0.9, "AdamW beta1."),
     ("train.beta2", 0.95, "AdamW beta2."),
@@ -122,6 +132,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": spec_lib.DTYPES,
     "model.remat": spec_lib.REMAT_POLICIES,
     "model.attention": spec_lib.ATTENTION_BACKENDS,
+    "model.mlp": spec_lib.MLP_KINDS,
+    "train.optimizer": ("adamw", "muon"),
+    "train.schedule": ("cosine", "wsd"),
     "budget.planner": ("measured", "none", "seed"),
     "moe.score": spec_lib.MOE_SCORES,
     "moe.balance": spec_lib.MOE_BALANCES,
@@ -287,6 +300,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
     if t.init_from and not t.init_from.startswith("hf:"):
         raise ConfigError(f"train.init_from={t.init_from!r}: expected hf:FOLDER or hf:OWNER/NAME (a Hugging Face Llama)")
+    if not 0 < t.warmdown_fraction <= 1:
+        raise ConfigError(f"train.warmdown_fraction={t.warmdown_fraction} must be in (0, 1]")
+    if t.lr <= 0 or t.muon_lr <= 0 or not 0 <= t.muon_beta < 1:
+        raise ConfigError("train.lr and train.muon_lr must be positive and train.muon_beta in [0, 1)")
     if t.resume not in ("auto", "never") and not t.resume.isdigit():
         raise ConfigError(f"train.resume={t.resume!r}: expected auto, never or a checkpoint step number")
     sizes = {f"mesh.{axis}": cfg.mesh[axis] for axis in ("data", "fsdp", "tensor")}

@@ -105,11 +105,14 @@ class _Run:
             self.state = create_state(self.spec, self.optimizer, cfg.train.seed, mesh)
             if initial_params is not None:
                 self.state = with_params(self.state, initial_params)
-            self.progress, self.used_before, self.saved_step = 0.0, 0.0, None
+            self.progress, self.used_before, self.saved_step, record = 0.0, 0.0, None, {}
         else:
             self.state, record = resumed
             self.progress, self.used_before, self.saved_step = record["progress"], record["elapsed_s"], int(self.state.step)
         self.imported = resumed is None and initial_params is not None
+        # wsd in a budgeted run: the progress at which the clock started the warmdown (None: not
+        # yet), and when training began on the run's clock (seconds of the budget used by then).
+        self.warmdown_from, self.train_began_s = record.get("warmdown_from"), record.get("train_began_s")
         self.step = int(self.state.step)
         self.total = plan.steps
         self.eval_every = cfg.train.eval_every or max(1, self.total // deadline_lib.PERIODIC_EVALS)
@@ -162,9 +165,23 @@ class _Run:
         reserve = deadline_lib.after_training_s(self.spec, eval_s_per_token=self.eval_s_per_token,
                                                 val_tokens=len(self.data.val_tokens), budget_s=self.plan.budget_s,
                                                 margin=self.cfg.budget.margin)
-        self.total = deadline_lib.refit_total_steps(self.step, self.total, now=now, train_end=self.deadline - reserve,
+        train_end = self.deadline - reserve
+        self.total = deadline_lib.refit_total_steps(self.step, self.total, now=now, train_end=train_end,
                                                     step_s=step_s, eval_every=self.eval_every,
                                                     eval_s=self.periodic_eval_s, in_flight=int(self.pending is not None))
+        if self.train_began_s is None:
+            self.train_began_s = self.used_before + now - self.started_at
+        train_start = self.started_at - self.used_before + self.train_began_s
+        self.warmdown_now = self.warmdown_from is None and self.cfg.train.schedule == "wsd" and deadline_lib.warmdown_due(
+            now=now, train_start=train_start, train_end=train_end, fraction=self.cfg.train.warmdown_fraction)
+
+    def scheduled_lr(self) -> float:
+        """This step's learning rate, from the recorded schedule state only (progress, and in a
+        budgeted wsd run the progress its warmdown began at), so a resumed run gets the same."""
+        warmdown_from = None
+        if self.deadline is not None:
+            warmdown_from = math.inf if self.warmdown_from is None else self.warmdown_from
+        return learning_rate(self.progress, self.cfg.train, warmdown_from)
 
     # -- metrics and checkpoints --------------------------------------------------------------
     def settle(self) -> None:
@@ -198,6 +215,8 @@ class _Run:
         writes to a temporary folder first, so the previous checkpoint is still intact."""
         record = {"step": self.step, "elapsed_s": self.used_before + time.time() - self.started_at,
                   "progress": self.progress, "data_fingerprint": self.data.fingerprint}
+        schedule = {"warmdown_from": self.warmdown_from, "train_began_s": self.train_began_s}
+        record |= {key: value for key, value in schedule.items() if value is not None}  # budgeted runs only
         try:
             self.manager.wait_until_finished()  # surfaces a failure of the previous async save
             checkpoint.save(self.manager, self.state, self.cfg, self.data.tokenizer_json, record)
@@ -240,14 +259,17 @@ class _Run:
                 if tick is not None:
                     self.intervals.append(now - tick)
                 tick = now
+                self.warmdown_now = False
                 if self.deadline is not None:
                     self.refit(now)
-                seen = sharding.everyone([self.total, stop.raised])  # process 0's clock, anyone's Ctrl-C
+                seen = sharding.everyone([self.total, stop.raised, self.warmdown_now])  # process 0's clock, anyone's Ctrl-C
                 self.total, stop_now = int(seen[0, 0]), bool(seen[:, 1].any())
                 if self.step >= self.total or stop_now:
                     return stop_now
+                if seen[0, 2]:  # the warmdown starts with this step
+                    self.warmdown_from = self.progress
                 self.progress = max(self.progress, (self.step + 1) / max(self.total, 1))  # never rewind the schedule
-                lr = learning_rate(self.progress, cfg.train)
+                lr = self.scheduled_lr()
                 self.state, values = self.train_step(self.state, sharding.global_batch(rows, self.mesh, self.batch_size),
                                                      np.float32(lr))
                 if compiling:  # jit compiles (or loads from the persistent cache) inside the first call

@@ -116,6 +116,8 @@ def tree_shardings(logical_tree, abstract_tree, mesh: Mesh):
     sizes = dict(mesh.shape)
 
     def one(logical, leaf):
+        if not hasattr(leaf, "shape"):  # a box around an empty node (optax's MaskedNode in a partitioned optimizer's state)
+            return leaf
         return NamedSharding(mesh, _mesh_axes(tuple(logical), leaf.shape, sizes))
 
     return jax.tree.map(one, logical_tree, abstract_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))

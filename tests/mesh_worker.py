@@ -32,12 +32,13 @@ MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 4, 1))
 STEPS, BATCH = 5, 8
 
 
-def config(grad_accum: int = 1) -> ml_collections.ConfigDict:
+def config(grad_accum: int = 1, *extra: str) -> ml_collections.ConfigDict:
     """Tiny, float32, every size divisible by the mesh axes that split it (vocab, heads, mlp by 2; embed by 8)."""
     return apply_overrides(defaults(), [
         "steps=5", "model.vocab_size=96", "model.seq_len=16", "model.num_layers=1", "model.d_model=32",
         "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden=64", "model.dtype=float32",
-        "model.tie_embeddings=false", f"train.batch_size={BATCH}", f"train.grad_accum={grad_accum}", "train.lr=0.01"])
+        "model.tie_embeddings=false", f"train.batch_size={BATCH}", f"train.grad_accum={grad_accum}", "train.lr=0.01",
+        *extra])
 
 
 def mesh_of(shape, devices=None):
@@ -84,6 +85,15 @@ def main(out: Path) -> None:
                                            "mu_w_q": str(state.opt_state[1].mu["block_0"]["attn"]["w_q"].sharding.spec)}
             if shape == (2, 4, 1) and grad_accum == 1:
                 saved = state
+
+    # Muon's Newton-Schulz iterations on fsdp- and tensor-split matrices (its momentum split like them).
+    muon = config(1, "train.optimizer=muon", "model.qk_norm=true")
+    result["muon"] = {"single": train(muon, one)[1]}
+    for shape in ((1, 8, 1), (2, 2, 2)):
+        state, result["muon"][str(shape)] = train(muon, mesh_of(shape))
+        mu = state.opt_state[1].inner_states["muon"].inner_state[0].mu["block_0"]["attn"]["w_q"]
+        result["specs"][f"muon {shape}"] = {"w_q": str(state.params["block_0"]["attn"]["w_q"].sharding.spec),
+                                            "mu_w_q": str(mu.sharding.spec)}
 
     cfg = config()
     spec, optimizer = ModelSpec.from_config(cfg.model), make_optimizer(cfg.train)

@@ -3,22 +3,29 @@
 import pytest
 
 from pufferfish_jax.config import apply_overrides, defaults
-from pufferfish_jax.budget.deadline import refit_total_steps
+import math
+
+from pufferfish_jax.budget.deadline import refit_total_steps, warmdown_due
 from pufferfish_jax.train.state import learning_rate
 
 
-def _simulate(step_time, train_end=100.0, planned_step_s=0.1, eval_every=50, eval_s=0.5):
-    """Runs the loop's control law against a simulated clock; returns (end time, lrs, steps)."""
-    train_cfg = apply_overrides(defaults(), ["train.lr=1e-3", "train.min_lr_ratio=0.1"]).train
+def _simulate(step_time, train_end=100.0, planned_step_s=0.1, eval_every=50, eval_s=0.5, schedule="cosine"):
+    """Runs the loop's control law against a simulated clock; returns (end time, lrs, steps).
+    With schedule=wsd, `_simulate.warmdown_at` is the time the clock started the warmdown."""
+    train_cfg = apply_overrides(defaults(), ["train.lr=1e-3", "train.min_lr_ratio=0.1", f"train.schedule={schedule}",
+                                             "train.warmdown_fraction=0.3"]).train
     now, step, total, lrs, times, progress = 0.0, 0, int(train_end / planned_step_s), [], [], 0.0
+    warmdown_from = math.inf
     while True:
         measured = sorted(times[-25:])[len(times[-25:]) // 2] if len(times) >= 3 else planned_step_s
         total = refit_total_steps(step, total, now=now, train_end=train_end, step_s=measured,
                                   eval_every=eval_every, eval_s=eval_s)
         if step >= total:
             return now, lrs, step
+        if warmdown_from == math.inf and warmdown_due(now=now, train_start=0.0, train_end=train_end, fraction=0.3):
+            warmdown_from, _simulate.warmdown_at = progress, now
         progress = max(progress, (step + 1) / total)
-        lrs.append(learning_rate(progress, train_cfg))
+        lrs.append(learning_rate(progress, train_cfg, warmdown_from if schedule == "wsd" else None))
         dt = step_time(step)
         now += dt
         times.append(dt)
@@ -48,3 +55,21 @@ def test_a_step_still_running_is_paid_for():
     assert refit_total_steps(5, 100, **kwargs) == 15
     assert refit_total_steps(5, 100, in_flight=1, **kwargs) == 14
     assert refit_total_steps(5, 100, now=9.5, train_end=10.0, step_s=1.0, eval_every=1000, eval_s=0.0, in_flight=1) == 5
+
+
+@pytest.mark.parametrize("name, step_time", [
+    ("steady", lambda s: 0.1),
+    ("slows down 2x half-way", lambda s: 0.1 if s < 400 else 0.2),
+    ("slows down 3x in the warmdown", lambda s: 0.1 if s < 800 else 0.3),
+    ("speeds up", lambda s: 0.1 if s < 300 else 0.05),
+])
+def test_wsd_warmdown_starts_on_the_clock_and_ends_at_zero(name, step_time):
+    end, lrs, steps = _simulate(step_time, schedule="wsd")
+    assert 100.0 - 2.0 <= end <= 100.0 + 0.3, name
+    assert 70.0 <= _simulate.warmdown_at <= 70.0 + 0.8, name  # 30 % of the training time left, to a step (or eval)
+    assert lrs[-1] < 1e-3 / steps * 5, name  # the floor (zero), to within the last few steps' share
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), name  # never climbs back up
+    held = [lr for lr in lrs[peak:] if lr == max(lrs)]
+    assert 0.55 < len(held) / steps < 0.75, name  # the constant phase: about 70 % less the warmup, in steps

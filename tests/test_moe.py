@@ -192,9 +192,11 @@ def test_update_bias_uses_each_layers_own_counts():
 
 
 @pytest.mark.slow  # compiles and runs whole train steps: the full suite, not the edit loop
-def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch(optimizer):
     grad_accum = 2
-    cfg = model_config(f"train.grad_accum={grad_accum}", "moe.bias_update_rate=0.25", "model.init_std=0.5")
+    cfg = model_config(f"train.grad_accum={grad_accum}", "moe.bias_update_rate=0.25", "model.init_std=0.5",
+                       f"train.optimizer={optimizer}")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
     state = init_state(spec, optimizer, jax.random.key(0))
     # A non-zero bias, different per layer, so the step's routing depends on it.
@@ -219,7 +221,8 @@ def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch():
 @pytest.mark.slow  # compiles and runs whole train steps: the full suite, not the edit loop
 def test_optimizer_and_weight_decay_never_touch_the_bias():
     """With a balance loss instead of the bias update, the router gets gradients from three
-    losses, and the bias must still stay exactly where it was."""
+    losses, and the bias must still stay exactly where it was. (With Muon, the test above shows
+    the bias moving by the loss-free rule and nothing else.)"""
     cfg = model_config("moe.balance=aux_loss", "moe.router_z_loss_weight=0.01", "train.weight_decay=0.5",
                        "train.grad_clip=0")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)

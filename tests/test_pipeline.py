@@ -187,11 +187,11 @@ def test_an_interrupted_train_stage_resumes_from_its_checkpoint(config, first, t
     run_dir = tmp_path / "run"
     real, calls = loop.learning_rate, []
 
-    def interrupt_at_step_5(progress, train_cfg):  # Ctrl-C in the middle of training
+    def interrupt_at_step_5(progress, train_cfg, *warmdown):  # Ctrl-C in the middle of training
         calls.append(progress)
         if len(calls) == 5:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(progress, train_cfg)
+        return real(progress, train_cfg, *warmdown)
 
     monkeypatch.setattr(loop, "learning_rate", interrupt_at_step_5)
     with pytest.raises(StageFailed) as failure:

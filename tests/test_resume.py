@@ -10,6 +10,8 @@ import pytest
 from conftest import TINY_MODEL, TINY_STEPS, fitted_budget
 
 from pufferfish_jax.cli import main
+from pufferfish_jax.train import checkpoint
+from pufferfish_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["steps=150", "data.corpus=shakespeare", "data.vocab_size=512", "model.num_layers=2", "model.d_model=64",
@@ -50,22 +52,26 @@ def _start_and_wait_for_checkpoint(cmd, env, run_dir, min_step=1):
     raise AssertionError(f"no checkpoint appeared: {process.communicate()[1][-2000:]}")
 
 
+# The recipe options whose state a resume must carry: Muon's momentum, the WSD schedule.
+RECIPE = ("train.optimizer=muon", "train.schedule=wsd", "model.qk_norm=true")
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(env, tmp_path):
     env, corpus = env
     reference = tmp_path / "reference"
-    subprocess.run(_cmd(reference, corpus), cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(_cmd(reference, corpus, *RECIPE), cwd=ROOT, env=env, check=True, capture_output=True)
     chaos, final = tmp_path / "chaos", int(ARGS[0].split("=")[1])
     often = "train.checkpoint_every_s=0.1"  # a resumed attempt saves again well before the end, even on a fast machine
     for _ in range(2):  # two kills, each mid-training: after a checkpoint newer than any before, short of the end
         seen = _newest(chaos)
-        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus, often), env, chaos, min_step=seen + 1)
+        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus, often, *RECIPE), env, chaos, min_step=seen + 1)
         time.sleep(0.1)
         assert process.poll() is None and seen < _newest(chaos) < final  # still training when killed
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert process.returncode == -signal.SIGKILL and seen < _newest(chaos) < final
-    result = subprocess.run(_cmd(chaos, corpus), cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(_cmd(chaos, corpus, *RECIPE), cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming" in result.stdout
     assert _digest(chaos, env) == _digest(reference, env)
@@ -105,11 +111,13 @@ def test_resume_refusals(trained_run_copy, corpus_file, session_cache, capsys, m
 @pytest.mark.slow
 def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     """SIGINT mid-run, a pause, then the same command: the two attempts together use at most the
-    budget (the pause is not charged), and the run ends with a final eval."""
+    budget (the pause is not charged), and the run ends with a final eval, its WSD warmdown started
+    by the clock and finished at zero."""
     env, corpus = env
     run_dir = tmp_path / "run"
     budget = fitted_budget(_cmd(run_dir, corpus, "steps=0", "budget.planner=none")[4:], 12, env)
-    args = _cmd(run_dir, corpus, f"budget={budget}s", "steps=0", "budget.planner=none")
+    args = _cmd(run_dir, corpus, f"budget={budget}s", "steps=0", "budget.planner=none", "train.schedule=wsd",
+                "train.log_every=1")
     first_start = time.time()
     process = subprocess.Popen(args, cwd=ROOT, env={**env, "PUFFERFISH_T0": repr(first_start)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,6 +137,11 @@ def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     assert "resuming" in result.stdout and "final:" in result.stdout
     # the first attempt's exit after its save (about a second) is the only time charged twice
     assert first_wall + second_wall <= budget + 3.0, (first_wall, second_wall)
+    lrs = [r["lr"] for r in read_metrics(run_dir / "metrics.jsonl") if r["event"] == "train"]
+    # held at the peak, then down to about zero (the last re-fit may end the run a step or two early)
+    assert lrs[-1] < 0.05 * max(lrs) and lrs.count(max(lrs)) > 1
+    record = checkpoint.load_progress(checkpoint.locate(run_dir))
+    assert 0 < record["warmdown_from"] < 1 and record["train_began_s"] > 0
 
 
 @pytest.mark.slow  # trains

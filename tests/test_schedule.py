@@ -1,5 +1,7 @@
 """Learning-rate schedule and weight-decay mask."""
 
+import math
+
 import jax.numpy as jnp
 import pytest
 
@@ -24,3 +26,16 @@ def test_decay_mask_skips_vectors_and_embedding():
                                                                "mlp": {"kernel": jnp.ones((4, 4))}}}
     mask = _decay_mask(params)
     assert mask == {"embed": {"embedding": False}, "block": {"norm": {"scale": False}, "mlp": {"kernel": True}}}
+
+
+def test_wsd_by_steps_holds_the_peak_then_decays_linearly_to_zero():
+    cfg = apply_overrides(defaults(), ["train.lr=1e-3", "train.schedule=wsd", "train.warmup_fraction=0.1",
+                                       "train.warmdown_fraction=0.2"]).train
+    lrs = [learning_rate((s + 1) / 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # the same warmup as cosine
+    assert lrs[9:80] == [pytest.approx(1e-3)] * 71  # constant until 20 % of the steps are left
+    assert lrs[80:] == [pytest.approx(1e-3 * (20 - k) / 20) for k in range(1, 21)]  # then linear, to zero
+    assert lrs[-1] == 0.0
+    # A budgeted run says where its warmdown began; math.inf: not yet (the peak, whatever the progress).
+    assert learning_rate(0.95, cfg, math.inf) == pytest.approx(1e-3)
+    assert learning_rate(0.75, cfg, 0.5) == pytest.approx(0.5e-3) and learning_rate(1.0, cfg, 1.0) == 0.0

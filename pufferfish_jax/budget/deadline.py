@@ -53,3 +53,11 @@ def refit_total_steps(step: int, total: int, *, now: float, train_end: float, st
     """
     evals_left = max(0, (total - step) // eval_every)
     return step + max(0, math.floor((train_end - evals_left * eval_s - now) / step_s) - in_flight)
+
+
+def warmdown_due(*, now: float, train_start: float, train_end: float, fraction: float) -> bool:
+    """Whether a WSD schedule's warmdown should have begun: the time left before `train_end` is at
+    most `fraction` of the training time (`train_start` to `train_end`). On the clock, not on a
+    step count, so a machine that slows down starts it on time; the step-count re-fit then makes
+    the warmdown end exactly at the last step."""
+    return train_end - now <= fraction * max(train_end - train_start, 0.0)

@@ -23,7 +23,7 @@ from pufferfish_jax.errors import ExportError
 from pufferfish_jax.model.spec import ModelSpec
 
 # ModelSpec fields that say how we compute or train, never what the model computes.
-COMPUTE_ONLY = ("dtype", "remat", "attention", "init_std")
+COMPUTE_ONLY = ("dtype", "remat", "attention", "init_std", "zero_init_out")
 # ModelSpec fields this map writes into config.json and reads back from it.
 MAPPED = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden", "seq_len",
           "rope_theta", "norm_eps", "tie_embeddings")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pufferfish_jax.model.blocked_attention import causal_attention
-from pufferfish_jax.model.layers import apply_rope, dot, logical, proj
+from pufferfish_jax.model.layers import RMSNorm, apply_rope, dot, logical, proj
 from pufferfish_jax.errors import AttentionBackendError
 from pufferfish_jax.model.spec import ATTENTION_BACKENDS, ModelSpec, check_choice
 from pufferfish_jax import sharding
@@ -245,8 +245,11 @@ class Attention(nn.Module):
         w_v_DKH = self.param("w_v", logical(init, "embed", "kv_heads", "head_dim"), (D, K, H))
         w_o_NHD = self.param("w_o", logical(nn.initializers.normal(spec.out_std), "heads", "head_dim", "embed"), (N, H, D))
 
-        q_BTNH = apply_rope(proj("btd,dnh->btnh", x_BTD, w_q_DNH), sin_BTR, cos_BTR)
-        k_BTKH = apply_rope(proj("btd,dkh->btkh", x_BTD, w_k_DKH), sin_BTR, cos_BTR)
+        q_BTNH, k_BTKH = proj("btd,dnh->btnh", x_BTD, w_q_DNH), proj("btd,dkh->btkh", x_BTD, w_k_DKH)
+        if spec.qk_norm:  # per head, over head_dim, before the rotation (OLMo 2, modded-nanogpt)
+            q_BTNH = RMSNorm(spec.norm_eps, q_BTNH.dtype, "head_dim", name="q_norm")(q_BTNH)
+            k_BTKH = RMSNorm(spec.norm_eps, k_BTKH.dtype, "head_dim", name="k_norm")(k_BTKH)
+        q_BTNH, k_BTKH = apply_rope(q_BTNH, sin_BTR, cos_BTR), apply_rope(k_BTKH, sin_BTR, cos_BTR)
         v_BTKH = proj("btd,dkh->btkh", x_BTD, w_v_DKH)
         q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
         k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))

@@ -87,10 +87,11 @@ class RMSNorm(nn.Module):
 
     eps: float
     dtype: jnp.dtype
+    axis_name: str = "embed"  # the logical name of the normalised (last) axis, for sharding
 
     @nn.compact
     def __call__(self, x_BTD: Array) -> Array:
-        scale_D = self.param("scale", logical(nn.initializers.ones, "embed"), (x_BTD.shape[-1],), jnp.float32)
+        scale_D = self.param("scale", logical(nn.initializers.ones, self.axis_name), (x_BTD.shape[-1],), jnp.float32)
         x_BTD = x_BTD.astype(jnp.float32)
         inv_rms_BT1 = jax.lax.rsqrt(jnp.mean(jnp.square(x_BTD), axis=-1, keepdims=True) + self.eps)
         return (x_BTD * inv_rms_BT1 * scale_D).astype(self.dtype)
@@ -147,6 +148,25 @@ class SwiGLU(nn.Module):
         gate_BTF = constrain(proj("btd,df->btf", x_BTD, w_gate_DF), ("batch", "seq", "mlp"))
         up_BTF = constrain(proj("btd,df->btf", x_BTD, w_up_DF), ("batch", "seq", "mlp"))
         return proj("btf,fd->btd", nn.silu(gate_BTF) * up_BTF, w_down_FD)
+
+
+class ReLU2(nn.Module):
+    """Squared-ReLU feed-forward: down(relu(x @ up)^2) (Primer; modded-nanogpt). Two matrices where
+    SwiGLU has three, so `hidden` is 3/2 of SwiGLU's for the same parameters (`ModelSpec.relu2_hidden`)."""
+
+    hidden: int
+    init_std: float
+    out_std: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x_BTD: Array) -> Array:
+        d_model = x_BTD.shape[-1]
+        w_up_DF = self.param("w_up", logical(nn.initializers.normal(self.init_std), "embed", "mlp"), (d_model, self.hidden))
+        w_down_FD = self.param("w_down", logical(nn.initializers.normal(self.out_std), "mlp", "embed"),
+                               (self.hidden, d_model))
+        up_BTF = constrain(proj("btd,df->btf", x_BTD, w_up_DF), ("batch", "seq", "mlp"))
+        return proj("btf,fd->btd", jnp.square(nn.relu(up_BTF)), w_down_FD)
 
 
 class Embed(nn.Module):

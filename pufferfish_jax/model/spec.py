@@ -21,6 +21,7 @@ ATTENTION_BACKENDS = ("auto", "xla", "blocked", "cudnn", "pallas", "splash")
 MOE_SCORES = ("sigmoid", "softmax")
 MOE_BALANCES = ("loss_free", "aux_loss", "none")
 MOE_DISPATCHES = ("auto", "dense", "sorted")
+MLP_KINDS = ("swiglu", "relu2")  # the dense blocks' FFN; relu2 = down(relu(x @ up)^2) at the same parameter count
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
@@ -107,7 +108,12 @@ class ModelSpec:
     remat: str = "none"
     attention: str = "auto"
     init_std: float = 0.02
-    moe: MoESpec | None = None  # None: every block has a dense SwiGLU FFN
+    # Recipe options (docs/recipe.md); the defaults are the original model, parameter for parameter.
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (attn/q_norm, attn/k_norm)
+    zero_init_out: bool = False  # projections writing into the residual stream (w_o, w_down) start at zero
+    mlp: str = "swiglu"  # dense FFN: swiglu | relu2 (MLP_KINDS)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 = off
+    moe: MoESpec | None = None  # None: every block has a dense FFN (model.mlp)
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden",
@@ -122,6 +128,9 @@ class ModelSpec:
         check_choice("model.dtype", self.dtype, DTYPES)
         check_choice("model.remat", self.remat, REMAT_POLICIES)
         check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        check_choice("model.mlp", self.mlp, MLP_KINDS)
+        if self.logit_softcap < 0:
+            raise ConfigError(f"model.logit_softcap={self.logit_softcap} must not be negative (0 = off)")
         if self.moe is not None and any(not 0 <= i < self.num_layers for i in self.moe.layers):
             raise ConfigError(f"MoE layers {self.moe.layers} outside the model's {self.num_layers} blocks")
 
@@ -164,5 +173,18 @@ class ModelSpec:
     @property
     def out_std(self) -> float:
         """Init std of the projections writing into the residual stream (GPT-2 scaling), so the
-        residual variance does not grow with depth."""
-        return self.init_std / math.sqrt(2 * self.num_layers)
+        residual variance does not grow with depth; 0 with zero_init_out (each block starts as the
+        identity, modded-nanogpt style)."""
+        return 0.0 if self.zero_init_out else self.init_std / math.sqrt(2 * self.num_layers)
+
+    @property
+    def relu2_hidden(self) -> int:
+        """Hidden width of a relu2 FFN: two matrices of 3/2 * ffn_hidden hold what SwiGLU's three
+        of ffn_hidden do (exactly, for an even ffn_hidden)."""
+        return 3 * self.ffn_hidden // 2
+
+    def dense_ffn_params(self) -> int:
+        """Weights of one dense FFN block (no biases)."""
+        if self.mlp == "relu2":
+            return 2 * self.d_model * self.relu2_hidden
+        return 3 * self.d_model * self.ffn_hidden

@@ -5,8 +5,10 @@ Parameter tree (all float32, no biases):
     embed/embedding [V, D]
     block_{i}/attn_norm/scale [D]
     block_{i}/attn/{w_q [D, N, H], w_k [D, K, H], w_v [D, K, H], w_o [N, H, D]}
+    block_{i}/attn/{q_norm/scale [H], k_norm/scale [H]}             (model.qk_norm only)
     block_{i}/mlp_norm/scale [D]
-    block_{i}/mlp/{w_gate [D, F], w_up [D, F], w_down [F, D]}        (dense blocks)
+    block_{i}/mlp/{w_gate [D, F], w_up [D, F], w_down [F, D]}        (dense blocks, model.mlp=swiglu)
+    block_{i}/mlp/{w_up [D, 3F/2], w_down [3F/2, D]}                 (dense blocks, model.mlp=relu2)
     block_{i}/moe/{router [D, E], w_gate [E, D, Fe], w_up [E, D, Fe], w_down [E, Fe, D],
                    shared/{w_gate [D, S*Fe], w_up [D, S*Fe], w_down [S*Fe, D]}}   (MoE blocks; see model/moe.py)
     final_norm/scale [D]
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 from pufferfish_jax.model import spec as spec_lib
 from pufferfish_jax.model.attention import Attention, KVCache
-from pufferfish_jax.model.layers import Embed, RMSNorm, SwiGLU, dot, logical, rope_angles
+from pufferfish_jax.model.layers import Embed, ReLU2, RMSNorm, SwiGLU, dot, logical, rope_angles
 from pufferfish_jax.model.moe import MOE_STATE, MoE
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.sharding import constrain
@@ -56,6 +58,8 @@ class Block(nn.Module):
         h_BTD = RMSNorm(spec.norm_eps, dtype, name="mlp_norm")(x_BTD)
         if spec.is_moe(self.layer):
             ffn = MoE(spec.moe, spec.init_std, spec.out_std, dtype, name="moe")
+        elif spec.mlp == "relu2":
+            ffn = ReLU2(spec.relu2_hidden, spec.init_std, spec.out_std, dtype, name="mlp")
         else:
             ffn = SwiGLU(spec.ffn_hidden, spec.init_std, spec.out_std, dtype, name="mlp")
         x_BTD = x_BTD + ffn(h_BTD)
@@ -104,6 +108,8 @@ class Transformer(nn.Module):
             w_DV = self.param("lm_head", logical(nn.initializers.normal(spec.init_std), "embed", "vocab"),
                               (spec.d_model, spec.vocab_size))
             logits_BTV = constrain(dot("btd,dv->btv", x_BTD, w_DV), ("batch", "seq", "vocab"))
+        if spec.logit_softcap:  # float32, like the logits
+            logits_BTV = spec.logit_softcap * jnp.tanh(logits_BTV / spec.logit_softcap)
         if cache is None:
             return logits_BTV
         return logits_BTV, cache._replace(length=cache.length + T)
@@ -126,7 +132,7 @@ def _ffn_params(spec: ModelSpec, layer: int, active: bool) -> int:
     routed expert or (active) only the top_k a token passes through."""
     D = spec.d_model
     if not spec.is_moe(layer):
-        return 3 * D * spec.ffn_hidden
+        return spec.dense_ffn_params()
     m = spec.moe
     routed = m.top_k if active else m.num_experts
     return D * m.num_experts + 3 * D * m.expert_hidden * (routed + m.num_shared_experts)
@@ -141,7 +147,7 @@ def count_params(spec: ModelSpec, embedding: bool = True, active: bool = False) 
     top_k routed and the shared ones): what compute scales with, where memory scales with the total.
     """
     D, N, K, H, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size
-    per_block = 2 * D + D * N * H + 2 * D * K * H + N * H * D
+    per_block = 2 * D + D * N * H + 2 * D * K * H + N * H * D + (2 * H if spec.qk_norm else 0)
     total = spec.num_layers * per_block + sum(_ffn_params(spec, i, active) for i in range(spec.num_layers)) + D
     if embedding:
         total += V * D * (1 if spec.tie_embeddings else 2)

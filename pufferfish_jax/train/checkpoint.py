@@ -30,7 +30,10 @@ from pufferfish_jax.schema import Field, check_record
 ITEMS = ("state", "config", "tokenizer", "progress")
 FORMAT = 1  # what a checkpoint holds and how; saved in its progress record (absent: 1)
 PROGRESS_FIELDS = {"step": Field(int, low=0), "elapsed_s": Field(float, low=0), "progress": Field(float, low=0, high=1),
-                   "data_fingerprint": Field(str), "format": Field(int, low=1, required=False)}
+                   "data_fingerprint": Field(str), "format": Field(int, low=1, required=False),
+                   # a budgeted wsd run's schedule state (loop.py): where its warmdown began, when training began
+                   "warmdown_from": Field(float, low=0, high=1, required=False),
+                   "train_began_s": Field(float, low=0, required=False)}
 logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax narrates every save at INFO/WARNING.
 
 

@@ -23,6 +23,7 @@ from pufferfish_jax import sharding
 from pufferfish_jax.model.moe import MOE_STATE
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.model.transformer import init_variables
+from pufferfish_jax.train.muon import make_muon
 
 
 class TrainState(struct.PyTreeNode):
@@ -51,14 +52,23 @@ def _decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def adamw_direction(train_cfg: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+    """AdamW without the learning rate: the Adam direction plus the masked decoupled decay."""
+    return [optax.scale_by_adam(b1=train_cfg.beta1, b2=train_cfg.beta2, eps=1e-8),
+            optax.add_decayed_weights(train_cfg.weight_decay, mask=_decay_mask)]
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW direction without the learning rate: the step scales the update by -lr."""
+    """The update direction without the learning rate: the step scales it by -lr.
+
+    optimizer=adamw: clipping then AdamW on every parameter (the state layout checkpoints of
+    earlier versions hold). optimizer=muon: clipping, then Muon on the hidden matrices and AdamW
+    on the rest (train/muon.py).
+    """
+    if train_cfg.get("optimizer", "adamw") == "muon":
+        return make_muon(train_cfg, optax.chain(*adamw_direction(train_cfg)))
     parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-    parts += [
-        optax.scale_by_adam(b1=train_cfg.beta1, b2=train_cfg.beta2, eps=1e-8),
-        optax.add_decayed_weights(train_cfg.weight_decay, mask=_decay_mask),
-    ]
-    return optax.chain(*parts)
+    return optax.chain(*parts, *adamw_direction(train_cfg))
 
 
 def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, rng: jax.Array, *,
@@ -114,16 +124,28 @@ def abstract_state(spec: ModelSpec, optimizer: optax.GradientTransformation, mes
                         shapes, state_shardings(spec, optimizer, mesh))
 
 
-def learning_rate(progress: float, train_cfg: ml_collections.ConfigDict) -> float:
-    """Linear warmup over the first warmup_fraction of training, then cosine decay from the peak
-    to min_lr_ratio * peak at progress 1. A step's progress is (step + 1) / total steps.
+def learning_rate(progress: float, train_cfg: ml_collections.ConfigDict, warmdown_from: float | None = None) -> float:
+    """The scheduled learning rate of a step whose progress is (step + 1) / total steps.
+
+    Both schedules warm up linearly over the first warmup_fraction. cosine then decays to
+    min_lr_ratio * peak at progress 1. wsd holds the peak, then decays linearly to zero from
+    progress `warmdown_from` to 1: by default 1 - warmdown_fraction (a steps= run); a budgeted run
+    passes the progress at which the clock said the warmdown was due (math.inf: not yet), which
+    the loop records with every checkpoint so a resumed run gets the same rates.
 
     Keyed to progress, not steps, so that a budgeted run, whose total is re-fitted to the clock,
-    can keep the schedule monotone: the loop never lets progress go backwards.
+    can keep the schedule monotone: the loop never lets progress go backwards, and whatever the
+    re-fits did, the last step has progress 1, so the run ends at the floor.
     """
     progress = min(max(progress, 0.0), 1.0)
-    peak, floor, warmup = train_cfg.lr, train_cfg.lr * train_cfg.min_lr_ratio, train_cfg.warmup_fraction
+    peak, warmup = train_cfg.lr, train_cfg.warmup_fraction
+    rise = progress / warmup if progress < warmup else 1.0
+    if train_cfg.get("schedule", "cosine") == "wsd":
+        start = 1.0 - train_cfg.warmdown_fraction if warmdown_from is None else warmdown_from
+        done = 1.0 if progress >= 1.0 else max(0.0, (progress - start) / max(1.0 - start, 1e-9))
+        return peak * min(rise, 1.0 - done)
     if progress < warmup:
-        return peak * progress / warmup
+        return peak * rise
+    floor = train_cfg.lr * train_cfg.min_lr_ratio
     decay = (progress - warmup) / max(1.0 - warmup, 1e-9)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * decay))

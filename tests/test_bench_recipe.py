@@ -1,0 +1,50 @@
+"""The pure parts of tools/bench_recipe.py: medians and spreads over seeds, and which changes make `best`."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # bench_recipe imports bench_planner_core by name
+    spec.loader.exec_module(module)
+    return module
+
+
+_load("bench_planner_core")
+tool = _load("bench_recipe")
+
+
+def _rows(variant, vals, seconds, status="ok"):
+    return [dict(budget="2m", variant=variant, seed=i, status=status, val_bpb=v, second_bpb=s, wall=114.0)
+            for i, (v, s) in enumerate(zip(vals, seconds))]
+
+
+def test_medians_and_spread_over_the_seeds_that_finished():
+    rows = _rows("muon", [1.5, 1.7, 1.6], [2.1, 2.0, 2.4]) + _rows("muon", [9.0], [9.0], status="failed")
+    m = tool.medians(rows, "2m", "muon")
+    assert (m["n"], m["failed"]) == (3, 1)
+    assert m["val_bpb"] == pytest.approx(1.6) and m["val_bpb_spread"] == pytest.approx(0.2)
+    assert m["second_bpb"] == pytest.approx(2.1) and m["second_bpb_spread"] == pytest.approx(0.4)
+    assert m["wall_fraction"] == pytest.approx(0.95)
+
+
+def test_best_takes_changes_that_win_on_both_texts_and_one_of_each_key():
+    rows = (_rows("default", [1.8, 1.8], [2.5, 2.5]) + _rows("muon", [1.6, 1.7], [2.3, 2.4])
+            + _rows("wsd", [1.7, 1.7], [2.6, 2.6])  # wins on the held-out split only: left out
+            + _rows("vocab2048", [1.75, 1.75], [2.4, 2.4]) + _rows("vocab4096", [1.7, 1.7], [2.45, 2.45])
+            + _rows("relu2", [1.9, 1.9], [2.4, 2.4]))
+    assert tool.winners(rows, "2m", ["default", "muon", "wsd", "vocab2048", "vocab4096", "relu2"]) == ["muon", "vocab4096"]
+    assert tool.winners(_rows("default", [1.8], [2.5]), "2m", ["default"]) == []
+
+
+def test_unknown_variants_are_refused_and_default_always_runs():
+    assert tool.parse_args(["--variants", "muon,best"]).variants == ["default", "muon", "best"]
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--variants", "muon,adam"])
