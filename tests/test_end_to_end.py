@@ -13,7 +13,7 @@ from pufferfish_jax.cli import main
 # Short, but not below what the planner needs here for data, compile, 20 steps, evals and the save;
 # a slower machine gets the budget the planner asks for instead (see `budget_run`). The runs hold
 # out no more than val_fraction of this small corpus: the 50k-token floor would take half of it.
-BUDGET_S = 24
+BUDGET_S = 20
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def budget_run(tmp_path_factory, command_env, corpus):
         run_dir = tmp / f"run{attempt}"
         started = time.time()
         result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", "data.vocab_size=512", "data.val_min_tokens=0",
-                              f"run_dir={run_dir}", "model.seq_len=32", "train.batch_size=8"],
+                              f"run_dir={run_dir}", "model.seq_len=32", "train.batch_size=8", "train.log_every=5"],
                              {**command_env, "PUFFERFISH_T0": repr(started)})
         wall = time.time() - started
         need = budget_hint(result.stderr)

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models
 
 from pufferfish_jax.budget import planner
 from pufferfish_jax.budget.calibrate import family_key
+from pufferfish_jax.cli import main
 from pufferfish_jax.config import apply_overrides, defaults, validate
 from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.spec import moe_layer_indices
@@ -262,8 +263,9 @@ def test_checkpoint_round_trip_restores_the_bias(tmp_path):
                                   np.asarray(state.moe_state["block_1"]["moe"]["bias"]))
     assert float(jnp.abs(restored.moe_state["block_1"]["moe"]["bias"]).min()) > 0.1  # not the zeros of a fresh init
     tokens_BT = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-    np.testing.assert_array_equal(np.asarray(Transformer(spec).apply(state.variables, tokens_BT)),
-                                  np.asarray(Transformer(restored_spec).apply(restored.variables, tokens_BT)))
+    forward = jax.jit(Transformer(restored_spec).apply)  # the same model (asserted above): one compile
+    np.testing.assert_array_equal(np.asarray(forward(state.variables, tokens_BT)),
+                                  np.asarray(forward(restored.variables, tokens_BT)))
 
 
 def test_greedy_generation_uses_the_bias_and_matches_the_full_forward():
@@ -367,7 +369,7 @@ def test_calibration_keys_tell_moe_settings_apart():
 # ---- the real commands on a MoE run dir ------------------------------------------------------
 
 @pytest.mark.slow
-def test_train_generate_inspect_on_a_moe_run_dir(tmp_path):
+def test_train_generate_inspect_on_a_moe_run_dir(tmp_path, capsys):
     corpus = tmp_path / "corpus"  # a folder of small documents, so some can be held out
     corpus.mkdir()
     words = "the river ran past the old mill and the miller sang of bread and stone".split()
@@ -390,6 +392,7 @@ def test_train_generate_inspect_on_a_moe_run_dir(tmp_path):
                           "--temperature", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.startswith("the river") and len(gen.stdout.strip()) > len("the river")
-    inspect = subprocess.run([sys.executable, "-m", "pufferfish_jax", "inspect", str(run_dir)], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert inspect.returncode == 0 and "4 routed (top 2, sigmoid) + 1 shared" in inspect.stdout, inspect.stdout
+    capsys.readouterr()
+    assert main(["inspect", str(run_dir)]) == 0  # in this process: the two above proved the real commands
+    shown = capsys.readouterr().out
+    assert "4 routed (top 2, sigmoid) + 1 shared" in shown, shown
