@@ -103,6 +103,7 @@ def test_transformers_greedy_continuations_equal_ours(model_case):
         assert len(ours) >= 5 and ours == theirs, (ids, ours, theirs)
 
 
+@pytest.mark.slow  # the shared trained run: training is not for the edit loop
 def test_export_import_export_is_bit_identical(restored, exported, tmp_path):
     """The import path (config keys, tokenizer, weights) gives back our parameters exactly, and
     exporting them again writes the same bytes."""
@@ -172,6 +173,7 @@ def test_sharded_export_loads_in_transformers(restored, tmp_path):
     assert set(read) == set(llama_map.tensor_names(restored.spec).values())
 
 
+@pytest.mark.slow  # the shared trained run: training is not for the edit loop
 def test_gguf_reads_back_with_llama_names_shapes_and_metadata(restored, trained_run, tmp_path):
     from gguf import GGUFReader
 
@@ -200,6 +202,7 @@ def test_gguf_reads_back_with_llama_names_shapes_and_metadata(restored, trained_
                           hf["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.slow  # the shared trained run: training is not for the edit loop
 def test_gguf_query_rows_rotate_as_llama_cpp_does(restored, tmp_path):
     """llama.cpp rotates adjacent pairs (2i, 2i+1); the GGUF q rows must give, under that rotation,
     what our half-split rotation gives under the HF rows, up to the same reordering of features."""
@@ -247,6 +250,7 @@ def test_import_refuses_what_we_cannot_represent_by_name(change, key):
         llama_map.model_keys(config | change)
 
 
+@pytest.mark.slow  # the shared trained run: training is not for the edit loop
 def test_import_refuses_unknown_tensors_and_conflicting_keys(restored, exported):
     tensors = llama_map.to_hf_tensors(restored.state.params, restored.spec)
     with pytest.raises(ExportError, match="q_proj.bias"):
@@ -256,6 +260,7 @@ def test_import_refuses_unknown_tensors_and_conflicting_keys(restored, exported)
         hf_import.configure(cfg, {"train.init_from", "model.num_layers"})
 
 
+@pytest.mark.slow  # the shared trained run: training is not for the edit loop
 def test_gguf_refuses_a_tokenizer_llama_cpp_would_split_differently(restored, tmp_path):
     from tokenizers import pre_tokenizers
 
@@ -267,6 +272,7 @@ def test_gguf_refuses_a_tokenizer_llama_cpp_would_split_differently(restored, tm
     assert not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.slow  # the shared trained run: training is not for the edit loop
 def test_export_refuses_a_folder_with_other_files(trained_run, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["export", str(trained_run), str(tmp_path)]) == 2
