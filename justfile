@@ -28,13 +28,13 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 4.5-5.5
-# minutes on 2 cores, AMD EPYC with AVX-512).
+# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 4.8-5.9
+# minutes in four runs on 2 cores, AMD EPYC with AVX-512).
 test *ARGS:
     python -m pytest -q -n auto --dist loadfile tests "$@"
 
 # The edit loop: the suite without the slow tests (no training, no end-to-end runs, no Pallas interpret
-# mode; 66-70 s on the same machine).
+# mode; 75-90 s on the same machine).
 test-fast *ARGS:
     python -m pytest -q -n auto --dist loadfile tests -m "not slow" "$@"
 
