@@ -2,6 +2,7 @@
 the tests write; one cache and one tiny trained run dir per session; running the real command."""
 
 import fcntl
+import importlib.util
 import os
 import random
 import re
@@ -104,6 +105,17 @@ def random_corpus(path: Path, documents: int = 600) -> Path:
     """A .txt corpus of `documents` random paragraphs (blank-line separated, about 50 words each)."""
     path.write_text("\n\n".join(sentences(i, 6) for i in range(documents)))
     return path
+
+
+# ----------------------------------------------------------------------------- the tools
+def load_tool(name: str):
+    """tools/NAME.py as a module (tools/ is no package). Registered under its name, because the
+    benchmark tools import each other by name (bench_recipe imports bench_planner_core)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # ----------------------------------------------------------------------------- the real command

@@ -1,25 +1,13 @@
 """The pure parts of tools/bench_planner.py: the recipe grid, regret, the stale-cache edit, merging."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # bench_planner imports bench_planner_core by name
-    spec.loader.exec_module(module)
-    return module
-
-
-core = _load("bench_planner_core")
-tool = _load("bench_planner")
+core = load_tool("bench_planner_core")
+tool = load_tool("bench_planner")
 
 
 def _plan(shape=(4, 128, 4, 2), batch=8, dtype="bfloat16", seq_len=256) -> dict:

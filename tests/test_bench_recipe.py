@@ -1,24 +1,11 @@
 """The pure parts of tools/bench_recipe.py: medians and spreads over seeds, and which changes make `best`."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # bench_recipe imports bench_planner_core by name
-    spec.loader.exec_module(module)
-    return module
-
-
-_load("bench_planner_core")
-tool = _load("bench_recipe")
+load_tool("bench_planner_core")
+tool = load_tool("bench_recipe")
 
 
 def _rows(variant, vals, seconds, status="ok"):

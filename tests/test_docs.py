@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 250
@@ -117,17 +118,10 @@ def test_config_table_is_current():
     assert result.returncode == 0, result.stderr.strip() or result.stdout.strip()
 
 
-def _config_docs():
-    spec = importlib.util.spec_from_file_location("config_docs", ROOT / "tools" / "config_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_config_table_lists_every_schema_key_and_detects_staleness():
     from pufferfish_jax import config
 
-    tool = _config_docs()
+    tool = load_tool("config_docs")
     document = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     table = document.split(tool.START)[1].split(tool.END)[0]
     missing = [key for key, *_ in config.SCHEMA if f"`{key}`" not in table]
