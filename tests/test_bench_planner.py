@@ -1,7 +1,6 @@
 """The pure parts of tools/bench_planner.py: the recipe grid, regret, the stale-cache edit, merging."""
 
 import json
-import sys
 
 import pytest
 from conftest import load_tool

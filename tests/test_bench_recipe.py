@@ -1,6 +1,5 @@
 """The pure parts of tools/bench_recipe.py: medians and spreads over seeds, and which changes make `best`."""
 
-
 import pytest
 from conftest import load_tool
 
