@@ -31,12 +31,12 @@ eval *ARGS:
 # The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 4.8-5.9
 # minutes in four runs on 2 cores, AMD EPYC with AVX-512).
 test *ARGS:
-    python -m pytest -q -n auto --dist loadfile tests "$@"
+    python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests "$@"
 
 # The edit loop: the suite without the slow tests (no training, no end-to-end runs, no Pallas interpret
 # mode; 75-90 s on the same machine).
 test-fast *ARGS:
-    python -m pytest -q -n auto --dist loadfile tests -m "not slow" "$@"
+    python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests -m "not slow" "$@"
 
 # Describe this machine: devices, memory, cores, CPU model and SIMD features, matmul peak per dtype and the best.
 hardware:

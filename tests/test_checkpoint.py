@@ -18,6 +18,7 @@ def _config(**model):
     return apply_overrides(defaults(), overrides)
 
 
+@pytest.mark.slow  # compiles several whole models: the full suite, not the edit loop
 @pytest.mark.parametrize("model", [dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2),
                                    dict(num_layers=3, d_model=48, num_heads=6, num_kv_heads=3, tie_embeddings=False)])
 def test_restore_infers_shape_and_reproduces_logits(tmp_path, model):

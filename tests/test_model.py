@@ -151,6 +151,7 @@ def test_flops_per_token_formula():
     assert flops_per_token(spec, T) == expected
 
 
+@pytest.mark.slow  # compiles several whole models: the full suite, not the edit loop
 def test_bfloat16_compute_is_close_to_float32():
     spec32, spec16 = make_spec(), make_spec(dtype="bfloat16")
     params = init(spec32)

@@ -4,7 +4,6 @@
 import dataclasses
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +267,7 @@ def test_checkpoint_round_trip_restores_the_bias(tmp_path):
                                   np.asarray(forward(restored.variables, tokens_BT)))
 
 
+@pytest.mark.slow  # compiles several whole models: the full suite, not the edit loop
 def test_greedy_generation_uses_the_bias_and_matches_the_full_forward():
     cfg = model_config("model.init_std=0.5", "model.seq_len=32")
     spec = spec_of(cfg)
@@ -369,7 +369,7 @@ def test_calibration_keys_tell_moe_settings_apart():
 # ---- the real commands on a MoE run dir ------------------------------------------------------
 
 @pytest.mark.slow
-def test_train_generate_inspect_on_a_moe_run_dir(tmp_path, capsys):
+def test_train_generate_inspect_on_a_moe_run_dir(tmp_path, capsys, command_env):
     corpus = tmp_path / "corpus"  # a folder of small documents, so some can be held out
     corpus.mkdir()
     words = "the river ran past the old mill and the miller sang of bread and stone".split()
@@ -377,9 +377,9 @@ def test_train_generate_inspect_on_a_moe_run_dir(tmp_path, capsys):
         lines = (" ".join(words[(doc + i) % 7:] + words[: (doc + i) % 7]) for i in range(30))
         (corpus / f"{doc}.txt").write_text("\n".join(lines))
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PUFFERFISH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    env = command_env
     train = subprocess.run([sys.executable, "-m", "pufferfish_jax", "train", "steps=10", f"run_dir={run_dir}",
-                            f"data.corpus={corpus}", "data.vocab_size=300", "model.num_layers=2", "model.d_model=32",
+                            f"data.corpus={corpus}", "data.vocab_size=300", "data.val_min_tokens=0", "model.num_layers=2", "model.d_model=32",
                             "model.num_heads=4", "model.num_kv_heads=2", "model.seq_len=32", "train.batch_size=4",
                             "train.log_every=5", "moe.num_experts=4", "moe.layers=after_first", "moe.bias_update_rate=0.01"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

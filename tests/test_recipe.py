@@ -62,6 +62,7 @@ def test_options_off_are_the_old_model(extra):
     assert ModelSpec.from_config(default.model, default.moe) == _model(*extra, *OFF, forward=False)[1]
 
 
+@pytest.mark.slow  # compiles several whole models: the full suite, not the edit loop
 def test_each_option_on_changes_the_model_as_it_says():
     _, spec, base, base_logits = _model()
     _, _, params, logits = _model("model.qk_norm=true")

@@ -4,6 +4,7 @@ metrics.jsonl, tag by tag and step by step."""
 import struct
 
 import numpy as np
+import pytest
 
 from pufferfish_jax.train.metrics import TENSORBOARD_DIR, read_metrics, scalar_tags
 from pufferfish_jax.train.tensorboard import crc32c, record_bytes
@@ -15,6 +16,7 @@ def test_crc32c_matches_the_castagnoli_check_value():
     assert struct.unpack("<Q", record[:8])[0] == 5 and record[12:17] == b"event" and len(record) == 8 + 4 + 5 + 4
 
 
+@pytest.mark.slow  # the shared trained run, and TensorBoard's reader (seconds to import)
 def test_tensorboard_reads_the_scalars_of_metrics_jsonl(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
