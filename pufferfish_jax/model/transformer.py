@@ -76,8 +76,7 @@ def remat_block(policy_name: str) -> type[Block]:
 class Transformer(nn.Module):
     """Llama-style decoder.
 
-    Training / eval: `apply(vars, tokens_BT) -> logits_BTV` (float32), positions 0..T-1; with
-    `hidden=True`, the final-normed hidden states x_BTD the LM head would read instead.
+    Training / eval: `apply(vars, tokens_BT) -> logits_BTV` (float32), positions 0..T-1.
     Prefill / decode: `apply(vars, tokens_BT, cache=cache) -> (logits_BTV, cache)`: the tokens go to
     cache slots [cache.length, cache.length + T), at rotary positions `positions_BT` (default: the
     same slot indices), and attend to every filled slot up to their own.
@@ -86,8 +85,7 @@ class Transformer(nn.Module):
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, tokens_BT: Array, *, cache: KVCache | None = None, positions_BT: Array | None = None,
-                 hidden: bool = False):
+    def __call__(self, tokens_BT: Array, *, cache: KVCache | None = None, positions_BT: Array | None = None):
         spec = self.spec
         T = tokens_BT.shape[1]
         if T > spec.seq_len:
@@ -103,8 +101,6 @@ class Transformer(nn.Module):
         for i in range(spec.num_layers):
             x_BTD, cache = block(spec, i, name=f"block_{i}")(x_BTD, sin_BTR, cos_BTR, cache)
         x_BTD = RMSNorm(spec.norm_eps, spec.compute_dtype, name="final_norm")(x_BTD)
-        if hidden:  # the tied head is applied by the caller (train.step's fused head + cross-entropy)
-            return x_BTD
 
         if spec.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)

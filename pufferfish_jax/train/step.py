@@ -24,7 +24,6 @@ from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
 from pufferfish_jax.model import moe
-from pufferfish_jax.model.fused_head import chunk_for, tied_head_cross_entropy
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.model.transformer import Transformer
 from pufferfish_jax.train.state import TrainState, state_shardings
@@ -47,18 +46,11 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation, gr
     spread over all data-parallel devices (contiguous blocks would each sit on a few of them).
     """
 
-    fuse = spec.tie_embeddings and not spec.logit_softcap and mesh.size == 1
-
     def loss_fn(params, moe_state, window_BT1):
         """(LM loss + MoE auxiliary losses, (LM loss, summed routing statistics per MoE layer))."""
-        inputs_BT, targets_BT = window_BT1[:, :-1], window_BT1[:, 1:]
-        chunk = chunk_for(targets_BT.size, spec.vocab_size) if fuse else 0
-        out, collections = Transformer(spec).apply(
-            {"params": params, moe.MOE_STATE: moe_state}, inputs_BT, hidden=bool(chunk), mutable=[moe.MOE_STATS])
-        if chunk:  # one device, tied head: the head and loss fused, chunk by chunk (model/fused_head.py)
-            nll = tied_head_cross_entropy(out, params["embed"]["embedding"], targets_BT, chunk)
-        else:
-            nll = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), targets_BT).mean()
+        logits_BTV, collections = Transformer(spec).apply(
+            {"params": params, moe.MOE_STATE: moe_state}, window_BT1[:, :-1], mutable=[moe.MOE_STATS])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), window_BT1[:, 1:]).mean()
         stats = moe.layer_stats(collections)
         summed = {path: {k: v[k] for k in SUMMED_STATS} for path, v in stats.items()}
         return nll + moe.auxiliary_loss(spec.moe, stats), (nll, summed)
