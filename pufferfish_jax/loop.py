@@ -275,6 +275,7 @@ class _Run:
                 if compiling:  # jit compiles (or loads from the persistent cache) inside the first call
                     compiling = False
                     self.metrics.write("compile", train_step_s=time.time() - now, eval_step_s=self.eval_compile_s)
+                    tick = time.time()  # the first step interval starts after the compile, not before it
                 self.settle()
                 self.pending = (self.step, values, lr)
                 self.step += 1

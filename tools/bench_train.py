@@ -1,33 +1,33 @@
 #!/usr/bin/env python
-"""Training speed: our jitted train step against the same Llama in plain PyTorch eager, one run.
+"""Training speed: our jitted train step against the same Llama in PyTorch, at the shapes the planner picks.
 
-    python tools/bench_train.py [--shapes 4x128x64x12,4x256x256x16,6x384x256x16] [--vocab 8192]
-                                [--steps 10] [--warmup 2] [--repeats 3] [--ours-dtype bfloat16]
+    python tools/bench_train.py [--budgets 1m,2m,5m,10m | --shapes 2x128x256x16,...] [--repeats 3]
+                                [--steps 50] [--warmup 3] [--ours-dtypes float32,bfloat16]
+                                [--baselines eager,compile] [--fast] [--json FILE]
 
-A shape is layers x d_model x seq_len x batch; heads come from the planner's ladder (head width 32
-below d 384, 64 from there). Ours is the path `just train` runs: ModelSpec from the default config,
-make_optimizer, init_state, make_train_step (AdamW, grad clip, weight-decay mask, donated state).
-The baseline is the same architecture written in PyTorch eager (RMSNorm, half-split RoPE, SwiGLU,
-GQA through scaled_dot_product_attention, tied embedding, AdamW with the same mask and clip),
-started from *our* initial parameters and fed the same batches, so after N steps the losses must
-agree (checked) and the speed is not bought with different math. PyTorch runs in float32 and
-under bfloat16 autocast; the ratio is ours / the faster of the two.
+Shapes: by default the planner's choice (its Python API, on this machine's calibration cache, as
+`just plan budget=B` would) for each of `--budgets`, duplicates merged; `--shapes` names them
+instead (layers x d_model x seq_len x batch; heads from the planner's ladder). Data: the built-in
+`wiki` corpus through our data path (tokenizer, token cache, `train_batches` at seed 0), the same
+batches for every run. Ours is the step `just train` runs (make_optimizer, init_state,
+make_train_step: AdamW, grad clip, decay mask, donated state) in float32 and in bfloat16. PyTorch
+(tools/bench_train_torch.py) is the same architecture from *our* initial parameters, with AdamW
+`foreach=True`, eager and under `torch.compile`, each in float32 and in our bfloat16 policy
+(bfloat16 residual stream and matmul inputs, float32 accumulation, norms, RoPE, loss and master
+weights; see that file). Compile times (ours: a cold XLA compile; torch.compile: its first step past
+a plain one, cold inductor cache) are excluded from tokens/s.
 
-Every (framework, shape) runs in its own subprocess, so peak RSS and thread pools never mix, and
-repeats interleave (ours, torch fp32, torch bf16, ours, ...) so machine noise hits all alike;
-`--repeats 3` reports medians. MFU = achieved FLOP/s (the model's FLOPs per token, the same
-count for both) over the highest matmul rate measured in the same run (a probe
-at the start of each repeat), in the precision
-each side computes in. Ours' compile time is a cold XLA compile (the persistent cache is off here),
-and ours runs under the allocator setting `python -m pufferfish_jax` gives itself (host_memory:
-glibc.malloc.hugetlb=1); PyTorch runs as its users run it (the setting does not speed it up).
-torch is a benchmark-only dependency (`pip install torch`); nothing else in the project needs it.
+Loss check: every run's loss (mean of the last 5 of warmup + steps steps, >= 50 by default) must
+be within `--loss-tol` nats of torch eager float32's, or the tool fails. Every (framework, mode,
+dtype, shape) runs in its own subprocess; repeats interleave all runs, medians are reported. MFU:
+achieved FLOP/s (`flops_per_token`, the one count the planner and dashboard use) over the matmul
+peak measured in this run (`hardware.matmul_rate`) in the run's dtype. Ours runs under the allocator
+setting `python -m pufferfish_jax` gives itself (host_memory: glibc.malloc.hugetlb=1).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -41,14 +41,26 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFAULT_SHAPES = "4x128x64x12,4x256x256x16,6x384x256x16"
+DEFAULT_BUDGETS = "1m,2m,5m,10m"
+FAST = dict(shapes="1x64x32x4", steps=4, warmup=1, repeats=1, baselines="eager")
 LR = 1e-3
+LOSS_TAIL = 5  # the loss compared is the mean of the last LOSS_TAIL step losses
+# (label, worker, dtype, torch.compile?); "ours float32" writes the initial parameters the others load
+RUNS = (("ours float32", "ours", "float32", False), ("ours bfloat16", "ours", "bfloat16", False),
+        ("torch eager float32", "torch", "float32", False), ("torch eager bfloat16", "torch", "bfloat16", False),
+        ("torch compile float32", "torch", "float32", True), ("torch compile bfloat16", "torch", "bfloat16", True))
+REFERENCE = "torch eager float32"
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
     layers, d_model, seq_len, batch = (int(x) for x in text.lower().split("x"))
     return layers, d_model, seq_len, batch
+
+
+def shape_key(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def model_spec(shape: tuple[int, int, int, int], vocab: int, dtype: str):
@@ -66,24 +78,53 @@ def model_spec(shape: tuple[int, int, int, int], vocab: int, dtype: str):
     return spec_for(cfg, (layers, d_model, *heads)), cfg.train
 
 
-def batches(shape, vocab: int, count: int, seed: int = 0) -> np.ndarray:
-    """[count, B, T+1] int32 windows of a learnable synthetic language: each token follows its
-    predecessor through a fixed random map 3 times in 4, else a Zipf-distributed token."""
-    _, _, seq_len, batch = shape
-    rng = np.random.default_rng(seed)
-    follow = rng.permutation(vocab)
-    zipf = 1.0 / np.arange(1, vocab + 1)
-    zipf /= zipf.sum()
-    out = np.empty((count, batch, seq_len + 1), np.int32)
-    out[:, :, 0] = rng.integers(0, vocab, (count, batch))
-    fresh = rng.choice(vocab, size=(count, batch, seq_len), p=zipf)
-    keep = rng.random((count, batch, seq_len)) < 0.75
-    for t in range(seq_len):
-        out[:, :, t + 1] = np.where(keep[:, :, t], follow[out[:, :, t]], fresh[:, :, t])
-    return out
+def count_params_of(shape, vocab: int) -> int:
+    from pufferfish_jax.model.transformer import count_params
+
+    return count_params(model_spec(shape, vocab, "float32")[0])
+
+
+def selected_runs(ours_dtypes: str, baselines: str) -> list[tuple]:
+    """The RUNS the flags ask for; "ours float32" always (its parameters start every other run)."""
+    dtypes, modes = set(ours_dtypes.split(",")), set(baselines.split(","))
+    keep = [r for r in RUNS if (r[1] == "ours" and (r[2] in dtypes or r[2] == "float32"))
+            or (r[1] == "torch" and ("compile" if r[3] else "eager") in modes)]
+    return keep
 
 
 # ----------------------------------------------------------------------------------------- workers
+
+
+def worker_setup(args) -> dict:
+    """The shapes (the planner's for each budget, or --shapes) and, for each, warmup + steps
+    batches of the built-in corpus through our data path, saved to --out-dir/<shape>.npy."""
+    from pufferfish_jax import config as config_lib
+    from pufferfish_jax import session
+    from pufferfish_jax.data.pipeline import train_batches
+
+    chosen: dict[str, dict] = {}
+    for budget in args.budgets.split(",") if not args.shapes else [""]:
+        cfg, keys = config_lib.from_command_line([f"budget={budget}"] if budget else ["steps=1"])
+        data, plan = session.prepare(cfg, keys, time.time(), session.start(cfg))
+        if not budget:
+            shapes = [parse_shape(s) for s in args.shapes.split(",")]
+        else:
+            m = plan.model
+            shapes = [(m["num_layers"], m["d_model"], plan.seq_len, plan.batch_size)]
+            spec, _ = model_spec(shapes[0], data.vocab_size, m["dtype"])
+            assert (spec.num_heads, spec.num_kv_heads) == (m["num_heads"], m["num_kv_heads"]), "ladder heads differ"
+        for shape in shapes:
+            entry = chosen.setdefault(shape_key(shape), {"budgets": [], "planner_dtype": []})
+            if budget:
+                entry["budgets"].append(budget)
+                entry["planner_dtype"].append(plan.model["dtype"])
+    for key in chosen:
+        _, _, seq_len, batch = parse_shape(key)
+        it = train_batches(data.train_tokens, seq_len=seq_len, batch_size=batch, seed=0)
+        windows = np.stack([next(it) for _ in range(args.warmup + args.steps)])
+        it.close()
+        np.save(Path(args.out_dir) / f"{key}.npy", windows)
+    return {"shapes": chosen, "vocab": data.vocab_size, "corpus": cfg.data.corpus}
 
 
 def worker_peak(args) -> dict:
@@ -91,7 +132,7 @@ def worker_peak(args) -> dict:
     sizes and time), so the peaks here are theirs."""
     from pufferfish_jax.budget.hardware import matmul_rate
 
-    return {"fp32": matmul_rate("float32"), "bf16": matmul_rate("bfloat16")}
+    return {"float32": matmul_rate("float32"), "bfloat16": matmul_rate("bfloat16")}
 
 
 def describe_cpu() -> str:
@@ -102,175 +143,63 @@ def describe_cpu() -> str:
     return cpu_info().describe()
 
 
-def worker_ours(args) -> dict:
+def train_ours(spec, train_cfg, data: np.ndarray, warmup: int, init_out: str = "") -> dict:
+    """Our train step on data[i] for every i; the clock covers the steps after `warmup`."""
     import jax
     import jax.numpy as jnp
 
-    from pufferfish_jax.model.transformer import count_params, flops_per_token
     from pufferfish_jax.sharding import single_device_mesh
     from pufferfish_jax.train.state import init_state, make_optimizer
     from pufferfish_jax.train.step import make_train_step
 
-    shape = parse_shape(args.shape)
-    spec, train_cfg = model_spec(shape, args.vocab, args.dtype)
-    data = batches(shape, args.vocab, args.warmup + args.steps)
     optimizer = make_optimizer(train_cfg)
     state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(0))
-    if args.init_out:  # the baseline starts from these very parameters
+    if init_out:  # the baselines start from these very parameters
         flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
                 for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
-        np.savez(args.init_out, **flat)
+        np.savez(init_out, **flat)
     step = make_train_step(spec, optimizer, train_cfg.grad_accum, single_device_mesh())
     lr = jnp.float32(LR)
     start = time.perf_counter()
     compiled = step.lower(state, jnp.asarray(data[0]), lr).compile()
     compile_s = time.perf_counter() - start
     losses = []
-    for i in range(args.warmup):
+    for i in range(warmup):
         state, metrics = compiled(state, jnp.asarray(data[i]), lr)
         losses.append(metrics["loss"])
     jax.block_until_ready(state)
     start = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
+    for i in range(warmup, len(data)):
         state, metrics = compiled(state, jnp.asarray(data[i]), lr)
         losses.append(metrics["loss"])  # fetched after the clock stops, as the loop fetches a step late
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "compile_s": compile_s, "losses": [float(x) for x in losses],
-            "params": count_params(spec), "flops_per_token": flops_per_token(spec, spec.seq_len),
-            "threads": os.cpu_count()}
+    return {"seconds": seconds, "compile_s": compile_s, "losses": [float(x) for x in losses]}
+
+
+def worker_ours(args) -> dict:
+    from pufferfish_jax.model.transformer import count_params
+
+    spec, train_cfg = model_spec(parse_shape(args.shape), args.vocab, args.dtype)
+    result = train_ours(spec, train_cfg, np.load(args.data), args.warmup, args.init_out)
+    return {**result, "params": count_params(spec), "threads": os.cpu_count()}
 
 
 def worker_torch(args) -> dict:
-    import torch
+    import bench_train_torch
 
-    shape = parse_shape(args.shape)
-    spec, train_cfg = model_spec(shape, args.vocab, "float32")
-    data = batches(shape, args.vocab, args.warmup + args.steps)
-    torch.manual_seed(0)
-    model = TorchLlama(spec)
-    if args.init_in:
-        model.load_ours(dict(np.load(args.init_in)))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=LR, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
-    autocast = args.dtype == "bfloat16"
-
-    def train_step(window):
-        window = torch.from_numpy(window).long()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(window[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        opt.step()
-        return loss.detach()
-
-    losses = [train_step(data[i]) for i in range(args.warmup)]
-    start = time.perf_counter()
-    losses += [train_step(data[i]) for i in range(args.warmup, args.warmup + args.steps)]
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "compile_s": 0.0, "losses": [float(x) for x in losses],
-            "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
+    spec, train_cfg = model_spec(parse_shape(args.shape), args.vocab, "float32")
+    return bench_train_torch.run(spec, train_cfg, dict(np.load(args.init_in)), np.load(args.data), dtype=args.dtype,
+                                 compiled=args.compiled == "1", warmup=args.warmup, lr=LR)
 
 
-def torch_llama_class():
-    import torch
-    from torch import nn
-
-    class RMSNorm(nn.Module):
-        def __init__(self, d, eps):
-            super().__init__()
-            self.scale, self.eps = nn.Parameter(torch.ones(d)), eps
-
-        def forward(self, x):
-            xf = x.float()
-            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale).to(x.dtype)
-
-    class Block(nn.Module):
-        def __init__(self, s):
-            super().__init__()
-            self.s = s
-            D, N, K, H, F = s.d_model, s.num_heads, s.num_kv_heads, s.head_dim, s.ffn_hidden
-            self.attn_norm, self.mlp_norm = RMSNorm(D, s.norm_eps), RMSNorm(D, s.norm_eps)
-            self.w_q, self.w_k, self.w_v = nn.Linear(D, N * H, False), nn.Linear(D, K * H, False), nn.Linear(D, K * H, False)
-            self.w_o = nn.Linear(N * H, D, False)
-            self.w_gate, self.w_up, self.w_down = nn.Linear(D, F, False), nn.Linear(D, F, False), nn.Linear(F, D, False)
-
-        def forward(self, x, sin, cos):
-            s = self.s
-            B, T, _ = x.shape
-            h = self.attn_norm(x)
-            q = rope(self.w_q(h).view(B, T, s.num_heads, s.head_dim), sin, cos).transpose(1, 2)
-            k = rope(self.w_k(h).view(B, T, s.num_kv_heads, s.head_dim), sin, cos).transpose(1, 2)
-            v = self.w_v(h).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            x = x + self.w_o(o.transpose(1, 2).reshape(B, T, -1))
-            h = self.mlp_norm(x)
-            return x + self.w_down(torch.nn.functional.silu(self.w_gate(h)) * self.w_up(h))
-
-    def rope(x, sin, cos):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-    class Llama(nn.Module):
-        def __init__(self, s):
-            super().__init__()
-            from pufferfish_jax.model.layers import rope_table
-
-            self.s = s
-            self.embed = nn.Embedding(s.vocab_size, s.d_model)
-            self.blocks = nn.ModuleList(Block(s) for _ in range(s.num_layers))
-            self.final_norm = RMSNorm(s.d_model, s.norm_eps)
-            sin, cos = rope_table(s.seq_len, s.head_dim, s.rope_theta)
-            self.register_buffer("sin", torch.from_numpy(sin)[:, None, :], persistent=False)  # [T, 1, R]
-            self.register_buffer("cos", torch.from_numpy(cos)[:, None, :], persistent=False)
-            for name, p in self.named_parameters():
-                if p.ndim >= 2:
-                    std = s.out_std if name.endswith(("w_o.weight", "w_down.weight")) else s.init_std
-                    nn.init.normal_(p, std=std)
-
-        def forward(self, tokens):
-            T = tokens.shape[1]
-            x = self.embed(tokens)
-            for block in self.blocks:
-                x = block(x, self.sin[:T], self.cos[:T])
-            return self.final_norm(x) @ self.embed.weight.T  # autocast runs it in bf16 when on
-
-        @torch.no_grad()
-        def load_ours(self, flat: dict):
-            """Copies our parameter tree (flattened 'block_0/attn/w_q' keys) into this module."""
-            s = self.s
-            self.embed.weight.copy_(torch.from_numpy(flat["embed/embedding"]))
-            self.final_norm.scale.copy_(torch.from_numpy(flat["final_norm/scale"]))
-            for i, b in enumerate(self.blocks):
-                get = lambda k: torch.from_numpy(flat[f"block_{i}/{k}"])
-                b.attn_norm.scale.copy_(get("attn_norm/scale"))
-                b.mlp_norm.scale.copy_(get("mlp_norm/scale"))
-                for name in ("w_q", "w_k", "w_v"):
-                    getattr(b, name).weight.copy_(get(f"attn/{name}").reshape(s.d_model, -1).T)
-                b.w_o.weight.copy_(get("attn/w_o").reshape(-1, s.d_model).T)
-                for name in ("w_gate", "w_up", "w_down"):
-                    getattr(b, name).weight.copy_(get(f"mlp/{name}").T)
-
-    return Llama
-
-
-def TorchLlama(spec):
-    return torch_llama_class()(spec)
-
-
-WORKERS = {"peak": worker_peak, "ours": worker_ours, "torch": worker_torch}
+WORKERS = {"setup": worker_setup, "peak": worker_peak, "ours": worker_ours, "torch": worker_torch}
 
 
 # ------------------------------------------------------------------------------------------ driver
 
 
-def spawn(kind: str, **kw) -> dict:
+def spawn(kind: str, tmp: Path, **kw) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -278,122 +207,143 @@ def spawn(kind: str, **kw) -> dict:
         from pufferfish_jax.host_memory import huge_page_env
 
         env = huge_page_env(env) or env
+    if kind == "torch":  # a cold inductor cache for every run, as ours compiles cold
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def options(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated LAYERSxDxSEQxBATCH")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="the planner's shape for each of these budgets")
+    p.add_argument("--shapes", default="", help="instead: comma-separated LAYERSxDxSEQxBATCH")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per run (also the loss check's)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--ours-dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--loss-tol", type=float, default=0.05, help="max |final loss ours - torch fp32| (nats)")
+    p.add_argument("--ours-dtypes", default="float32,bfloat16")
+    p.add_argument("--baselines", default="eager,compile", help="torch modes: eager, compile or both")
+    p.add_argument("--loss-tol", type=float, default=0.05, help="max |loss - torch eager float32 loss| (nats)")
+    p.add_argument("--fast", action="store_true", help=f"a smoke run: {FAST}")
     p.add_argument("--json", default="", help="also write the raw results here")
-    p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
-    p.add_argument("--report", default="", help="print the table of a --json file written earlier (same flags)")
+    p.add_argument("--report", default="", help="print the table of a --json file written earlier")
     # worker-only
     p.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
-    p.add_argument("--shape", help=argparse.SUPPRESS)
-    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    p.add_argument("--init-out", default="", help=argparse.SUPPRESS)
-    p.add_argument("--init-in", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    for name in ("shape", "dtype", "init-out", "init-in", "data", "out-dir", "compiled", "vocab"):
+        p.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.fast:
+        for key, value in FAST.items():
+            setattr(args, key, value)
+    if args.vocab:
+        args.vocab = int(args.vocab)
+    return args
 
+
+def main(argv=None) -> None:
+    args = options(argv)
     if args.worker:
         result = WORKERS[args.worker](args)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
-
-    cpu = describe_cpu()
-    if not args.report:  # a report prints the CPU its --json file recorded
-        print(f"cpu: {cpu}", flush=True)
-    if importlib.util.find_spec("torch") is None and not args.report:
-        raise SystemExit("bench_train needs PyTorch for the baseline: pip install torch==2.13.0 (CPU build; benchmark only)")
-    shapes = [parse_shape(s) for s in args.shapes.split(",")]
     if args.report:
         saved = json.loads(Path(args.report).read_text())
-        print(f"cpu: {saved.get('cpu', 'not recorded in ' + args.report)}")
-        return report(saved["runs"], shapes, saved["peak"], args, saved.get("cpu", ""))
-    common = dict(vocab=args.vocab, steps=args.steps, warmup=args.warmup)
-    runs: dict = {}
-    peaks = []
-    with tempfile.TemporaryDirectory() as tmp:
+        print(f"cpu: {saved['cpu']}")
+        return print_report(saved, args)
+    print(f"cpu: {describe_cpu()}", flush=True)
+    runs = selected_runs(args.ours_dtypes, args.baselines)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        started = time.perf_counter()
+        setup = spawn("setup", tmp, budgets=args.budgets, shapes=args.shapes, steps=args.steps,
+                      warmup=args.warmup, out_dir=tmp)
+        print(f"shapes: {setup['shapes']} ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+        results: dict = {"cpu": describe_cpu(), "setup": setup, "peaks": [], "runs": {}, "steps": args.steps,
+                         "warmup": args.warmup, "repeats": args.repeats}
         for r in range(args.repeats):
-            print(f"repeat {r + 1}/{args.repeats} matmul peak ...", file=sys.stderr)
-            peaks.append(spawn("peak"))
-            for shape in shapes:
-                key = "x".join(map(str, shape))
-                init = Path(tmp) / f"{key}.npz"
-                for name, kind, dtype in (("ours", "ours", args.ours_dtype), ("torch fp32", "torch", "float32"),
-                                          ("torch bf16", "torch", "bfloat16")):
-                    print(f"repeat {r + 1}/{args.repeats} {key} {name} ...", file=sys.stderr)
-                    io = {"init_out": init} if kind == "ours" else {"init_in": init}
-                    runs.setdefault(key, {}).setdefault(name, []).append(
-                        spawn(kind, shape=key, dtype=dtype, **common, **io))
-    # The peak is the best the machine showed: load from other jobs only ever lowers a probe.
-    peak = {dtype: max(p[dtype] for p in peaks) for dtype in ("fp32", "bf16")}
-    report(runs, shapes, peak, args, cpu)
+            print(f"repeat {r + 1}/{args.repeats}: matmul peak", file=sys.stderr, flush=True)
+            results["peaks"].append(spawn("peak", tmp))
+            for key in setup["shapes"]:
+                common = dict(shape=key, vocab=setup["vocab"], warmup=args.warmup, data=tmp / f"{key}.npy")
+                init = tmp / f"{key}.init.npz"
+                for label, kind, dtype, compiled in runs:
+                    print(f"repeat {r + 1}/{args.repeats} {key} {label} ({time.perf_counter() - started:.0f}s)",
+                          file=sys.stderr, flush=True)
+                    io = dict(init_out=init if dtype == "float32" else "") if kind == "ours" else \
+                        dict(init_in=init, compiled=int(compiled))
+                    results["runs"].setdefault(key, {}).setdefault(label, []).append(
+                        spawn(kind, tmp, dtype=dtype, **common, **io))
+        results["wall_s"] = time.perf_counter() - started
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print_report(results, args)
 
 
-def report(runs: dict, shapes, peak: dict, args, cpu: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+# ------------------------------------------------------------------------------------------ report
 
+
+def summarize(results: dict, loss_tol: float) -> tuple[list[dict], list[str]]:
+    """Per shape and run, the medians over repeats; per shape the ratios of ours (the faster dtype)
+    over the faster torch eager and torch.compile run; and the failed checks."""
     from pufferfish_jax.model.transformer import count_params, flops_per_token
 
-    title = (f"train step speed, median of {args.repeats} (vocab {args.vocab}, {args.steps} steps after {args.warmup} "
-             f"warm-up; matmul peak fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s)")
-    columns = ("shape L x D x T x B", "params", "run", "tokens/s", "GFLOP/s", "MFU", "compile s", "peak RSS MiB",
-               "loss@N", "ours/torch")
-    rows, failures, summary = [], [], {}
-    for shape in shapes:
-        key = "x".join(map(str, shape))
-        spec, _ = model_spec(shape, args.vocab, args.ours_dtype)
-        tokens_per_step = shape[2] * shape[3]
+    peak = {d: max(p[d] for p in results["peaks"]) for d in ("float32", "bfloat16")}
+    vocab, steps = results["setup"]["vocab"], results["steps"]
+    shapes, failures = [], []
+    for key, by_label in results["runs"].items():
+        shape = parse_shape(key)
+        spec, _ = model_spec(shape, vocab, "float32")
         fpt = flops_per_token(spec, spec.seq_len)
-        med = {}
-        for name, results in runs[key].items():
-            tps = float(np.median([tokens_per_step * args.steps / r["seconds"] for r in results]))
-            med[name] = dict(tps=tps, compile=float(np.median([r["compile_s"] for r in results])),
-                             rss=float(np.median([r["peak_rss_mib"] for r in results])),
-                             loss=float(np.median([np.mean(r["losses"][-3:]) for r in results])),
-                             params=results[0]["params"])
-        if len({m["params"] for m in med.values()} | {count_params(spec)}) != 1:
-            failures.append(f"{key}: parameter counts differ {[m['params'] for m in med.values()]}")
-        best_torch = max(med["torch fp32"]["tps"], med["torch bf16"]["tps"])
-        ratio = med["ours"]["tps"] / best_torch
-        if abs(med["ours"]["loss"] - med["torch fp32"]["loss"]) > args.loss_tol:
-            failures.append(f"{key}: loss after {args.warmup + args.steps} steps differs: ours "
-                            f"{med['ours']['loss']:.4f}, torch fp32 {med['torch fp32']['loss']:.4f}")
-        summary[key] = {**med, "ratio": ratio}
-        for name, m in med.items():
-            bf16 = name == "torch bf16" or (name == "ours" and args.ours_dtype == "bfloat16")
-            flops = m["tps"] * fpt
-            label = f"{name} ({args.ours_dtype})" if name == "ours" else name
-            rows.append((key if name == "ours" else "", f"{m['params']:,}" if name == "ours" else "", label,
-                         f"{m['tps']:,.0f}", f"{flops / 1e9:.1f}", f"{flops / peak['bf16' if bf16 else 'fp32']:.0%}",
-                         f"{m['compile']:.1f}" if name == "ours" else "-", f"{m['rss']:,.0f}", f"{m['loss']:.3f}",
-                         f"{ratio:.2f}" if name == "ours" else ""))
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("shape L x D x T x B", "run") else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console(highlight=False, width=160).print(table)
-    if args.markdown:
-        print(f"\ncpu: {cpu}\n\n{title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    print("MFU: achieved FLOP/s over the highest matmul rate measured in this run in the run's precision "
-          "(bf16 inputs with fp32 accumulation for bf16 runs); loss@N: mean of the last 3 step losses.")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu, "peak": peak, "runs": runs, "summary": summary}, indent=1))
+        rows = {}
+        for label, rs in by_label.items():
+            dtype = label.split()[-1]
+            tps = float(np.median([shape[2] * shape[3] * steps / r["seconds"] for r in rs]))
+            rows[label] = dict(tps=tps, mfu=tps * fpt / peak[dtype], gflops=tps * fpt / 1e9,
+                               compile_s=float(np.median([r["compile_s"] for r in rs])),
+                               rss=float(np.median([r["peak_rss_mib"] for r in rs])),
+                               loss=float(np.median([np.mean(r["losses"][-LOSS_TAIL:]) for r in rs])),
+                               params=rs[0]["params"])
+        if len({m["params"] for m in rows.values()} | {count_params(spec)}) != 1:
+            failures.append(f"{key}: parameter counts differ {[m['params'] for m in rows.values()]}")
+        reference = rows.get(REFERENCE) or rows.get("torch compile float32")
+        for label, m in rows.items():
+            if reference and abs(m["loss"] - reference["loss"]) > loss_tol:
+                failures.append(f"{key}: {label} loss {m['loss']:.4f} vs torch float32 {reference['loss']:.4f}")
+        best = lambda prefix: max((m["tps"] for l, m in rows.items() if l.startswith(prefix)), default=0.0)  # noqa: E731
+        ours = best("ours")
+        shapes.append(dict(key=key, rows=rows, ours=ours, ours_dtype=max(
+            (l for l in rows if l.startswith("ours")), key=lambda l: rows[l]["tps"]).split()[-1],
+            vs_eager=ours / best("torch eager") if best("torch eager") else None,
+            vs_compile=ours / best("torch compile") if best("torch compile") else None,
+            **results["setup"]["shapes"][key]))
+    return shapes, failures
+
+
+def print_report(results: dict, args) -> None:
+    shapes, failures = summarize(results, args.loss_tol)
+    peak = {d: max(p[d] for p in results["peaks"]) for d in ("float32", "bfloat16")}
+    steps, warmup = results["steps"], results["warmup"]
+    print(f"\ncorpus {results['setup']['corpus']}, vocab {results['setup']['vocab']}; {steps} timed steps after "
+          f"{warmup} warm-up, median of {results['repeats']}; matmul peak float32 {peak['float32'] / 1e9:.0f}, "
+          f"bfloat16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s; dtype policy on both sides: ours "
+          "(bfloat16 = bf16 residual and matmul inputs, fp32 accumulation, norms, loss and master weights)\n")
+    columns = ("shape L x D x T x B", "budgets", "run", "tokens/s", "GFLOP/s", "MFU", "compile s", "peak RSS MiB",
+               f"loss@{steps + warmup}", "ours / eager", "ours / compile")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for s in shapes:
+        for i, (label, m) in enumerate(s["rows"].items()):
+            first = i == 0
+            ratio = (lambda x: f"**{x:.2f}**" if x else "-")
+            print("| " + " | ".join((
+                s["key"] if first else "", ",".join(s["budgets"]) if first else "", label, f"{m['tps']:,.0f}",
+                f"{m['gflops']:.1f}", f"{m['mfu']:.0%}", f"{m['compile_s']:.1f}" if m["compile_s"] else "-",
+                f"{m['rss']:,.0f}", f"{m['loss']:.3f}", ratio(s["vs_eager"]) if first else "",
+                ratio(s["vs_compile"]) if first else "")) + " |")
+    print(f"\nours / X: ours in its faster dtype over the faster dtype of X. MFU: over the measured matmul peak "
+          f"of the run's dtype. loss: mean of the last {LOSS_TAIL} step losses; every run within "
+          f"{args.loss_tol} nats of {REFERENCE}. Wall time {results.get('wall_s', 0):.0f}s.")
     if failures:
         raise SystemExit("FAILED: " + "; ".join(failures))
 

@@ -163,8 +163,11 @@ def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     block: its router and active experts only), plus the LM head D*V (tied or not; the embedding
     lookup itself is free). Each weight costs 2 FLOPs
     forward and 4 backward. Attention adds q.k and p.v, 2 * 2 * T * N * H forward per layer, times 3
-    for training. Not halved for causality: the XLA backend computes the full T x S score matrix and
-    masks it, so this counts the work actually done (the PaLM MFU convention).
+    for training. Not halved for causality (the PaLM MFU convention, so figures compare with
+    published ones): the einsum backend computes the full T x S score matrix and masks it; the
+    blocked backend (`model.attention=auto` in training) skips the blocks above the diagonal, doing
+    (n + 1) / 2n of it for n key blocks, so its MFU counts a little more than it computes. The one
+    count behind the planner's time model, the dashboard's MFU and tools/bench_train.py.
     """
     D, N, K, H, V = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size
     ffn = sum(_ffn_params(spec, i, active=True) for i in range(spec.num_layers))
