@@ -15,6 +15,7 @@ def _tiny(dtype="float32"):
     return spec, train_cfg, data
 
 
+@pytest.mark.slow  # imports torch and compiles a train step
 def test_torch_baseline_trains_like_ours_in_both_dtypes_eager(tmp_path):
     """Same parameters, same batches: every step's loss agrees, so the speed comparison is not
     bought with different math (a wrong mask, RoPE or optimizer would show within 6 steps)."""
