@@ -267,7 +267,7 @@ def _write_entry(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, c
 
 
 def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log,
-                 finish_by: float | None = None) -> PreparedData:
+                 finish_by: float | None = None, split: Split | None = None) -> PreparedData:
     """Corpus -> split -> tokenizer -> token streams, cached under `cache_dir`, in bounded memory.
 
     `finish_by` (a time.time(), e.g. part of a budget): a corpus whose encoding, at the rate
@@ -275,7 +275,8 @@ def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: L
     of spending the budget; a stream (size unknown) is not checked.
 
     A warm call (same corpus files, split and tokenizer settings) reads only the cache: the corpus is
-    identified by cheap fingerprints (archive pins, file sizes and mtimes), never re-read.
+    identified by cheap fingerprints (archive pins, file sizes and mtimes), never re-read. A `split`
+    already scanned (background.py) is not scanned again.
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
@@ -284,7 +285,7 @@ def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: L
         log(f"data: cached token streams {key} ({cached.train_tokens.size:,} train / "
             f"{cached.val_tokens.size:,} val tokens)")
         return cached
-    split = scan_split(data_cfg, cache_dir, log=log)
+    split = split or scan_split(data_cfg, cache_dir, log=log)
     tok = tokenizer_for(data_cfg, cache_dir, split, log=log)
     log("data: tokenizing")
     _write_entry(data_cfg, split, tok, cache_dir, key, log, finish_by)

@@ -1,0 +1,195 @@
+"""Preparing a big corpus while training runs: the held-out stream first, the train stream behind.
+
+A budgeted run on a corpus of at least data.stream_min_bytes does not wait for all of it to be
+tokenized. After the scan and the tokenizer (prepare.py, passes 1 and 2), the held-out documents
+are encoded whole (every eval and the baseline need all of them), then a daemon thread encodes the
+training documents in document order into a growing file (`tokens/<key>.train.bin.<pid>.growing`),
+flushing and publishing its length after each chunk (growing.GrowingTokens). The `tokenizers`
+batch encoder runs in Rust with the GIL released, so the thread does not hold the training loop's
+Python back. Training starts once the first shard (data.stream_shard_tokens) is written; the
+encoder's rate over that shard and the tokens per byte of the held-out text give the planner the
+tokens that will exist and the schedule (growing.StreamSchedule) when each shard may be used.
+
+When the thread finishes it renames the file to the entry's train stream and writes the meta file
+last, so the cache entry is exactly the one `prepare_data` writes and a later run starts at once.
+A process that stops earlier leaves a `.growing` file that the next preparation deletes (its
+writer is gone) and starts over; the tokens are the same every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from tokenizers import Tokenizer
+
+from pufferfish_jax.data import cache
+from pufferfish_jax.data.cache import PreparedData, token_dtype
+from pufferfish_jax.data.files import Log, atomic_write, no_log
+from pufferfish_jax.data.growing import GrowingTokens, StreamSchedule, make_schedule
+from pufferfish_jax.data.prepare import (Split, _chunks, _read_ahead, _Stream, encode_into, prepare_data, scan_split,
+                                         sided_documents, tokenizer_for)
+from pufferfish_jax.data.tokenizer import eos_id
+from pufferfish_jax.errors import DataError
+
+
+@dataclass
+class _Published(_Stream):
+    """A train stream that readers follow: flushed and published after every append."""
+
+    source: GrowingTokens | None = None
+
+    def append(self, ids: np.ndarray, num_bytes: int, docs: int) -> None:
+        super().append(ids, num_bytes, docs)
+        self.file.flush()
+        self.source.published(self.tokens)
+
+
+def _one_side(sided: Iterator, held_out: bool) -> Iterator:
+    return (item for item in sided if item[2] == held_out)
+
+
+def _drop_stale(train_path: Path) -> None:
+    """Deletes the growing files of writers that are gone (killed runs); a live one is kept."""
+    for path in train_path.parent.glob(f"{train_path.name}.*.growing"):
+        try:
+            os.kill(int(path.name.split(".")[-2]), 0)
+        except (ValueError, ProcessLookupError):
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            continue
+
+
+def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, val_path: Path) -> _Stream:
+    """The held-out stream, whole, at its final name (trusted only once the meta file exists)."""
+    dtype = token_dtype(tok.get_vocab_size())
+    with atomic_write(val_path) as f:
+        val = _Stream(f, dtype)
+        val.append(np.array([eos_id(tok)]), 0, 0)
+        encode_into(tok, _read_ahead(_chunks(_one_side(sided_documents(cfg, split, cache_dir), True))),
+                    _Stream(io.BytesIO(), dtype), val)
+    if not val.docs:
+        raise DataError(f"corpus '{cfg.corpus}' gave no held-out documents; add text, raise data.val_fraction, "
+                        "or set data.val_source")
+    return val
+
+
+def _write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
+                 val: _Stream, source: GrowingTokens) -> None:
+    """The thread's work: the train stream into source.path, then the entry's final names."""
+    meta_path, train_path, _ = cache.paths(cache_dir, key)
+    try:
+        with open(source.path, "wb") as f:
+            train = _Published(f, source.dtype, source=source)
+            train.append(np.array([eos_id(tok)]), 0, 0)
+            encode_into(tok, _read_ahead(_chunks(_one_side(sided_documents(cfg, split, cache_dir), False))),
+                        train, _Stream(io.BytesIO(), source.dtype))
+        if not train.docs:
+            raise DataError(f"corpus '{cfg.corpus}' gave no training documents; add text or lower data.val_fraction")
+        os.replace(source.path, train_path)
+        meta = dict(version=cache.CACHE_VERSION, dtype=source.dtype.name, train_tokens=train.tokens,
+                    val_tokens=val.tokens, train_bytes=train.bytes, val_bytes=val.bytes, train_docs=train.docs,
+                    val_docs=val.docs, tokenizer=tok.to_str())
+        with atomic_write(meta_path) as f:  # written last: its presence marks a complete entry
+            f.write(json.dumps(meta).encode())
+        source.finished(train_path, train.tokens)
+    except BaseException as e:  # noqa: BLE001 - handed to the readers, who raise it in the loop
+        with contextlib.suppress(OSError):
+            source.path.unlink(missing_ok=True)
+        source.failed(e)
+
+
+def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log,
+                    finish_by: float | None = None, force: bool = False) -> PreparedData:
+    """`prepare_data`, except that a corpus of at least data.stream_min_bytes (any size with
+    `force`: a resumed run that streamed) returns once its first shard of training tokens exists,
+    with `growing` set and the rest encoding in the background. A cached entry, a Hugging Face
+    stream (size unknown) and a small corpus take prepare_data's path and return complete."""
+    start = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    _, _, key = cache.keys(data_cfg)
+    if (cached := cache.load_cached(cache_dir, key, start)) is not None:
+        return prepare_data(data_cfg, cache_dir, log=log)  # the same cached entry, with its log line
+    split = scan_split(data_cfg, cache_dir, log=log)
+    small = not data_cfg.stream_min_bytes or split.total_bytes < data_cfg.stream_min_bytes
+    if not split.total_bytes or (small and not force):
+        return prepare_data(data_cfg, cache_dir, log=log, finish_by=finish_by, split=split)
+    tok = tokenizer_for(data_cfg, cache_dir, split, log=log)
+    meta_path, train_path, val_path = cache.paths(cache_dir, key)
+    _drop_stale(train_path)
+    log("data: tokenizing the held-out documents")
+    val = _encode_val(data_cfg, split, tok, cache_dir, val_path)
+    source = GrowingTokens(train_path.with_name(f"{train_path.name}.{os.getpid()}.growing"),
+                           token_dtype(tok.get_vocab_size()))
+    threading.Thread(target=_write_train, args=(data_cfg, split, tok, cache_dir, key, val, source), daemon=True,
+                     name="pufferfish-tokenize").start()
+    first = data_cfg.stream_shard_tokens
+    source.wait_for(first)
+    source.rate_tokens_s = source.written / max(time.perf_counter() - source.started, 1e-9)
+    source.total_estimate = round(split.train_bytes * val.tokens / max(val.bytes, 1))
+    log(f"data: training starts while tokenizing continues ({source.written:,} of about "
+        f"{source.total_estimate:,} train tokens, {source.rate_tokens_s:,.0f} tokens/s)")
+    return PreparedData(tokenizer=tok, tokenizer_json=tok.to_str(), train_tokens=source.prefix(first),
+                        val_tokens=np.memmap(val_path, dtype=source.dtype, mode="r"), train_bytes=split.train_bytes,
+                        val_bytes=val.bytes, vocab_size=tok.get_vocab_size(), fingerprint=key,
+                        prep_seconds=time.perf_counter() - start, growing=source)
+
+
+def with_schedule(data: PreparedData, schedule: StreamSchedule) -> PreparedData:
+    """`data` read by the schedule's rule: its train_tokens become those visible at step 0 (what
+    the baseline counts, the same in every attempt of the run); a complete stream is wrapped."""
+    source = data.growing or GrowingTokens.complete(data.train_tokens)
+    source.wait_for(schedule.visible_tokens(0))
+    return replace(data, growing=source, schedule=schedule, train_tokens=source.prefix(schedule.visible_tokens(0)))
+
+
+def planned_train_tokens(data: PreparedData, deadline: float) -> int:
+    """The training tokens a planner may count on: a complete stream's; a growing one's written
+    tokens plus what its measured rate adds by `deadline`, at most its estimated total."""
+    source = data.growing
+    if source is None:
+        return len(data.train_tokens)
+    if source.done:
+        return source.written
+    return min(source.total_estimate, source.written + round(source.rate_tokens_s * max(deadline - time.time(), 0)))
+
+
+@contextlib.contextmanager
+def paused(data: PreparedData) -> Iterator[None]:
+    """The encoder paused between chunks (planning times steps, and must time them alone)."""
+    if data.growing is None:
+        yield
+        return
+    data.growing.pause()
+    try:
+        yield
+    finally:
+        data.growing.resume()
+
+
+def scheduled(data: PreparedData, data_cfg: ml_collections.ConfigDict, *, step_s: float,
+              agree=lambda record: record) -> PreparedData:
+    """`data` ready for the loop: complete as it is, or with the schedule process 0 makes: the
+    fixed one (data.stream_steps_per_shard: shard i from step i x that), else from the tokens
+    written now, the encoder's measured rate and the planned step time (`agree` shares it)."""
+    source, shard_tokens = data.growing, data_cfg.stream_shard_tokens
+    if data_cfg.stream_steps_per_shard:  # the user's fixed rule, whether the stream is complete or not
+        return with_schedule(data, StreamSchedule(shard_tokens, shard_tokens, float(data_cfg.stream_steps_per_shard)))
+    if source is None:
+        return data
+    schedule = make_schedule(ready_tokens=source.written, rate_tokens_s=source.rate_tokens_s, step_s=step_s,
+                             shard_tokens=shard_tokens, margin=data_cfg.stream_margin)
+    record = agree({"schedule": None if source.done else schedule.to_dict()})
+    if record["schedule"] is None:  # it finished first: an ordinary complete stream
+        source.wait_for(2**62)
+        return replace(data, growing=None, train_tokens=source.prefix(source.written))
+    return with_schedule(data, StreamSchedule.from_dict(record["schedule"], "the stream schedule"))

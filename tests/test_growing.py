@@ -1,0 +1,140 @@
+"""Training while the corpus is tokenized: the background writer gives the one-shot cache entry,
+batches follow the visibility schedule (a late shard is waited for, never reordered), held-out
+documents stay out, and the schedule read back from a run dir is checked."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_data_stream import data_cfg, docs_of, stream_docs, write_jsonl
+
+from pufferfish_jax.data import background, cache, growing, prepare
+from pufferfish_jax.data.pipeline import prepare_data
+from pufferfish_jax.errors import CheckpointError
+
+STREAM_KEYS = dict(stream_min_bytes=1, stream_shard_tokens=300, stream_margin=2.0, stream_steps_per_shard=0.0)
+
+
+def corpus(tmp_path, n=240):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", docs_of(n // 2))
+    write_jsonl(folder / "b.jsonl", docs_of(n - n // 2, n // 2))
+    return str(folder)
+
+
+def test_background_prep_writes_the_one_shot_entry_and_keeps_held_out_text_out(tmp_path, monkeypatch):
+    """Held at its first shard (the writer blocked), the run sees a growing stream; released, the
+    finished entry is byte for byte the one prepare_data writes, and no held-out document is in it."""
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 4)  # many chunks, so many publications
+    gate, published = threading.Event(), growing.GrowingTokens.published
+
+    def held(self, tokens):
+        published(self, tokens)
+        if tokens >= STREAM_KEYS["stream_shard_tokens"]:
+            gate.wait(30)
+
+    monkeypatch.setattr(growing.GrowingTokens, "published", held)
+    cfg = data_cfg(corpus(tmp_path), **STREAM_KEYS)
+    data = background.prepare_growing(cfg, tmp_path / "bg")
+    source = data.growing
+    assert source is not None and not source.done and source.written < 2_000  # proven mid-preparation
+    assert not cache.paths(tmp_path / "bg", data.fingerprint)[0].exists()  # no entry a later run would trust yet
+    assert len(data.train_tokens) == STREAM_KEYS["stream_shard_tokens"]
+    gate.set()
+    source.wait_for(2**62)
+    assert source.done and source.path.name.endswith(".train.bin")
+
+    one_shot = prepare_data(cfg, tmp_path / "whole")
+    assert one_shot.fingerprint == data.fingerprint
+    for name in ("train.bin", "val.bin", "json"):
+        assert (tmp_path / "bg/tokens" / f"{data.fingerprint}.{name}").read_bytes() == \
+               (tmp_path / "whole/tokens" / f"{data.fingerprint}.{name}").read_bytes(), name
+    assert not list((tmp_path / "bg/tokens").glob("*.growing"))
+    held_out = set(stream_docs(one_shot.val_tokens, one_shot.tokenizer))
+    trained = set(stream_docs(source.prefix(source.written), one_shot.tokenizer))
+    assert held_out and trained and not held_out & trained
+    again = background.prepare_growing(cfg, tmp_path / "bg")  # a second run: the complete entry, at once
+    assert again.growing is None and len(again.train_tokens) == source.written
+
+
+def test_a_small_corpus_keeps_the_whole_preparation(tmp_path):
+    cfg = data_cfg(corpus(tmp_path, 60), **{**STREAM_KEYS, "stream_min_bytes": 10**9})
+    data = background.prepare_growing(cfg, tmp_path / "c")
+    assert data.growing is None and data.schedule is None
+    assert np.array_equal(data.train_tokens, prepare_data(cfg, tmp_path / "c").train_tokens)
+
+
+def write_tokens(path, tokens):
+    with open(path, "ab") as f:
+        f.write(np.asarray(tokens, np.uint16).tobytes())
+
+
+def test_a_late_shard_makes_the_reader_wait_and_never_changes_the_batch(tmp_path):
+    """The writer is behind the schedule at step 3: the batch comes only once the shard exists, and
+    every batch equals the one read from the complete stream by the same rule."""
+    tokens = np.arange(1, 4001, dtype=np.uint16) % 5000
+    schedule = growing.StreamSchedule(shard_tokens=1000, ready_tokens=1000, steps_per_shard=1.5)
+    assert [schedule.visible_shards(k) for k in range(6)] == [1, 1, 2, 3, 3, 4]
+    path = tmp_path / "stream.bin"
+    write_tokens(path, tokens[:2000])
+    source = growing.GrowingTokens(path, np.uint16, written=2000)
+    complete = growing.GrowingTokens.complete(tokens)
+    waits = []
+    late = growing.train_batches(source, schedule, seq_len=16, batch_size=8, seed=3,
+                                 on_wait=lambda step, s: waits.append((step, s)))
+    reference = growing.train_batches(complete, schedule, seq_len=16, batch_size=8, seed=3)
+    got = [next(late) for _ in range(3)]  # steps 0-2 need 2000 tokens: no wait
+
+    def write_later():
+        time.sleep(0.4)
+        write_tokens(path, tokens[2000:])
+        source.published(4000)
+        source.finished(path, 4000)
+
+    threading.Thread(target=write_later).start()
+    got += [next(late) for _ in range(4)]
+    assert [step for step, _ in waits] == [3] and waits[0][1] >= 0.3  # the wait happened, at the late step
+    for k, batch in enumerate(got):
+        assert np.array_equal(batch, next(reference)), k
+        visible = schedule.visible_tokens(k)
+        assert batch.shape == (8, 17) and batch.max() <= visible  # token t sits at index t - 1: all visible
+    assert not np.array_equal(got[0], growing.batch_at(tokens[:1000], seq_len=16, batch_size=8, seed=3, step=1))
+
+
+def test_batches_are_a_function_of_seed_step_and_visible_windows_and_split_into_parts():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    one = growing.batch_at(tokens, seq_len=32, batch_size=8, seed=0, step=5)
+    assert np.array_equal(one, growing.batch_at(tokens, seq_len=32, batch_size=8, seed=0, step=5))
+    assert not np.array_equal(one, growing.batch_at(tokens, seq_len=32, batch_size=8, seed=0, step=6))
+    assert not np.array_equal(one, growing.batch_at(tokens, seq_len=32, batch_size=8, seed=1, step=5))
+    parts = [growing.batch_at(tokens, seq_len=32, batch_size=8, seed=0, step=5, part=(i, 2)) for i in range(2)]
+    assert np.array_equal(np.concatenate(parts), one)
+    assert np.all(one[:, 0] % 32 == 0) and np.array_equal(one[:, 1:] - one[:, :-1], np.ones((8, 32)))
+
+
+def test_the_schedule_from_the_measured_rate_and_read_back_from_a_run_dir(tmp_path):
+    # 1000 tokens/s, 0.1 s steps: a shard of 500 tokens takes 5 steps; margin 2 makes it 10.
+    schedule = growing.make_schedule(ready_tokens=1234, rate_tokens_s=1000, step_s=0.1, shard_tokens=500, margin=2)
+    assert schedule == growing.StreamSchedule(500, 1000, 10.0)
+    assert [schedule.visible_shards(k) for k in (0, 9, 10, 25)] == [2, 2, 3, 4]
+    path = tmp_path / "stream.json"
+    assert growing.read_schedule(path) is None
+    path.write_text(json.dumps(schedule.to_dict()))
+    assert growing.read_schedule(path) == schedule
+    for bad in ({"shard_tokens": 500}, {**schedule.to_dict(), "ready_tokens": 0},
+                {**schedule.to_dict(), "steps_per_shard": "x"}, [1, 2]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="stream schedule"):
+            growing.read_schedule(path)
+
+
+def test_a_writer_error_stops_the_reader_with_its_message(tmp_path):
+    source = growing.GrowingTokens(tmp_path / "x.bin", np.uint16)
+    threading.Timer(0.1, source.failed, args=(ValueError("shard b.jsonl line 3 is not JSON"),)).start()
+    with pytest.raises(ValueError, match="line 3"):
+        source.wait_for(100)
