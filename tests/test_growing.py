@@ -65,6 +65,12 @@ def test_background_prep_writes_the_one_shot_entry_and_keeps_held_out_text_out(t
     assert held_out and trained and not held_out & trained
     again = background.prepare_growing(cfg, tmp_path / "bg")  # a second run: the complete entry, at once
     assert again.growing is None and len(again.train_tokens) == source.written
+    val_bytes = (tmp_path / "bg/tokens" / f"{data.fingerprint}.val.bin").read_bytes()
+    for path in (tmp_path / "bg/tokens").iterdir():  # tokens gone, tokenizer cached: held-out text read again
+        path.unlink()
+    gate.set()
+    background.prepare_growing(cfg, tmp_path / "bg").growing.wait_for(2**62)
+    assert (tmp_path / "bg/tokens" / f"{data.fingerprint}.val.bin").read_bytes() == val_bytes
 
 
 def test_a_small_corpus_keeps_the_whole_preparation(tmp_path):

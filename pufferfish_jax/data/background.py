@@ -69,14 +69,20 @@ def _drop_stale(train_path: Path) -> None:
             continue
 
 
-def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, val_path: Path) -> _Stream:
-    """The held-out stream, whole, at its final name (trusted only once the meta file exists)."""
+_STASH_BYTES = 256 << 20  # held-out text kept in memory from the tokenizer's pass, when no bigger
+
+
+def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, val_path: Path,
+                held: list[str]) -> _Stream:
+    """The held-out stream, whole, at its final name (trusted only once the meta file exists):
+    from `held` when the tokenizer's pass collected every held-out document, else read again."""
     dtype = token_dtype(tok.get_vocab_size())
+    complete = held and sum(len(d.encode("utf-8")) + 1 for d in held) == split.total_bytes - split.train_bytes
+    sided = ((d, d.encode("utf-8"), True, 0.0) for d in held) if complete else sided_documents(cfg, split, cache_dir)
     with atomic_write(val_path) as f:
         val = _Stream(f, dtype)
         val.append(np.array([eos_id(tok)]), 0, 0)
-        encode_into(tok, _read_ahead(_chunks(_one_side(sided_documents(cfg, split, cache_dir), True))),
-                    _Stream(io.BytesIO(), dtype), val)
+        encode_into(tok, _read_ahead(_chunks(_one_side(sided, True))), _Stream(io.BytesIO(), dtype), val)
     if not val.docs:
         raise DataError(f"corpus '{cfg.corpus}' gave no held-out documents; add text, raise data.val_fraction, "
                         "or set data.val_source")
@@ -123,11 +129,14 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     small = not data_cfg.stream_min_bytes or split.total_bytes < data_cfg.stream_min_bytes
     if not split.total_bytes or (small and not force):
         return prepare_data(data_cfg, cache_dir, log=log, finish_by=finish_by, split=split)
-    tok = tokenizer_for(data_cfg, cache_dir, split, log=log)
+    held: list[str] = []  # the held-out documents, collected by the tokenizer's pass if it runs
+    tok = tokenizer_for(data_cfg, cache_dir, split, log=log,
+                        held_out=held if split.total_bytes - split.train_bytes <= _STASH_BYTES else None)
     meta_path, train_path, val_path = cache.paths(cache_dir, key)
     _drop_stale(train_path)
     log("data: tokenizing the held-out documents")
-    val = _encode_val(data_cfg, split, tok, cache_dir, val_path)
+    val = _encode_val(data_cfg, split, tok, cache_dir, val_path, held)
+    del held
     source = GrowingTokens(train_path.with_name(f"{train_path.name}.{os.getpid()}.growing"),
                            token_dtype(tok.get_vocab_size()))
     threading.Thread(target=_write_train, args=(data_cfg, split, tok, cache_dir, key, val, source), daemon=True,
