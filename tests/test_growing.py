@@ -36,6 +36,7 @@ def test_background_prep_writes_the_one_shot_entry_and_keeps_held_out_text_out(t
     """Held at its first shard (the writer blocked), the run sees a growing stream; released, the
     finished entry is byte for byte the one prepare_data writes, and no held-out document is in it."""
     monkeypatch.setattr(prepare, "_CHUNK_DOCS", 4)  # many chunks, so many publications
+    monkeypatch.setattr(background, "WRITER", "thread")  # in this process, where it can be held
     gate, published = threading.Event(), growing.GrowingTokens.published
 
     def held(self, tokens):
@@ -71,6 +72,24 @@ def test_background_prep_writes_the_one_shot_entry_and_keeps_held_out_text_out(t
     gate.set()
     background.prepare_growing(cfg, tmp_path / "bg").growing.wait_for(2**62)
     assert (tmp_path / "bg/tokens" / f"{data.fingerprint}.val.bin").read_bytes() == val_bytes
+
+
+def test_the_worker_process_writes_the_one_shot_entry_and_waits_while_paused(tmp_path):
+    cfg = data_cfg(corpus(tmp_path, 1200), **{**STREAM_KEYS, "stream_shard_tokens": 2})
+    data = background.prepare_growing(cfg, tmp_path / "bg")
+    source = data.growing
+    assert source is not None and background.WRITER == "process"
+    source.pause()
+    paused_at = source.wait_for(2**62, timeout_s=1.0) and source.written
+    time.sleep(0.3)
+    assert paused_at == source.written or source.done  # nothing written while paused (or it had finished)
+    source.resume()
+    source.wait_for(2**62)
+    assert source.done and not list((tmp_path / "bg/tokens").glob("*.growing*"))
+    one_shot = prepare_data(cfg, tmp_path / "whole")
+    for name in ("train.bin", "val.bin", "json"):
+        assert (tmp_path / "bg/tokens" / f"{data.fingerprint}.{name}").read_bytes() == \
+               (tmp_path / "whole/tokens" / f"{data.fingerprint}.{name}").read_bytes(), name
 
 
 def test_a_small_corpus_keeps_the_whole_preparation(tmp_path):
@@ -170,7 +189,8 @@ def test_resume_while_the_corpus_is_still_tokenized_is_bit_identical(tmp_path, c
     chaos, reference = tmp_path / "chaos", tmp_path / "reference"
     cmd = [sys.executable, "-m", "pufferfish_jax", "train", *args, f"run_dir={chaos}", "train.checkpoint_every_s=0.2"]
     process = _start_and_wait_for_checkpoint(cmd, env, chaos, min_step=1)
-    growing_files, entries = list(tokens_dir.glob("*.growing")), list(tokens_dir.glob("*.json"))
+    growing_files = list(tokens_dir.glob("*.growing"))
+    entries = [p for p in tokens_dir.glob("*.json") if ".growing" not in p.name]
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and growing_files and not entries  # killed mid-preparation

@@ -2,15 +2,15 @@
 
 A budgeted run on a corpus of at least data.stream_min_bytes does not wait for all of it to be
 tokenized. After the scan and the tokenizer (prepare.py, passes 1 and 2), the held-out documents
-are encoded whole (every eval and the baseline need all of them), then a daemon thread encodes the
-training documents in document order into a growing file (`tokens/<key>.train.bin.<pid>.growing`),
-flushing and publishing its length after each chunk (growing.GrowingTokens). The `tokenizers`
-batch encoder runs in Rust with the GIL released, so the thread does not hold the training loop's
-Python back. Training starts once the first shard (data.stream_shard_tokens) is written; the
+are encoded whole (every eval and the baseline need all of them), then a worker process
+(tokenize_worker.py: measured to slow the training step less than a thread) encodes the training
+documents in document order into a growing file (`tokens/<key>.train.bin.<pid>.growing`), flushing
+after each chunk; a thread here publishes its length (growing.GrowingTokens). Training starts once
+the first shard (data.stream_shard_tokens) is written; the
 encoder's rate over that shard and the tokens per byte of the held-out text give the planner the
 tokens that will exist and the schedule (growing.StreamSchedule) when each shard may be used.
 
-When the thread finishes it renames the file to the entry's train stream and writes the meta file
+When the worker finishes it renames the file to the entry's train stream and writes the meta file
 last, so the cache entry is exactly the one `prepare_data` writes and a later run starts at once.
 A process that stops earlier leaves a `.growing` file that the next preparation deletes (its
 writer is gone) and starts over; the tokens are the same every time.
@@ -22,17 +22,19 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 from tokenizers import Tokenizer
 
-from pufferfish_jax.data import cache
+from pufferfish_jax.data import cache, tokenize_worker
 from pufferfish_jax.data.cache import PreparedData, token_dtype
 from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.growing import GrowingTokens, StreamSchedule, make_schedule
@@ -42,27 +44,15 @@ from pufferfish_jax.data.tokenizer import eos_id
 from pufferfish_jax.errors import DataError
 
 
-@dataclass
-class _Published(_Stream):
-    """A train stream that readers follow: flushed and published after every append."""
-
-    source: GrowingTokens | None = None
-
-    def append(self, ids: np.ndarray, num_bytes: int, docs: int) -> None:
-        super().append(ids, num_bytes, docs)
-        self.file.flush()
-        self.source.published(self.tokens)
-
-
 def _one_side(sided: Iterator, held_out: bool) -> Iterator:
     return (item for item in sided if item[2] == held_out)
 
 
 def _drop_stale(train_path: Path) -> None:
     """Deletes the growing files of writers that are gone (killed runs); a live one is kept."""
-    for path in train_path.parent.glob(f"{train_path.name}.*.growing"):
+    for path in train_path.parent.glob(f"{train_path.name}.*.growing*"):  # and its job, pause, err files
         try:
-            os.kill(int(path.name.split(".")[-2]), 0)
+            os.kill(int(path.name[len(train_path.name) + 1:].split(".")[0]), 0)
         except (ValueError, ProcessLookupError):
             path.unlink(missing_ok=True)
         except PermissionError:
@@ -89,29 +79,61 @@ def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
     return val
 
 
-def _write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
-                 val: _Stream, source: GrowingTokens) -> None:
-    """The thread's work: the train stream into source.path, then the entry's final names."""
-    meta_path, train_path, _ = cache.paths(cache_dir, key)
+WRITER = "process"  # or "thread" (the tests' choice: in-process, so they can hold the writer)
+
+
+def _thread_writer(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
+                   val_counts: dict, source: GrowingTokens) -> None:
+    def after_chunk(tokens: int) -> None:
+        source.published(tokens)
+        source.wait_running()
+
     try:
-        with open(source.path, "wb") as f:
-            train = _Published(f, source.dtype, source=source)
-            train.append(np.array([eos_id(tok)]), 0, 0)
-            encode_into(tok, _read_ahead(_chunks(_one_side(sided_documents(cfg, split, cache_dir), False))),
-                        train, _Stream(io.BytesIO(), source.dtype))
-        if not train.docs:
-            raise DataError(f"corpus '{cfg.corpus}' gave no training documents; add text or lower data.val_fraction")
-        os.replace(source.path, train_path)
-        meta = dict(version=cache.CACHE_VERSION, dtype=source.dtype.name, train_tokens=train.tokens,
-                    val_tokens=val.tokens, train_bytes=train.bytes, val_bytes=val.bytes, train_docs=train.docs,
-                    val_docs=val.docs, tokenizer=tok.to_str())
-        with atomic_write(meta_path) as f:  # written last: its presence marks a complete entry
-            f.write(json.dumps(meta).encode())
-        source.finished(train_path, train.tokens)
+        tokens = tokenize_worker.write_train(cfg, split, tok, cache_dir, key, val_counts, source.path, after_chunk)
+        source.finished(cache.paths(cache_dir, key)[1], tokens)
     except BaseException as e:  # noqa: BLE001 - handed to the readers, who raise it in the loop
         with contextlib.suppress(OSError):
             source.path.unlink(missing_ok=True)
         source.failed(e)
+
+
+def _follow(process: subprocess.Popen, source: GrowingTokens, meta_path: Path, train_path: Path, err_path: Path) -> None:
+    """The parent's side of a worker process: its file's size as published tokens, its end."""
+    while (code := process.poll()) is None:
+        with contextlib.suppress(OSError):
+            source.published(source.path.stat().st_size // source.dtype.itemsize)
+        time.sleep(0.05)
+    lines = err_path.read_text().strip().splitlines() if err_path.exists() else []
+    for path in (err_path, *(Path(f"{source.path}.{end}") for end in ("job.json", "pause", "tokenizer.json"))):
+        path.unlink(missing_ok=True)
+    try:
+        if code != 0:
+            raise DataError(lines[-1] if code == 2 and lines else
+                            f"tokenizing in the background stopped (exit status {code}); rerun to resume")
+        source.finished(train_path, json.loads(meta_path.read_text())["train_tokens"])
+    except (OSError, ValueError, KeyError) as e:
+        source.failed(e if isinstance(e, DataError) else DataError(f"the token cache entry {meta_path} is unreadable "
+                                                                   f"({e}); rerun to prepare it again"))
+
+
+def _start_writer(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
+                  val_counts: dict, source: GrowingTokens) -> None:
+    """The train stream's writer: a worker process (WRITER), or a thread of this one."""
+    if WRITER == "thread":
+        threading.Thread(target=_thread_writer, args=(cfg, split, tok, cache_dir, key, val_counts, source),
+                         daemon=True, name="pufferfish-tokenize").start()
+        return
+    meta_path, train_path, _ = cache.paths(cache_dir, key)
+    job_path, err_path = Path(f"{source.path}.job.json"), Path(f"{source.path}.err")
+    tokenizer_path = Path(f"{source.path}.tokenizer.json")
+    tokenizer_path.write_text(tok.to_str())
+    job_path.write_text(json.dumps(tokenize_worker.job_record(cfg, split, tokenizer_path, cache_dir, key, val_counts,
+                                                              source.path)))
+    with open(err_path, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "pufferfish_jax.data.tokenize_worker", str(job_path)],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    threading.Thread(target=_follow, args=(process, source, meta_path, train_path, err_path), daemon=True,
+                     name="pufferfish-tokenize-follow").start()
 
 
 def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log,
@@ -139,8 +161,8 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     del held
     source = GrowingTokens(train_path.with_name(f"{train_path.name}.{os.getpid()}.growing"),
                            token_dtype(tok.get_vocab_size()))
-    threading.Thread(target=_write_train, args=(data_cfg, split, tok, cache_dir, key, val, source), daemon=True,
-                     name="pufferfish-tokenize").start()
+    _start_writer(data_cfg, split, tok, cache_dir, key, dict(val_tokens=val.tokens, val_bytes=val.bytes,
+                                                           val_docs=val.docs), source)
     first = data_cfg.stream_shard_tokens
     source.wait_for(first)
     source.rate_tokens_s = source.written / max(time.perf_counter() - source.started, 1e-9)

@@ -84,9 +84,11 @@ def make_schedule(*, ready_tokens: int, rate_tokens_s: float, step_s: float, sha
 class GrowingTokens:
     """A token file one writer appends to and readers map as it grows.
 
-    The writer calls `published(tokens)` after each flushed append and `finished(path, tokens)`
-    (the file's final name) or `failed(error)` once; readers call `wait_for` and `prefix`. A
-    writer may be paused between appends (`pause`/`resume`), so planning can time steps alone.
+    The writer's side (a thread, or the thread following a worker process) calls
+    `published(tokens)` after each flushed append and `finished(path, tokens)` (the file's final
+    name) or `failed(error)` once; readers call `wait_for` and `prefix`. `pause`/`resume` ask the
+    writer to wait between appends (planning times steps alone): a thread writer checks
+    `wait_running`, a worker process the file `<path>.pause`.
     """
 
     def __init__(self, path: Path, dtype: np.dtype, *, written: int = 0, done: bool = False):
@@ -108,8 +110,10 @@ class GrowingTokens:
     # -- the writer's side -----------------------------------------------------------------
     def published(self, tokens: int) -> None:
         with self._changed:
-            self.written = tokens
+            self.written = max(self.written, tokens)
             self._changed.notify_all()
+
+    def wait_running(self) -> None:
         self._running.wait()
 
     def finished(self, path: Path, tokens: int) -> None:
@@ -124,9 +128,11 @@ class GrowingTokens:
 
     def pause(self) -> None:
         self._running.clear()
+        Path(f"{self.path}.pause").touch()
 
     def resume(self) -> None:
         self._running.set()
+        Path(f"{self.path}.pause").unlink(missing_ok=True)
 
     # -- the readers' side -----------------------------------------------------------------
     def wait_for(self, tokens: int, timeout_s: float | None = None) -> float:
