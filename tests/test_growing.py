@@ -202,3 +202,11 @@ def test_resume_while_the_corpus_is_still_tokenized_is_bit_identical(tmp_path, c
     assert result.returncode == 0, result.stderr[-2000:]
     assert (reference / "stream.json").read_text() == (chaos / "stream.json").read_text()
     assert _digest(chaos, capsys) == _digest(reference, capsys)
+
+
+def test_a_reader_mapping_while_the_writer_renames_waits_for_the_final_name(tmp_path):
+    final = tmp_path / "x.train.bin"
+    write_tokens(final, np.arange(100))
+    source = growing.GrowingTokens(tmp_path / "x.train.bin.1.growing", np.uint16, written=100)  # renamed away
+    threading.Timer(0.2, source.finished, args=(final, 100)).start()
+    assert np.array_equal(source.prefix(60), np.arange(60)) and source.done

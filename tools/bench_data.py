@@ -194,7 +194,8 @@ def main() -> None:
     try:
         for size in (int(s) for s in args.sizes.split(",")):
             corpus = work / f"corpus_{size}mb"
-            write_corpus(corpus, size, paragraphs)
+            if not corpus.is_dir():  # a kept --workdir's corpus is reused
+                write_corpus(corpus, size, paragraphs)
             if not args.no_prep:
                 base = measure("whole", corpus, work / f"whole_{size}") if size <= args.baseline_up_to else None
                 stream = measure("stream", corpus, work / f"cache_{size}")

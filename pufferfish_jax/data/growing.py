@@ -151,10 +151,16 @@ class GrowingTokens:
     def prefix(self, tokens: int) -> np.ndarray:
         """The first min(tokens, written) tokens, as a read-only map of the file."""
         with self._changed:
-            n = min(tokens, self.written)
-            if self._map is None or len(self._map) < n:
-                self._map = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.written,))
-        return self._map[:n]
+            while True:
+                n = min(tokens, self.written)
+                if self._map is not None and len(self._map) >= n:
+                    return self._map[:n]
+                try:
+                    self._map = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.written,))
+                except FileNotFoundError:  # just renamed to its final name: finished() follows
+                    if self.done or self.error is not None:
+                        raise self.error or DataError(f"the token stream {self.path} is gone; rerun to prepare it") from None
+                    self._changed.wait(_POLL_S)
 
 
 def batch_at(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, step: int,
