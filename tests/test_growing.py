@@ -4,6 +4,7 @@ documents stay out, and the schedule read back from a run dir is checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -210,3 +211,18 @@ def test_a_reader_mapping_while_the_writer_renames_waits_for_the_final_name(tmp_
     source = growing.GrowingTokens(tmp_path / "x.train.bin.1.growing", np.uint16, written=100)  # renamed away
     threading.Timer(0.2, source.finished, args=(final, 100)).start()
     assert np.array_equal(source.prefix(60), np.arange(60)) and source.done
+
+
+def test_the_planner_counts_the_tokens_that_will_exist_and_a_fixed_schedule_holds_on_a_complete_cache(tmp_path):
+    cfg = data_cfg(corpus(tmp_path, 60), **STREAM_KEYS)
+    data = prepare_data(cfg, tmp_path / "c")
+    assert background.planned_train_tokens(data, time.time() + 60) == len(data.train_tokens)
+    source = growing.GrowingTokens(tmp_path / "g.bin", np.uint16, written=1000)
+    source.rate_tokens_s, source.total_estimate = 100.0, 5000
+    streaming = dataclasses.replace(data, growing=source)
+    assert abs(background.planned_train_tokens(streaming, time.time() + 10) - 2000) <= 2  # 1000 + 10 s x 100/s
+    assert background.planned_train_tokens(streaming, time.time() + 1000) == 5000  # never past the corpus
+    assert background.scheduled(data, cfg, step_s=0.1) is data  # a complete stream, no fixed rule: as before
+    fixed = background.scheduled(data, data_cfg(cfg.corpus, **{**STREAM_KEYS, "stream_steps_per_shard": 3.0}),
+                                 step_s=0.1)
+    assert fixed.schedule == growing.StreamSchedule(300, 300, 3.0) and len(fixed.train_tokens) == 300
