@@ -245,6 +245,8 @@ class _Run:
     def train(self) -> Outcome:
         self.first_eval()
         interrupted = self.loop()
+        if self.data.growing is not None:  # no step reads more: the final eval and save get the cores
+            self.data.growing.pause()
         self.settle()
         self.display.update(self.step, self.step, self.last_loss, self.tokens_per_step / self.step_s() if self.intervals else 0.0)
         self.display.close()
