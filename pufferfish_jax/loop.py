@@ -243,10 +243,15 @@ class _Run:
                              part=sharding.process_part(self.mesh, self.batch_size))
 
     def train(self) -> Outcome:
+        growing = self.data.growing  # a corpus still being tokenized: the evals that size the time kept
+        if growing is not None:      # for the final one, and that final one, run with the tokenizer paused
+            growing.pause()
         self.first_eval()
+        if growing is not None:
+            growing.resume()
         interrupted = self.loop()
-        if self.data.growing is not None:  # no step reads more: the final eval and save get the cores
-            self.data.growing.pause()
+        if growing is not None:
+            growing.pause()
         self.settle()
         self.display.update(self.step, self.step, self.last_loss, self.tokens_per_step / self.step_s() if self.intervals else 0.0)
         self.display.close()
