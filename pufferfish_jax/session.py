@@ -34,8 +34,8 @@ from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.budget.planner import Plan, apply_plan, budget_plan, fixed_steps_plan
 from pufferfish_jax.data import background
 from pufferfish_jax.data.corpora import load_documents
-from pufferfish_jax.data.growing import read_schedule
 from pufferfish_jax.data.files import Log, no_log
+from pufferfish_jax.data.growing import read_schedule
 from pufferfish_jax.data.pipeline import PreparedData, encode_documents, prepare_data, unigram_bpb
 from pufferfish_jax.errors import ConfigError, DataError
 from pufferfish_jax.export import hf_import
