@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from test_data_stream import data_cfg, docs_of, stream_docs, write_jsonl
 from test_resume import _digest, _start_and_wait_for_checkpoint
 
 from pufferfish_jax.data import background, cache, growing, prepare
+from pufferfish_jax.data import partial as partial_lib
 from pufferfish_jax.data.pipeline import prepare_data
 from pufferfish_jax.errors import CheckpointError
 
@@ -91,6 +93,39 @@ def test_the_worker_process_writes_the_one_shot_entry_and_waits_while_paused(tmp
     for name in ("train.bin", "val.bin", "json"):
         assert (tmp_path / "bg/tokens" / f"{data.fingerprint}.{name}").read_bytes() == \
                (tmp_path / "whole/tokens" / f"{data.fingerprint}.{name}").read_bytes(), name
+
+
+def test_a_run_that_stops_mid_preparation_leaves_a_partial_stream_the_next_run_continues(tmp_path, monkeypatch):
+    """The writer dies after a few chunks (its run ended); the next preparation continues from the
+    record and the finished entry is still byte for byte the one-shot one."""
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 4)
+    monkeypatch.setattr(background, "WRITER", "thread")
+    published = growing.GrowingTokens.published
+
+    def dies(self, tokens):
+        published(self, tokens)
+        if tokens >= 700:
+            raise SystemExit("the run ended")
+
+    monkeypatch.setattr(growing.GrowingTokens, "published", dies)
+    cfg = data_cfg(corpus(tmp_path), **STREAM_KEYS)
+    first = background.prepare_growing(cfg, tmp_path / "bg")
+    with pytest.raises(SystemExit):
+        first.growing.wait_for(2**62)
+    os.close(first.growing.lock_fd)  # what the run's exit does
+    stream, record_path, _ = partial_lib.paths(tmp_path / "bg", first.fingerprint)
+    kept = json.loads(record_path.read_text())["train"]
+    assert 700 <= kept["tokens"] < 2_000 and kept["docs"] > 0
+    monkeypatch.setattr(growing.GrowingTokens, "published", published)
+    logs = []
+    second = background.prepare_growing(cfg, tmp_path / "bg", log=logs.append)
+    assert any(f"continuing the {kept['tokens']:,}" in line for line in logs)
+    second.growing.wait_for(2**62)
+    assert second.growing.done and not stream.exists() and not record_path.exists()
+    one_shot = prepare_data(cfg, tmp_path / "whole")
+    for name in ("train.bin", "val.bin", "json"):
+        assert (tmp_path / "bg/tokens" / f"{first.fingerprint}.{name}").read_bytes() == \
+               (tmp_path / "whole/tokens" / f"{first.fingerprint}.{name}").read_bytes(), name
 
 
 def test_a_small_corpus_keeps_the_whole_preparation(tmp_path):
@@ -190,15 +225,15 @@ def test_resume_while_the_corpus_is_still_tokenized_is_bit_identical(tmp_path, c
     chaos, reference = tmp_path / "chaos", tmp_path / "reference"
     cmd = [sys.executable, "-m", "pufferfish_jax", "train", *args, f"run_dir={chaos}", "train.checkpoint_every_s=0.2"]
     process = _start_and_wait_for_checkpoint(cmd, env, chaos, min_step=1)
-    growing_files = list(tokens_dir.glob("*.growing"))
-    entries = [p for p in tokens_dir.glob("*.json") if ".growing" not in p.name]
+    record = json.loads(next(tokens_dir.glob("*.partial.json")).read_text())  # progress kept for the next run
+    entries = [p for p in tokens_dir.glob("*.json") if ".partial" not in p.name]
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert process.returncode == -signal.SIGKILL and growing_files and not entries  # killed mid-preparation
+    assert process.returncode == -signal.SIGKILL and record["train"]["docs"] > 0 and not entries  # mid-preparation
     assert json.loads((chaos / "stream.json").read_text())["steps_per_shard"] == 4.0
     resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
-    assert not any(p.exists() for p in growing_files)  # the dead writer's file was replaced
+    assert "continuing the" in resumed.stdout  # from the tokens the killed run wrote
     result = run_command(["train", *args, f"run_dir={reference}"], env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (reference / "stream.json").read_text() == (chaos / "stream.json").read_text()

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from tokenizers import Tokenizer
 
-from pufferfish_jax.data import cache, tokenize_worker
+from pufferfish_jax.data import cache, partial, tokenize_worker
 from pufferfish_jax.data.cache import PreparedData, token_dtype
 from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.growing import GrowingTokens, StreamSchedule, make_schedule
@@ -83,17 +83,19 @@ WRITER = "process"  # or "thread" (the tests' choice: in-process, so they can ho
 
 
 def _thread_writer(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
-                   val_counts: dict, source: GrowingTokens) -> None:
+                   val_counts: dict, source: GrowingTokens, record: dict | None) -> None:
     def after_chunk(tokens: int) -> None:
         source.published(tokens)
         source.wait_running()
 
     try:
-        tokens = tokenize_worker.write_train(cfg, split, tok, cache_dir, key, val_counts, source.path, after_chunk)
+        tokens = tokenize_worker.write_train(cfg, split, tok, cache_dir, key, val_counts, source.path, after_chunk,
+                                             record)
         source.finished(cache.paths(cache_dir, key)[1], tokens)
     except BaseException as e:  # noqa: BLE001 - handed to the readers, who raise it in the loop
-        with contextlib.suppress(OSError):
-            source.path.unlink(missing_ok=True)
+        if record is None:  # a private file; a partial stream is kept for the next run
+            with contextlib.suppress(OSError):
+                source.path.unlink(missing_ok=True)
         source.failed(e)
 
 
@@ -117,10 +119,11 @@ def _follow(process: subprocess.Popen, source: GrowingTokens, meta_path: Path, t
 
 
 def _start_writer(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
-                  val_counts: dict, source: GrowingTokens) -> None:
-    """The train stream's writer: a worker process (WRITER), or a thread of this one."""
+                  val_counts: dict, source: GrowingTokens, record: dict | None, lock_fd: int | None) -> None:
+    """The train stream's writer: a worker process (WRITER), or a thread of this one; with the
+    entry's lock (`lock_fd`, handed to the worker too) it keeps the partial `record` current."""
     if WRITER == "thread":
-        threading.Thread(target=_thread_writer, args=(cfg, split, tok, cache_dir, key, val_counts, source),
+        threading.Thread(target=_thread_writer, args=(cfg, split, tok, cache_dir, key, val_counts, source, record),
                          daemon=True, name="pufferfish-tokenize").start()
         return
     meta_path, train_path, _ = cache.paths(cache_dir, key)
@@ -128,10 +131,11 @@ def _start_writer(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, 
     tokenizer_path = Path(f"{source.path}.tokenizer.json")
     tokenizer_path.write_text(tok.to_str())
     job_path.write_text(json.dumps(tokenize_worker.job_record(cfg, split, tokenizer_path, cache_dir, key, val_counts,
-                                                              source.path)))
+                                                              source.path, record)))
     with open(err_path, "wb") as err:
         process = subprocess.Popen([sys.executable, "-m", "pufferfish_jax.data.tokenize_worker", str(job_path)],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                   pass_fds=() if lock_fd is None else (lock_fd,))
     threading.Thread(target=_follow, args=(process, source, meta_path, train_path, err_path), daemon=True,
                      name="pufferfish-tokenize-follow").start()
 
@@ -147,32 +151,60 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     _, _, key = cache.keys(data_cfg)
     if (cached := cache.load_cached(cache_dir, key, start)) is not None:
         return prepare_data(data_cfg, cache_dir, log=log)  # the same cached entry, with its log line
-    split = scan_split(data_cfg, cache_dir, log=log)
-    small = not data_cfg.stream_min_bytes or split.total_bytes < data_cfg.stream_min_bytes
-    if not split.total_bytes or (small and not force):
-        return prepare_data(data_cfg, cache_dir, log=log, finish_by=finish_by, split=split)
-    held: list[str] = []  # the held-out documents, collected by the tokenizer's pass if it runs
-    tok = tokenizer_for(data_cfg, cache_dir, split, log=log,
-                        held_out=held if split.total_bytes - split.train_bytes <= _STASH_BYTES else None)
+    lock_fd = partial.try_lock(cache_dir, key)  # None: another run writes this entry; tokenize privately
     meta_path, train_path, val_path = cache.paths(cache_dir, key)
     _drop_stale(train_path)
-    log("data: tokenizing the held-out documents")
-    val = _encode_val(data_cfg, split, tok, cache_dir, val_path, held)
-    del held
-    source = GrowingTokens(train_path.with_name(f"{train_path.name}.{os.getpid()}.growing"),
-                           token_dtype(tok.get_vocab_size()))
-    _start_writer(data_cfg, split, tok, cache_dir, key, dict(val_tokens=val.tokens, val_bytes=val.bytes,
-                                                           val_docs=val.docs), source)
+    if lock_fd is not None:  # what a killed run's worker left beside the partial stream (a pause above all)
+        for end in ("pause", "err", "job.json", "tokenizer.json"):
+            Path(f"{partial.paths(cache_dir, key)[0]}.{end}").unlink(missing_ok=True)
+    record = partial.peek(cache_dir, key) if lock_fd is not None else None
+    if record is not None:  # a run before this one tokenized part of it: continue from there
+        split = partial.split_of(record)
+        tok = tokenizer_for(data_cfg, cache_dir, split, log=log)
+        record = partial.read(cache_dir, key, token_dtype(tok.get_vocab_size()).itemsize, val_path)
+    if record is not None:
+        val_counts = record["val"]
+        log(f"data: continuing the {record['train']['tokens']:,} train tokens an earlier run wrote")
+    else:
+        split = scan_split(data_cfg, cache_dir, log=log)
+        small = not data_cfg.stream_min_bytes or split.total_bytes < data_cfg.stream_min_bytes
+        if not split.total_bytes or (small and not force):
+            if lock_fd is not None:
+                os.close(lock_fd)
+            return prepare_data(data_cfg, cache_dir, log=log, finish_by=finish_by, split=split)
+        tok, val_counts = _tokenizer_and_val(data_cfg, split, cache_dir, val_path, log)
+    dtype = token_dtype(tok.get_vocab_size())
+    private = train_path.with_name(f"{train_path.name}.{os.getpid()}.growing")
+    done = record["train"]["tokens"] if record else 0
+    source = GrowingTokens(partial.paths(cache_dir, key)[0] if lock_fd is not None else private, dtype, written=done)
+    if lock_fd is not None and record is None:
+        record = partial.record_of(split, val_counts, 0.0)
+    _start_writer(data_cfg, split, tok, cache_dir, key, val_counts, source, record, lock_fd)
+    source.lock_fd = lock_fd  # held as long as this process lives
     first = data_cfg.stream_shard_tokens
-    source.wait_for(first)
-    source.rate_tokens_s = source.written / max(time.perf_counter() - source.started, 1e-9)
-    source.total_estimate = round(split.train_bytes * val.tokens / max(val.bytes, 1))
+    if record and done >= first and record["rate_tokens_s"] > 0:
+        source.rate_tokens_s = record["rate_tokens_s"]  # as the worker saw it in the run before
+    else:  # measured now, over a shard
+        source.wait_for(first if done < first else done + first)
+        source.rate_tokens_s = max(source.written - done, 1) / max(time.perf_counter() - source.started, 1e-9)
+    source.total_estimate = round(split.train_bytes * val_counts["val_tokens"] / max(val_counts["val_bytes"], 1))
     log(f"data: training starts while tokenizing continues ({source.written:,} of about "
         f"{source.total_estimate:,} train tokens, {source.rate_tokens_s:,.0f} tokens/s)")
     return PreparedData(tokenizer=tok, tokenizer_json=tok.to_str(), train_tokens=source.prefix(first),
-                        val_tokens=np.memmap(val_path, dtype=source.dtype, mode="r"), train_bytes=split.train_bytes,
-                        val_bytes=val.bytes, vocab_size=tok.get_vocab_size(), fingerprint=key,
+                        val_tokens=np.memmap(val_path, dtype=dtype, mode="r"), train_bytes=split.train_bytes,
+                        val_bytes=val_counts["val_bytes"], vocab_size=tok.get_vocab_size(), fingerprint=key,
                         prep_seconds=time.perf_counter() - start, growing=source)
+
+
+def _tokenizer_and_val(data_cfg: ml_collections.ConfigDict, split: Split, cache_dir: Path, val_path: Path,
+                       log: Log) -> tuple[Tokenizer, dict]:
+    """The tokenizer (its pass collecting the held-out documents), then the held-out stream."""
+    held: list[str] = []
+    tok = tokenizer_for(data_cfg, cache_dir, split, log=log,
+                        held_out=held if split.total_bytes - split.train_bytes <= _STASH_BYTES else None)
+    log("data: tokenizing the held-out documents")
+    val = _encode_val(data_cfg, split, tok, cache_dir, val_path, held)
+    return tok, dict(val_tokens=val.tokens, val_bytes=val.bytes, val_docs=val.docs)
 
 
 def with_schedule(data: PreparedData, schedule: StreamSchedule) -> PreparedData:

@@ -17,6 +17,7 @@ exits as soon as its parent is gone. A DataError is one line on stderr and exit 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 from tokenizers import Tokenizer
 
-from pufferfish_jax.data import cache
+from pufferfish_jax.data import cache, partial
 from pufferfish_jax.data.corpora import HashSplit
 from pufferfish_jax.data.files import atomic_write
 from pufferfish_jax.data.prepare import Split, _chunks, _read_ahead, _Stream, encode_into, sided_documents
@@ -50,15 +51,33 @@ class _Followed(_Stream):
 
 
 def write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, key: str,
-                val_counts: dict, path: Path, after_chunk: Callable[[int], None]) -> int:
-    """The training documents' stream into `path`, then the entry's final names; returns its tokens."""
+                val_counts: dict, path: Path, after_chunk: Callable[[int], None], record: dict | None = None) -> int:
+    """The training documents' stream into `path`, then the entry's final names; returns its tokens.
+    With a partial `record` (partial.py), `path` is the entry's partial stream: continued from the
+    documents the record covers, and the record rewritten after every chunk."""
     meta_path, train_path, _ = cache.paths(cache_dir, key)
+    record_path = partial.paths(cache_dir, key)[1]
     dtype = cache.token_dtype(tok.get_vocab_size())
+    done = record["train"] if record else {"tokens": 0, "bytes": 0, "docs": 0}
+    started = time.perf_counter()
+
+    def chunk_written(tokens: int) -> None:
+        if record is not None:
+            record["train"] = {"tokens": train.tokens, "bytes": train.bytes, "docs": train.docs}
+            if train.tokens > done["tokens"] + 1:  # the rate seen, for a next run that need not measure it
+                record["rate_tokens_s"] = (train.tokens - done["tokens"]) / (time.perf_counter() - started)
+            partial.write(record_path, record)
+        after_chunk(tokens)
+
     sided = (item for item in sided_documents(cfg, split, cache_dir) if not item[2])
-    with open(path, "wb") as f:
-        train = _Followed(f, dtype, after_chunk)
-        train.append(np.array([eos_id(tok)]), 0, 0)
-        encode_into(tok, _read_ahead(_chunks(sided)), train, _Stream(io.BytesIO(), dtype))
+    with open(path, "r+b" if done["tokens"] else "wb") as f:
+        f.seek(0, os.SEEK_END)
+        train = _Followed(f, dtype, chunk_written)
+        train.tokens, train.bytes, train.docs = done["tokens"], done["bytes"], done["docs"]
+        if not done["tokens"]:
+            train.append(np.array([eos_id(tok)]), 0, 0)
+        encode_into(tok, _read_ahead(_chunks(itertools.islice(sided, done["docs"], None))), train,
+                    _Stream(io.BytesIO(), dtype))
     if not train.docs:
         raise DataError(f"corpus '{cfg.corpus}' gave no training documents; add text or lower data.val_fraction")
     os.replace(path, train_path)
@@ -67,16 +86,18 @@ def write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
                 train_docs=train.docs, val_docs=val_counts["val_docs"], tokenizer=tok.to_str())
     with atomic_write(meta_path) as f:  # written last: its presence marks a complete entry
         f.write(json.dumps(meta).encode())
+    if record is not None:
+        record_path.unlink(missing_ok=True)
     return train.tokens
 
 
 def job_record(cfg: ml_collections.ConfigDict, split: Split, tokenizer_path: Path, cache_dir: Path, key: str,
-               val_counts: dict, path: Path) -> dict:
+               val_counts: dict, path: Path, record: dict | None) -> dict:
     """What the worker needs, as JSON."""
     parts = [[spec, {"below": rule.below, "at_most": rule.at_most}] for spec, rule in split.parts]
     return dict(data=cfg.to_dict(), parts=parts, train_bytes=split.train_bytes, total_bytes=split.total_bytes,
                 tokenizer=str(tokenizer_path), cache_dir=str(cache_dir), key=key, val_counts=val_counts,
-                path=str(path), parent=os.getpid())
+                path=str(path), parent=os.getpid(), record=record)
 
 
 def _between_chunks(path: Path, parent: int) -> Callable[[int], None]:
@@ -85,7 +106,7 @@ def _between_chunks(path: Path, parent: int) -> Callable[[int], None]:
     def check(tokens: int) -> None:
         while True:
             if os.getppid() != parent:
-                os._exit(0)  # the run is gone: its growing file is dropped by the next preparation
+                os._exit(0)  # the run is gone: the next one continues the partial stream, or drops a private one
             if not pause.exists():
                 return
             time.sleep(0.05)
@@ -101,9 +122,10 @@ def main(job_path: str) -> int:
     path = Path(job["path"])
     try:
         write_train(cfg, split, Tokenizer.from_file(job["tokenizer"]), Path(job["cache_dir"]), job["key"],
-                    job["val_counts"], path, _between_chunks(path, job["parent"]))
+                    job["val_counts"], path, _between_chunks(path, job["parent"]), job["record"])
     except DataError as e:
-        path.unlink(missing_ok=True)
+        if job["record"] is None:  # a private file; a partial stream is kept for the next run
+            path.unlink(missing_ok=True)
         print(str(e), file=sys.stderr)
         return 2
     return 0
