@@ -52,6 +52,7 @@ def test_background_prep_writes_the_one_shot_entry_and_keeps_held_out_text_out(t
     data = background.prepare_growing(cfg, tmp_path / "bg")
     source = data.growing
     assert source is not None and not source.done and source.written < 2_000  # proven mid-preparation
+    assert background.prepare_growing(cfg, tmp_path / "bg") is data  # asked again in this process: the same writer
     assert not cache.paths(tmp_path / "bg", data.fingerprint)[0].exists()  # no entry a later run would trust yet
     assert len(data.train_tokens) == STREAM_KEYS["stream_shard_tokens"]
     gate.set()

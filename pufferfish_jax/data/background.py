@@ -12,8 +12,9 @@ tokens that will exist and the schedule (growing.StreamSchedule) when each shard
 
 When the worker finishes it renames the file to the entry's train stream and writes the meta file
 last, so the cache entry is exactly the one `prepare_data` writes and a later run starts at once.
-A process that stops earlier leaves a `.growing` file that the next preparation deletes (its
-writer is gone) and starts over; the tokens are the same every time.
+A run that ends earlier leaves the partial stream and its record (partial.py): the next run
+continues it, without scanning the corpus again. A run that finds another one writing the entry
+tokenizes into a private `.growing` file, which the next preparation deletes once its writer is gone.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
     return val
 
 
+_LIVE: dict[tuple[Path, str], PreparedData] = {}  # streams this process is writing, by entry
 WRITER = "process"  # or "thread" (the tests' choice: in-process, so they can hold the writer)
 
 
@@ -151,6 +153,8 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     _, _, key = cache.keys(data_cfg)
     if (cached := cache.load_cached(cache_dir, key, start)) is not None:
         return prepare_data(data_cfg, cache_dir, log=log)  # the same cached entry, with its log line
+    if (live := _LIVE.get((cache_dir, key))) and live.growing.error is None and not live.growing.done:
+        return live  # this process writes it already (a pipeline's plan stage, then its train stage)
     lock_fd = partial.try_lock(cache_dir, key)  # None: another run writes this entry; tokenize privately
     meta_path, train_path, val_path = cache.paths(cache_dir, key)
     _drop_stale(train_path)
@@ -190,10 +194,12 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     source.total_estimate = round(split.train_bytes * val_counts["val_tokens"] / max(val_counts["val_bytes"], 1))
     log(f"data: training starts while tokenizing continues ({source.written:,} of about "
         f"{source.total_estimate:,} train tokens, {source.rate_tokens_s:,.0f} tokens/s)")
-    return PreparedData(tokenizer=tok, tokenizer_json=tok.to_str(), train_tokens=source.prefix(first),
-                        val_tokens=np.memmap(val_path, dtype=dtype, mode="r"), train_bytes=split.train_bytes,
-                        val_bytes=val_counts["val_bytes"], vocab_size=tok.get_vocab_size(), fingerprint=key,
-                        prep_seconds=time.perf_counter() - start, growing=source)
+    _LIVE[(cache_dir, key)] = PreparedData(
+        tokenizer=tok, tokenizer_json=tok.to_str(), train_tokens=source.prefix(first),
+        val_tokens=np.memmap(val_path, dtype=dtype, mode="r"), train_bytes=split.train_bytes,
+        val_bytes=val_counts["val_bytes"], vocab_size=tok.get_vocab_size(), fingerprint=key,
+        prep_seconds=time.perf_counter() - start, growing=source)
+    return _LIVE[(cache_dir, key)]
 
 
 def _tokenizer_and_val(data_cfg: ml_collections.ConfigDict, split: Split, cache_dir: Path, val_path: Path,
