@@ -245,7 +245,7 @@ class _Run:
     def train(self) -> Outcome:
         growing = self.data.growing  # a corpus still being tokenized: the evals that size the time kept
         if growing is not None:      # for the final one, and that final one, run with the tokenizer paused
-            growing.pause()
+            growing.pause(wait_s=30.0)
         self.first_eval()
         if growing is not None:
             growing.resume()

@@ -80,6 +80,7 @@ def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
     return val
 
 
+PAUSE_WAIT_S = 30.0  # at most this for the writer to finish its chunk before steps are timed
 _LIVE: dict[tuple[Path, str], PreparedData] = {}  # streams this process is writing, by entry
 WRITER = "process"  # or "thread" (the tests' choice: in-process, so they can hold the writer)
 
@@ -88,7 +89,7 @@ def _thread_writer(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer,
                    val_counts: dict, source: GrowingTokens, record: dict | None) -> None:
     def after_chunk(tokens: int) -> None:
         source.published(tokens)
-        source.wait_running()
+        source.paused_here()
 
     try:
         tokens = tokenize_worker.write_train(cfg, split, tok, cache_dir, key, val_counts, source.path, after_chunk,
@@ -108,7 +109,7 @@ def _follow(process: subprocess.Popen, source: GrowingTokens, meta_path: Path, t
             source.published(source.path.stat().st_size // source.dtype.itemsize)
         time.sleep(0.05)
     lines = err_path.read_text().strip().splitlines() if err_path.exists() else []
-    for path in (err_path, *(Path(f"{source.path}.{end}") for end in ("job.json", "pause", "tokenizer.json"))):
+    for path in (err_path, *(Path(f"{source.path}.{end}") for end in ("job.json", "pause", "paused", "tokenizer.json"))):
         path.unlink(missing_ok=True)
     try:
         if code != 0:
@@ -159,7 +160,7 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     meta_path, train_path, val_path = cache.paths(cache_dir, key)
     _drop_stale(train_path)
     if lock_fd is not None:  # what a killed run's worker left beside the partial stream (a pause above all)
-        for end in ("pause", "err", "job.json", "tokenizer.json"):
+        for end in ("pause", "paused", "err", "job.json", "tokenizer.json"):
             Path(f"{partial.paths(cache_dir, key)[0]}.{end}").unlink(missing_ok=True)
     record = partial.peek(cache_dir, key) if lock_fd is not None else None
     if record is not None:  # a run before this one tokenized part of it: continue from there
@@ -238,7 +239,7 @@ def paused(data: PreparedData) -> Iterator[None]:
     if data.growing is None:
         yield
         return
-    data.growing.pause()
+    data.growing.pause(wait_s=PAUSE_WAIT_S)
     try:
         yield
     finally:

@@ -87,8 +87,8 @@ class GrowingTokens:
     The writer's side (a thread, or the thread following a worker process) calls
     `published(tokens)` after each flushed append and `finished(path, tokens)` (the file's final
     name) or `failed(error)` once; readers call `wait_for` and `prefix`. `pause`/`resume` ask the
-    writer to wait between appends (planning times steps alone): a thread writer checks
-    `wait_running`, a worker process the file `<path>.pause`.
+    writer to wait between appends (planning times steps alone): a thread writer calls
+    `paused_here`, a worker process checks the file `<path>.pause`; both say so in `<path>.paused`.
     """
 
     def __init__(self, path: Path, dtype: np.dtype, *, written: int = 0, done: bool = False):
@@ -113,9 +113,6 @@ class GrowingTokens:
             self.written = max(self.written, tokens)
             self._changed.notify_all()
 
-    def wait_running(self) -> None:
-        self._running.wait()
-
     def finished(self, path: Path, tokens: int) -> None:
         with self._changed:
             self.path, self.written, self.done, self._map = Path(path), tokens, True, None
@@ -126,9 +123,24 @@ class GrowingTokens:
             self.error = error
             self._changed.notify_all()
 
-    def pause(self) -> None:
+    def pause(self, wait_s: float = 0.0) -> None:
+        """Asks the writer to wait before its next chunk; with `wait_s`, waits (that long at most)
+        until it does (`<path>.paused` exists) or has finished, so what follows runs alone."""
         self._running.clear()
         Path(f"{self.path}.pause").touch()
+        start = time.perf_counter()
+        while (time.perf_counter() - start < wait_s and not self.done and self.error is None
+               and not Path(f"{self.path}.paused").exists()):
+            time.sleep(_POLL_S)
+
+    def paused_here(self) -> None:
+        """A thread writer, between chunks: waits while paused, saying so like a worker does."""
+        if self._running.is_set():
+            return
+        ack = Path(f"{self.path}.paused")
+        ack.touch()
+        self._running.wait()
+        ack.unlink(missing_ok=True)
 
     def resume(self) -> None:
         self._running.set()

@@ -101,14 +101,16 @@ def job_record(cfg: ml_collections.ConfigDict, split: Split, tokenizer_path: Pat
 
 
 def _between_chunks(path: Path, parent: int) -> Callable[[int], None]:
-    pause = Path(f"{path}.pause")
+    pause, paused = Path(f"{path}.pause"), Path(f"{path}.paused")
 
     def check(tokens: int) -> None:
         while True:
             if os.getppid() != parent:
                 os._exit(0)  # the run is gone: the next one continues the partial stream, or drops a private one
             if not pause.exists():
+                paused.unlink(missing_ok=True)
                 return
+            paused.touch()  # the parent waits for this before it times anything
             time.sleep(0.05)
 
     return check
