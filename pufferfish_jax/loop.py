@@ -251,7 +251,7 @@ class _Run:
             growing.resume()
         interrupted = self.loop()
         if growing is not None:
-            growing.pause()
+            growing.stop()
         self.settle()
         self.display.update(self.step, self.step, self.last_loss, self.tokens_per_step / self.step_s() if self.intervals else 0.0)
         self.display.close()

@@ -139,6 +139,7 @@ def _start_writer(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, 
         process = subprocess.Popen([sys.executable, "-m", "pufferfish_jax.data.tokenize_worker", str(job_path)],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                    pass_fds=() if lock_fd is None else (lock_fd,))
+    source.on_stop = process.terminate
     threading.Thread(target=_follow, args=(process, source, meta_path, train_path, err_path), daemon=True,
                      name="pufferfish-tokenize-follow").start()
 

@@ -99,6 +99,7 @@ class GrowingTokens:
         self._running = threading.Event()
         self._running.set()
         self._map: np.ndarray | None = None
+        self.on_stop: Callable[[], None] | None = None  # set by a writer that can be ended at once
 
     @classmethod
     def complete(cls, tokens: np.ndarray) -> GrowingTokens:
@@ -132,6 +133,14 @@ class GrowingTokens:
         while (time.perf_counter() - start < wait_s and not self.done and self.error is None
                and not Path(f"{self.path}.paused").exists()):
             time.sleep(_POLL_S)
+
+    def stop(self) -> None:
+        """No step reads more: a worker process is ended at once (its partial record is whole after
+        every chunk, so nothing is lost), a thread paused."""
+        if self.on_stop is not None:
+            self.on_stop()
+        else:
+            self.pause()
 
     def paused_here(self) -> None:
         """A thread writer, between chunks: waits while paused, saying so like a worker does."""
