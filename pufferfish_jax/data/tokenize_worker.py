@@ -37,6 +37,9 @@ from pufferfish_jax.data.tokenizer import eos_id
 from pufferfish_jax.errors import DataError
 
 
+_SKIP_CHECK_DOCS = 4096  # documents read past between checks for a pause or a gone parent
+
+
 class _Followed(_Stream):
     """A train stream that readers follow: flushed, then `after_chunk(tokens)`, after every append."""
 
@@ -76,8 +79,10 @@ def write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
         train.tokens, train.bytes, train.docs = done["tokens"], done["bytes"], done["docs"]
         if not done["tokens"]:
             train.append(np.array([eos_id(tok)]), 0, 0)
-        encode_into(tok, _read_ahead(_chunks(itertools.islice(sided, done["docs"], None))), train,
-                    _Stream(io.BytesIO(), dtype))
+        for skipped, _ in enumerate(itertools.islice(sided, done["docs"])):  # read past what is done,
+            if skipped % _SKIP_CHECK_DOCS == 0:                               # answering a pause meanwhile
+                chunk_written(train.tokens)
+        encode_into(tok, _read_ahead(_chunks(sided)), train, _Stream(io.BytesIO(), dtype))
     if not train.docs:
         raise DataError(f"corpus '{cfg.corpus}' gave no training documents; add text or lower data.val_fraction")
     os.replace(path, train_path)
