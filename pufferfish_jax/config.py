@@ -84,6 +84,10 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("data.max_chars", 0, "Use only the first N characters of the corpus; 0 = all."),
     ("data.text_field", "text", "The jsonl field, parquet column or hf: dataset column that holds the text."),
     ("data.tokenizer_sample_bytes", 32_000_000, "Train the BPE on a deterministic sample of about this many bytes of training text; 0 = all of it."),
+    ("data.stream_min_bytes", 16_000_000, "A budgeted run on a corpus of at least this many bytes starts training while it is still tokenized; 0 = never."),
+    ("data.stream_shard_tokens", 1_000_000, "Tokens of a shard of a stream tokenized while training: the unit that becomes visible, and what training waits for first."),
+    ("data.stream_margin", 2.0, "Planned steps per shard = this x the steps the measured tokenizing rate needs for one; above 1 keeps data waits rare."),
+    ("data.stream_steps_per_shard", 0.0, "Fix the stream schedule: shard i usable from step i x this (also in steps=N runs); 0 = from the measured rate (budgeted runs only)."),
     ("data.cache_dir", "", "Cache folder; '' = $PUFFERFISH_CACHE or ~/.cache/pufferfish."),
     # budget
     ("budget.time", "", "Wall-clock budget, e.g. 90s, 5m, 1h30m; '' = no budget (use train.steps)."),
@@ -292,6 +296,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     if cfg.data.val_min_tokens < 0:
         raise ConfigError(f"data.val_min_tokens={cfg.data.val_min_tokens} must not be negative (0 = no floor)")
+    if cfg.data.stream_min_bytes < 0 or cfg.data.stream_shard_tokens < 2 or not cfg.data.stream_margin >= 1 \
+            or cfg.data.stream_steps_per_shard < 0:
+        raise ConfigError("data.stream_min_bytes and data.stream_steps_per_shard must not be negative, "
+                          "data.stream_shard_tokens at least 2 and data.stream_margin at least 1")
     if cfg.data.tokenizer_sample_bytes < 0 or not cfg.data.text_field:
         raise ConfigError("data.tokenizer_sample_bytes must not be negative (0 = all) and data.text_field not empty")
     if not 0 < cfg.data.val_fraction < 1:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from pufferfish_jax import sharding
 from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.planner import Plan
+from pufferfish_jax.data import growing
 from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
 from pufferfish_jax.display import TrainDisplay, memory_usage
 from pufferfish_jax.errors import CheckpointError, TrainingDiverged
@@ -230,6 +231,11 @@ class _Run:
     # -- the run --------------------------------------------------------------------------------
     def batches(self):
         plan, data = self.plan, self.data
+        if data.schedule is not None:  # a stream still growing when the run began: its own rule
+            return growing.train_batches(data.growing, data.schedule, seq_len=self.seq_len, batch_size=self.batch_size,
+                                         seed=self.cfg.train.seed, start_step=self.step,
+                                         part=sharding.process_part(self.mesh, self.batch_size),
+                                         on_wait=lambda step, s: self.metrics.write("data_wait", step=step, wait_s=s))
         subset = 0 if plan.subset_fraction >= 1 else max(
             self.batch_size, round(plan.subset_fraction * num_windows_available(data.train_tokens, self.seq_len)))
         return train_batches(data.train_tokens, seq_len=self.seq_len, batch_size=self.batch_size,
@@ -237,8 +243,15 @@ class _Run:
                              part=sharding.process_part(self.mesh, self.batch_size))
 
     def train(self) -> Outcome:
+        growing = self.data.growing  # a corpus still being tokenized: the evals that size the time kept
+        if growing is not None:      # for the final one, and that final one, run with the tokenizer paused
+            growing.pause(wait_s=30.0)
         self.first_eval()
+        if growing is not None:
+            growing.resume()
         interrupted = self.loop()
+        if growing is not None:
+            growing.stop()
         self.settle()
         self.display.update(self.step, self.step, self.last_loss, self.tokens_per_step / self.step_s() if self.intervals else 0.0)
         self.display.close()

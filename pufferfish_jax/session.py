@@ -32,8 +32,10 @@ from pufferfish_jax import loop, rundir, sharding
 from pufferfish_jax.budget.calibrate import CalibrationCache
 from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.budget.planner import Plan, apply_plan, budget_plan, fixed_steps_plan
+from pufferfish_jax.data import background
 from pufferfish_jax.data.corpora import load_documents
 from pufferfish_jax.data.files import Log, no_log
+from pufferfish_jax.data.growing import read_schedule
 from pufferfish_jax.data.pipeline import PreparedData, encode_documents, prepare_data, unigram_bpb
 from pufferfish_jax.errors import ConfigError, DataError
 from pufferfish_jax.export import hf_import
@@ -44,7 +46,7 @@ from pufferfish_jax.train.state import TrainState, abstract_state, make_optimize
 from pufferfish_jax.train.step import make_eval_step
 
 # What a run writes into its run dir (and nothing else may be there for it to start afresh).
-RUN_FILES = {"config.json", "plan.json", "outcome.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard"}
+RUN_FILES = {"config.json", "plan.json", "stream.json", "outcome.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard"}
 RUN_FOLDERS = {"checkpoints", "tensorboard"}
 # Keys a resumed run may change: where and how often it writes, not what it trains.
 # The mesh is free too: a checkpoint restores under any mesh.
@@ -100,7 +102,9 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
         sharding.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)  # this batch is kept: fail now
     cache = config_lib.cache_dir(cfg)
     finish_by = started_at + PREP_SHARE * config_lib.parse_duration(cfg.budget.time) if cfg.budget.time else None
-    data = prepare_data(cfg.data, cache, log=log, finish_by=finish_by)
+    streams = cfg.budget.time or cfg.data.stream_steps_per_shard  # a big corpus is tokenized while training
+    prepare_fn = background.prepare_growing if streams else prepare_data
+    data = prepare_fn(cfg.data, cache, log=log, finish_by=finish_by)
     log(f"data: {cfg.data.corpus}: {len(data.train_tokens):,} train tokens, {len(data.val_tokens):,} held-out "
         f"tokens, vocab {data.vocab_size:,} ({data.prep_seconds:.1f}s)")
     if len(data.val_tokens) < cfg.model.seq_len + 1:  # no eval window: every score would be noise or nan
@@ -114,14 +118,17 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
                           f"{data.vocab_size}; set model.vocab_size=0 to use the tokenizer's size")
     if plan is None and cfg.budget.time:
         budget_s = config_lib.parse_duration(cfg.budget.time)
-        plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
-                           train_tokens=len(data.train_tokens), val_tokens=len(data.val_tokens),
-                           cache=CalibrationCache(cache), user_keys=user_keys, mesh=mesh,
-                           memory_limit=probe(measure=False).memory_bytes, log=lambda s: log(f"planning: {s}"))
+        with background.paused(data):
+            plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
+                               train_tokens=background.planned_train_tokens(data, started_at + budget_s),
+                               val_tokens=len(data.val_tokens), cache=CalibrationCache(cache), user_keys=user_keys,
+                               mesh=mesh, memory_limit=probe(measure=False).memory_bytes,
+                               log=lambda s: log(f"planning: {s}"))
     elif plan is None:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens), mesh=sharding.shape_of(mesh))
         _refuse_if_too_big(plan, probe(measure=False).memory_bytes)
-    return data, Plan(**sharding.agree_json(plan.to_dict()))
+    plan = Plan(**sharding.agree_json(plan.to_dict()))
+    return background.scheduled(data, cfg.data, step_s=plan.step_s, agree=sharding.agree_json), plan
 
 
 def _refuse_if_too_big(plan: Plan, memory_limit: int) -> None:
@@ -169,6 +176,8 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
         (run_dir / "config.json").write_text(config_lib.to_json(resolved))
         (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
         (run_dir / "tokenizer.json").write_text(data.tokenizer_json)
+        if data.schedule is not None:  # the order's rule while the stream grows: a resume reads it back
+            (run_dir / "stream.json").write_text(json.dumps(data.schedule.to_dict(), indent=2))
     on_plan(plan)
     log(f"run dir: {run_dir}")
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
@@ -193,7 +202,11 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
         section, name = key.split(".")
         saved[section][name] = cfg[section][name]
     plan = rundir.read_plan(run_dir)
-    data = prepare_data(saved.data, config_lib.cache_dir(saved), log=log)
+    if schedule := read_schedule(run_dir / "stream.json"):
+        data = background.with_schedule(background.prepare_growing(saved.data, config_lib.cache_dir(saved), log=log,
+                                                                   force=True), schedule)
+    else:
+        data = prepare_data(saved.data, config_lib.cache_dir(saved), log=log)
     spec = ModelSpec.from_config(saved.model, saved.moe)
     at_most = int(cfg.train.resume) if cfg.train.resume.isdigit() else None
     state, ref = checkpoint.restore_newest(run_dir / "checkpoints", abstract_state(spec, make_optimizer(saved.train), mesh),

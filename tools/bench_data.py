@@ -3,6 +3,7 @@
 whole-corpus path.
 
     python tools/bench_data.py [--sizes 10,100,400] [--baseline-up-to 400] [--workdir DIR] [--keep]
+                               [--train-budget 90s] [--no-prep]
 
 For each size it writes a corpus of that many MB as jsonl shards (16 MB each) into a temp folder:
 documents made by mixing and shuffling paragraphs of the built-in texts (wiki, shakespeare, kjv,
@@ -17,6 +18,12 @@ Then, each in a fresh process so peak RSS is its own:
 
 Prints MB/s and tokens/s of corpus bytes prepared, peak RSS, and the ratios whole / stream, with the
 CPU model and flags. Timings on a shared machine are indicative.
+
+With --train-budget, it then runs the real command, `python -m pufferfish_jax train budget=B
+data.corpus=FOLDER`, twice per size on one cache (cold tokens, then warm; the planner's step-time
+measurements are shared, so only the first size's first run pays for them) and reports, from the
+run's metrics.jsonl: seconds from the command to the start of the first step, the steps, and the
+share of the training time spent waiting for the train stream (`data_wait` records).
 """
 
 from __future__ import annotations
@@ -124,6 +131,32 @@ def measure(mode: str, corpus: Path, cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------- the real command
+def train_run(corpus: Path, cache: Path, run_dir: Path, budget: str) -> dict:
+    """One `train budget=B` on `corpus`: time to the first step and the data-wait share, from its metrics."""
+    started = time.time()
+    out = subprocess.run([sys.executable, "-m", "pufferfish_jax", "train", f"budget={budget}", f"data.corpus={corpus}",
+                          f"run_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, check=False,
+                         env={**os.environ, "PUFFERFISH_CACHE": str(cache), "PUFFERFISH_T0": repr(started)})
+    run_dir.with_suffix(".log").write_text(out.stdout + out.stderr)
+    if out.returncode:
+        raise SystemExit(f"train on {corpus} failed:\n{out.stderr[-2000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    compiled = next(r for r in records if r["event"] == "compile")
+    first_step = compiled["time"] - compiled["train_step_s"] - started
+    last = max(r["time"] for r in records if r["event"] == "train")
+    waited = sum(r["wait_s"] for r in records if r["event"] == "data_wait")
+    outcome = json.loads((run_dir / "outcome.json").read_text())
+    return dict(first_step_s=first_step, wait_share=waited / max(last - compiled["time"], 1e-9), waited_s=waited,
+                steps=outcome["steps"], wall_s=outcome["wall_s"], budget_s=outcome["budget_s"],
+                streamed=(run_dir / "stream.json").exists())
+
+
+def train_row(size: int, which: str, r: dict) -> str:
+    return (f"| {size:,} | {which} | {'yes' if r['streamed'] else 'no'} | {r['first_step_s']:.1f} | {r['steps']:,} | "
+            f"{100 * r['wait_share']:.2f} % ({r['waited_s']:.1f} s) | {r['wall_s']:.0f} of {r['budget_s']:.0f} s |")
+
+
 # ----------------------------------------------------------------------------- the table
 def cpu() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -147,6 +180,8 @@ def main() -> None:
     parser.add_argument("--baseline-up-to", type=int, default=400, help="run the whole-corpus path up to this size")
     parser.add_argument("--workdir", default="", help="where corpora and caches go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the corpora and caches")
+    parser.add_argument("--train-budget", default="", help="also train with this budget (e.g. 90s), cold then warm")
+    parser.add_argument("--no-prep", action="store_true", help="skip the preparation-only measurements")
     args = parser.parse_args()
     from pufferfish_jax import config as config_lib
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
@@ -154,22 +189,33 @@ def main() -> None:
     print(f"CPU: {cpu()}\nsource: {len(paragraphs):,} paragraphs; work dir {work}", flush=True)
     lines = ["| corpus MB | path | seconds | MB/s | tokens/s | peak RSS MB | whole / stream |",
              "|---:|---|---:|---:|---:|---:|---|"]
+    trains = ["| corpus MB | tokens | streamed | first step after s | steps | data wait | wall |",
+              "|---:|---|---|---:|---:|---:|---:|"]
     try:
         for size in (int(s) for s in args.sizes.split(",")):
             corpus = work / f"corpus_{size}mb"
-            write_corpus(corpus, size, paragraphs)
-            base = measure("whole", corpus, work / f"whole_{size}") if size <= args.baseline_up_to else None
-            stream = measure("stream", corpus, work / f"cache_{size}")
-            warm = measure("warm", corpus, work / f"cache_{size}")
-            lines += ([row(size, "whole", base, None)] if base else []) + [
-                row(size, "stream", stream, base), row(size, "warm", warm, None)]
-            print("\n".join(lines[-3:]), flush=True)
+            if not corpus.is_dir():  # a kept --workdir's corpus is reused
+                write_corpus(corpus, size, paragraphs)
+            if not args.no_prep:
+                base = measure("whole", corpus, work / f"whole_{size}") if size <= args.baseline_up_to else None
+                stream = measure("stream", corpus, work / f"cache_{size}")
+                warm = measure("warm", corpus, work / f"cache_{size}")
+                lines += ([row(size, "whole", base, None)] if base else []) + [
+                    row(size, "stream", stream, base), row(size, "warm", warm, None)]
+                print("\n".join(lines[-3:]), flush=True)
+            if args.train_budget:
+                for which in ("cold", "warm"):
+                    result = train_run(corpus, work / "train_cache", work / f"run_{size}_{which}", args.train_budget)
+                    trains.append(train_row(size, which, result))
+                    print(trains[-1], flush=True)
             if not args.keep:
                 shutil.rmtree(corpus, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(lines if not args.no_prep else []))
+    if args.train_budget:
+        print(f"\ntrain budget={args.train_budget}:\n" + "\n".join(trains))
 
 
 if __name__ == "__main__":

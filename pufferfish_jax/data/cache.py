@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
@@ -22,6 +23,9 @@ from tokenizers import Tokenizer
 
 from pufferfish_jax.data.corpora import corpus_fingerprint
 from pufferfish_jax.errors import DataError
+
+if TYPE_CHECKING:
+    from pufferfish_jax.data.growing import GrowingTokens, StreamSchedule
 
 CACHE_VERSION = 1  # bump when the stream layout or the meta fields change
 
@@ -39,6 +43,10 @@ class PreparedData:
     vocab_size: int
     fingerprint: str  # corpus + split + tokenizer: names the cache and identifies the data in runs
     prep_seconds: float
+    # Set while the train stream is still being written (background.py), and for a run that reads
+    # it by a visibility schedule (growing.py); then train_tokens is what step 0 may use.
+    growing: GrowingTokens | None = None
+    schedule: StreamSchedule | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -101,15 +101,18 @@ def sided_documents(cfg: ml_collections.ConfigDict, split: Split, cache_dir: Pat
 
 
 def sample_documents(cfg: ml_collections.ConfigDict, cache_dir: Path, split: Split | None = None, *,
-                     log: Log = no_log) -> Iterator[str]:
+                     log: Log = no_log, held_out: list[str] | None = None) -> Iterator[str]:
     """Pass 2: the training documents the tokenizer learns from (see the module doc); lazy, so a
-    cached tokenizer costs no scan."""
+    cached tokenizer costs no scan. The held-out documents it passes are appended to `held_out`
+    (background.py encodes them without reading the corpus again)."""
     split = split or scan_split(cfg, cache_dir, log=log)
     budget = cfg.get("tokenizer_sample_bytes", 0)
     rate = budget / split.train_bytes if budget and split.train_bytes else 1.0
     taken = 0
-    for doc, data, held_out, v in sided_documents(cfg, split, cache_dir, log):
-        if held_out or (rate < 1 and v >= rate):
+    for doc, data, is_val, v in sided_documents(cfg, split, cache_dir, log):
+        if is_val and held_out is not None:
+            held_out.append(doc)
+        if is_val or (rate < 1 and v >= rate):
             continue
         if budget and not split.train_bytes and taken >= budget:
             return  # a stream: its first `budget` bytes of training text
@@ -118,12 +121,13 @@ def sample_documents(cfg: ml_collections.ConfigDict, cache_dir: Path, split: Spl
 
 
 def tokenizer_for(data_cfg: ml_collections.ConfigDict, cache_dir: Path, split: Split | None = None, *,
-                  log: Log = no_log) -> Tokenizer:
+                  log: Log = no_log, held_out: list[str] | None = None) -> Tokenizer:
     """The one place a run's tokenizer comes from: data.tokenizer, or the BPE trained on the
     sample of the training split (cached, so a pipeline's tokenizer stage and a later
     prepare_data share one training)."""
     _, sample_key, _ = cache.keys(data_cfg)
-    return load_or_train_tokenizer(sample_documents(data_cfg, cache_dir, split, log=log), data_cfg.vocab_size,
+    return load_or_train_tokenizer(sample_documents(data_cfg, cache_dir, split, log=log, held_out=held_out),
+                                   data_cfg.vocab_size,
                                    cache_dir, path=data_cfg.tokenizer, corpus_fingerprint=sample_key, log=log)
 
 
@@ -267,7 +271,7 @@ def _write_entry(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, c
 
 
 def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log,
-                 finish_by: float | None = None) -> PreparedData:
+                 finish_by: float | None = None, split: Split | None = None) -> PreparedData:
     """Corpus -> split -> tokenizer -> token streams, cached under `cache_dir`, in bounded memory.
 
     `finish_by` (a time.time(), e.g. part of a budget): a corpus whose encoding, at the rate
@@ -275,7 +279,8 @@ def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: L
     of spending the budget; a stream (size unknown) is not checked.
 
     A warm call (same corpus files, split and tokenizer settings) reads only the cache: the corpus is
-    identified by cheap fingerprints (archive pins, file sizes and mtimes), never re-read.
+    identified by cheap fingerprints (archive pins, file sizes and mtimes), never re-read. A `split`
+    already scanned (background.py) is not scanned again.
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
@@ -284,7 +289,7 @@ def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: L
         log(f"data: cached token streams {key} ({cached.train_tokens.size:,} train / "
             f"{cached.val_tokens.size:,} val tokens)")
         return cached
-    split = scan_split(data_cfg, cache_dir, log=log)
+    split = split or scan_split(data_cfg, cache_dir, log=log)
     tok = tokenizer_for(data_cfg, cache_dir, split, log=log)
     log("data: tokenizing")
     _write_entry(data_cfg, split, tok, cache_dir, key, log, finish_by)
