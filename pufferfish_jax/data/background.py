@@ -39,8 +39,8 @@ from pufferfish_jax.data import cache, partial, tokenize_worker
 from pufferfish_jax.data.cache import PreparedData, token_dtype
 from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.growing import GrowingTokens, StreamSchedule, make_schedule
-from pufferfish_jax.data.prepare import (Split, _chunks, _read_ahead, _Stream, encode_into, prepare_data, scan_split,
-                                         sided_documents, tokenizer_for)
+from pufferfish_jax.data.prepare import (Split, TokenStream, document_chunks, encode_into, prepare_data, read_ahead,
+                                         scan_split, sided_documents, tokenizer_for)
 from pufferfish_jax.data.tokenizer import eos_id
 from pufferfish_jax.errors import DataError
 
@@ -64,16 +64,16 @@ _STASH_BYTES = 256 << 20  # held-out text kept in memory from the tokenizer's pa
 
 
 def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, val_path: Path,
-                held: list[str]) -> _Stream:
+                held: list[str]) -> TokenStream:
     """The held-out stream, whole, at its final name (trusted only once the meta file exists):
     from `held` when the tokenizer's pass collected every held-out document, else read again."""
     dtype = token_dtype(tok.get_vocab_size())
     complete = held and sum(len(d.encode("utf-8")) + 1 for d in held) == split.total_bytes - split.train_bytes
     sided = ((d, d.encode("utf-8"), True, 0.0) for d in held) if complete else sided_documents(cfg, split, cache_dir)
     with atomic_write(val_path) as f:
-        val = _Stream(f, dtype)
+        val = TokenStream(f, dtype)
         val.append(np.array([eos_id(tok)]), 0, 0)
-        encode_into(tok, _read_ahead(_chunks(_one_side(sided, True))), _Stream(io.BytesIO(), dtype), val)
+        encode_into(tok, read_ahead(document_chunks(_one_side(sided, True))), TokenStream(io.BytesIO(), dtype), val)
     if not val.docs:
         raise DataError(f"corpus '{cfg.corpus}' gave no held-out documents; add text, raise data.val_fraction, "
                         "or set data.val_source")

@@ -131,7 +131,7 @@ def tokenizer_for(data_cfg: ml_collections.ConfigDict, cache_dir: Path, split: S
                                    cache_dir, path=data_cfg.tokenizer, corpus_fingerprint=sample_key, log=log)
 
 
-def _read_ahead(items: Iterator, depth: int = 2) -> Iterator:
+def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
     """`items`, produced by a thread up to `depth` ahead: reading and parsing (Python) overlap
     encoding (Rust, which releases the GIL). An error in the thread is raised here; closing this
     generator stops the thread."""
@@ -166,7 +166,7 @@ def _read_ahead(items: Iterator, depth: int = 2) -> Iterator:
         stop.set()
 
 
-def _chunks(sided: Iterable[tuple[str, bytes, bool, float]]) -> Iterator[list[tuple[str, int, bool]]]:
+def document_chunks(sided: Iterable[tuple[str, bytes, bool, float]]) -> Iterator[list[tuple[str, int, bool]]]:
     """(document, bytes, held out?) in lists of at most _CHUNK_DOCS documents or ~_CHUNK_BYTES."""
     chunk, size = [], 0
     for doc, data, held_out, _ in sided:
@@ -180,7 +180,7 @@ def _chunks(sided: Iterable[tuple[str, bytes, bool, float]]) -> Iterator[list[tu
 
 
 @dataclass
-class _Stream:
+class TokenStream:
     """One token file being appended to, and what it holds so far."""
 
     file: BinaryIO
@@ -217,7 +217,7 @@ def _check_finish(done: int, total: int, elapsed: float, finish_by: float | None
                         "run without one (steps=N), or set data.max_chars")
 
 
-def encode_into(tok: Tokenizer, chunks: Iterable[list[tuple[str, int, bool]]], train: _Stream, val: _Stream,
+def encode_into(tok: Tokenizer, chunks: Iterable[list[tuple[str, int, bool]]], train: TokenStream, val: TokenStream,
                 log: Log = no_log, *, total_bytes: int = 0, finish_by: float | None = None) -> None:
     """Pass 3: every chunk batch-encoded and appended, document by document, to its side's stream.
     With `finish_by`, stops with a DataError as soon as the rate seen projects past it."""
@@ -254,10 +254,10 @@ def _write_entry(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, c
     meta_path, train_path, val_path = cache.paths(cache_dir, key)
     dtype, eos = token_dtype(tok.get_vocab_size()), np.array([eos_id(tok)])
     with atomic_write(train_path) as train_file, atomic_write(val_path) as val_file:
-        train, val = _Stream(train_file, dtype), _Stream(val_file, dtype)
+        train, val = TokenStream(train_file, dtype), TokenStream(val_file, dtype)
         train.append(eos, 0, 0)
         val.append(eos, 0, 0)
-        encode_into(tok, _read_ahead(_chunks(sided_documents(cfg, split, cache_dir, log))), train, val, log,
+        encode_into(tok, read_ahead(document_chunks(sided_documents(cfg, split, cache_dir, log))), train, val, log,
                     total_bytes=split.total_bytes, finish_by=finish_by)
         if not train.docs or not val.docs:
             side = "training" if not train.docs else "held-out"

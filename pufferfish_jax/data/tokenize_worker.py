@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from pufferfish_jax.data import cache, partial
 from pufferfish_jax.data.corpora import HashSplit
 from pufferfish_jax.data.files import atomic_write
-from pufferfish_jax.data.prepare import Split, _chunks, _read_ahead, _Stream, encode_into, sided_documents
+from pufferfish_jax.data.prepare import Split, TokenStream, document_chunks, encode_into, read_ahead, sided_documents
 from pufferfish_jax.data.tokenizer import eos_id
 from pufferfish_jax.errors import DataError
 
@@ -40,7 +40,7 @@ from pufferfish_jax.errors import DataError
 _SKIP_CHECK_DOCS = 4096  # documents read past between checks for a pause or a gone parent
 
 
-class _Followed(_Stream):
+class _Followed(TokenStream):
     """A train stream that readers follow: flushed, then `after_chunk(tokens)`, after every append."""
 
     def __init__(self, file, dtype, after_chunk: Callable[[int], None]):
@@ -82,7 +82,7 @@ def write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
         for skipped, _ in enumerate(itertools.islice(sided, done["docs"])):  # read past what is done,
             if skipped % _SKIP_CHECK_DOCS == 0:                               # answering a pause meanwhile
                 chunk_written(train.tokens)
-        encode_into(tok, _read_ahead(_chunks(sided)), train, _Stream(io.BytesIO(), dtype))
+        encode_into(tok, read_ahead(document_chunks(sided)), train, TokenStream(io.BytesIO(), dtype))
     if not train.docs:
         raise DataError(f"corpus '{cfg.corpus}' gave no training documents; add text or lower data.val_fraction")
     os.replace(path, train_path)
