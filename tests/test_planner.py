@@ -141,6 +141,29 @@ def test_cpu_plan_computes_in_the_faster_dtype(fp32_over_bf16, expected):
     assert {c["dtype"] for c in plan.candidates} == {"bfloat16", "float32"}
 
 
+class MispredictedDtypeCache(DtypeCache):
+    """Predicts float32 at `predicted` times the bfloat16 step (as the two matmul peaks would)
+    while it really runs at `fp32_over_bf16` times it."""
+
+    def __init__(self, fp32_over_bf16: float, predicted: float, clock: list, compile_s: float = 1.0):
+        super().__init__(fp32_over_bf16, clock, compile_s)
+        self.predicted = predicted
+
+    def time_model(self, spec, train_cfg, mesh):
+        scale = self.predicted if spec.dtype == "float32" else 1.0
+        return TimeModel(self.model.overhead_s * scale, self.model.s_per_flop * scale, self.model.compile_s)
+
+
+def test_the_leader_is_measured_in_the_other_dtype_before_the_dtype_is_chosen():
+    """The peaks predict float32 at half bfloat16's speed; measured, it is a little faster: the
+    plan computes in float32 (only the prediction ever saw it slower)."""
+    clock = [1000.0]
+    cache = MispredictedDtypeCache(0.9, 2.0, clock)
+    plan = _dtype_plan(600, cache, clock)
+    assert {spec.dtype for spec, _ in cache.measured} == {"bfloat16", "float32"}
+    assert plan.model["dtype"] == "float32"
+
+
 def test_a_dtype_the_user_set_is_kept():
     clock = [1000.0]
     plan = _dtype_plan(300, DtypeCache(0.5, clock), clock, user_keys={"model.dtype"}, **{"model.dtype": "bfloat16"})

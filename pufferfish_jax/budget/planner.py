@@ -323,10 +323,22 @@ def _score_all(cfg, candidates: list[tuple[ModelSpec, int]], cache: CalibrationC
     return rows
 
 
+def _contenders(candidates: list[tuple[ModelSpec, int]], ranked: list[int]) -> list[int]:
+    """What is measured before a plan is final, best first: the leader, the runner-up, and the
+    leader in the other compute dtype. An unmeasured dtype is predicted from the two matmul peaks,
+    and square products overstate bfloat16 for a small model's thin ones: at 4 x d128, batch 16
+    float32 ran as fast as bfloat16 on a CPU whose bf16 peak is 2.1x its float32 one
+    (docs/perf.md), where the prediction had float32 at half the speed and never measured it."""
+    leader, batch = candidates[ranked[0]]
+    twins = [i for i in ranked if candidates[i][1] == batch and candidates[i][0].dtype != leader.dtype
+             and dataclasses.replace(candidates[i][0], dtype=leader.dtype) == leader]
+    return list(dict.fromkeys([*ranked[:CONTENDERS], *twins]))
+
+
 def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, budget: Callable[[], _Budget],
                         limit: float, *, log, allowance_s: float, spent: Callable[[], float]) -> list[dict]:
-    """Measures until the leader and its runner-up are both measured, not predicted (a candidate
-    the time model wrongly thinks slow would otherwise never get the chance to win), the
+    """Measures until the `_contenders` are all measured, not predicted (a candidate the time
+    model wrongly thinks slow would otherwise never get the chance to win), the
     planning allowance is spent, or MAX_MEASUREMENTS were taken; returns the final scores.
 
     An unmeasured leader is measured first whatever it costs: its compile is the run's own. Any
@@ -342,7 +354,7 @@ def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, bu
             cached = [cache.cached(spec, cfg.train, batch, mesh) for (spec, batch), r in zip(candidates, rows) if r["measured"]]
             charged_s = sum(m.cold_compile_s or m.compile_s for m in cached)
             last_compile_s = max((m.cold_compile_s or m.compile_s for m in cached), default=0.0)
-        unmeasured = [i for i in ranked[:CONTENDERS] if not rows[i]["measured"]]
+        unmeasured = [i for i in _contenders(candidates, ranked) if not rows[i]["measured"]]
         if not unmeasured:
             return rows
         if not (first and unmeasured[0] == ranked[0]) and charged_s + spent() + last_compile_s > allowance_s:
