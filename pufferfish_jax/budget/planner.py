@@ -324,15 +324,15 @@ def _score_all(cfg, candidates: list[tuple[ModelSpec, int]], cache: CalibrationC
 
 
 def _contenders(candidates: list[tuple[ModelSpec, int]], ranked: list[int]) -> list[int]:
-    """What is measured before a plan is final, best first: the leader, the runner-up, and the
-    leader in the other compute dtype. An unmeasured dtype is predicted from the two matmul peaks,
+    """What is measured before a plan is final, in this order: the leader, the leader in the other
+    compute dtype, the runner-up. An unmeasured dtype is predicted from the two matmul peaks,
     and square products overstate bfloat16 for a small model's thin ones: at 4 x d128, batch 16
     float32 ran as fast as bfloat16 on a CPU whose bf16 peak is 2.1x its float32 one
     (docs/perf.md), where the prediction had float32 at half the speed and never measured it."""
     leader, batch = candidates[ranked[0]]
     twins = [i for i in ranked if candidates[i][1] == batch and candidates[i][0].dtype != leader.dtype
              and dataclasses.replace(candidates[i][0], dtype=leader.dtype) == leader]
-    return list(dict.fromkeys([*ranked[:CONTENDERS], *twins]))
+    return list(dict.fromkeys([ranked[0], *twins, *ranked[1:CONTENDERS]]))  # the twin first: it decides every shape's dtype
 
 
 def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, budget: Callable[[], _Budget],
