@@ -9,7 +9,7 @@ import textwrap
 import jax
 import pytest
 
-from pufferfish_jax.budget import planner
+from pufferfish_jax.budget import loss_model, planner
 from pufferfish_jax.budget.calibrate import TimeModel, flops_per_step
 from pufferfish_jax.config import apply_overrides, defaults
 from pufferfish_jax.errors import ConfigError
@@ -218,10 +218,10 @@ def test_seed_tiers_follow_the_white_paper():
 
 
 def test_repeated_epochs_are_discounted():
-    assert planner.effective_tokens(1e6, 2e6) == 1e6
-    four_epochs = planner.effective_tokens(4e6, 1e6)
+    assert loss_model.effective_tokens(1e6, 2e6) == 1e6
+    four_epochs = loss_model.effective_tokens(4e6, 1e6)
     assert 3.5e6 < four_epochs < 4e6  # Muennighoff: up to ~4 epochs are nearly as good as new data
-    assert planner.effective_tokens(100e6, 1e6) < 17e6  # and then the value fades
+    assert loss_model.effective_tokens(100e6, 1e6) < 17e6  # and then the value fades
 
 
 def test_memory_fit_turns_on_remat_then_refuses():

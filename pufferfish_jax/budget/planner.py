@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 from pufferfish_jax import sharding
 from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement, flops_per_step
+from pufferfish_jax.budget.loss_model import batch_efficiency, effective_tokens, predicted_loss
 from pufferfish_jax.config import MODEL_SHAPE_KEYS
 from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.moe import resolve_dispatch
@@ -51,14 +52,7 @@ LADDER = (
     (8, 384, 6, 2), (8, 512, 8, 4), (10, 640, 10, 2), (12, 768, 12, 4), (16, 1024, 16, 8),
     (20, 1280, 20, 4), (24, 1536, 24, 8), (28, 1792, 28, 4), (32, 2048, 32, 8),
 )
-CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
-REPEAT_HALF_LIFE = 15.4  # Muennighoff et al.: R*, the repetitions over which extra epochs fade
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per data-parallel device per step considered
-# McCandlish et al. 2018: reaching a loss takes E = E_min (1 + B / B_crit) tokens at batch B, so
-# tokens beyond the critical batch buy less. B_crit grows with the data a run sees (roughly as its
-# square root, Zhang et al. 2024); the constant is fitted to 2-minute CPU runs on the wiki corpus,
-# about 1M tokens, where 2k-token batches beat 4k-token ones by 0.22 bpb at equal time.
-CRITICAL_BATCH_TOKENS_AT_1M = 2048
 MIN_STEPS = 20
 MAX_MEASUREMENTS = 5
 CONTENDERS = 2  # the leader and runner-up are measured before a plan is final, while time allows
@@ -163,31 +157,6 @@ def memory_bytes(spec: ModelSpec, batch_size: int, grad_accum: int, mesh: tuple[
                                     + 4 * spec.num_heads * spec.seq_len / tensor) for i in range(spec.num_layers))
     logits = tokens * spec.vocab_size * 4 * 3 / tensor
     return int(16 * count_params(spec) / (fsdp * tensor) + activations + logits)
-
-
-def effective_tokens(tokens: float, unique_tokens: float) -> float:
-    """Tokens discounted for repetition: epochs past the first fade with half-life R*."""
-    if tokens <= unique_tokens:
-        return tokens
-    repeats = tokens / unique_tokens - 1
-    return unique_tokens * (1 + REPEAT_HALF_LIFE * (1 - math.exp(-repeats / REPEAT_HALF_LIFE)))
-
-
-def batch_efficiency(tokens_per_step: float, tokens: float) -> float:
-    """The fraction of a run's tokens that count, as a function of its batch.
-
-    Above the critical batch B_c, tokens are wasted (McCandlish et al.: E = E_min (1 + B/B_c)).
-    Far below it, gradient noise at a fixed learning rate costs more than the extra steps win: the
-    c / x term, with c = 1/4 putting the optimum at B_c / 2. Fitted here at ~1M tokens: batches of
-    512, 1024, 2048 and 4096 tokens scored 1.90, 1.87, 1.88 and 2.11 bpb in equal time.
-    """
-    x = tokens_per_step / (CRITICAL_BATCH_TOKENS_AT_1M * math.sqrt(max(tokens, 1.0) / 1e6))
-    return 1 / (1 + x + 0.25 / x)
-
-
-def predicted_loss(params: float, effective_tokens_: float) -> float:
-    c = CHINCHILLA
-    return c["E"] + c["A"] / params ** c["alpha"] + c["B"] / max(effective_tokens_, 1.0) ** c["beta"]
 
 
 def fixed_steps_plan(cfg: ml_collections.ConfigDict, *, train_tokens: int, mesh: tuple[int, int, int] = (1, 1, 1)) -> Plan:
@@ -324,15 +293,13 @@ def _score_all(cfg, candidates: list[tuple[ModelSpec, int]], cache: CalibrationC
 
 
 def _contenders(candidates: list[tuple[ModelSpec, int]], ranked: list[int]) -> list[int]:
-    """What is measured before a plan is final, in this order: the leader, the leader in the other
-    compute dtype, the runner-up. An unmeasured dtype is predicted from the two matmul peaks,
-    and square products overstate bfloat16 for a small model's thin ones: at 4 x d128, batch 16
-    float32 ran as fast as bfloat16 on a CPU whose bf16 peak is 2.1x its float32 one
-    (docs/perf.md), where the prediction had float32 at half the speed and never measured it."""
+    """The leader, then the leader in the other compute dtype (it decides every shape's dtype;
+    unmeasured, a dtype is predicted from square matmul peaks, which overstate bf16 for thin
+    products: docs/perf.md), then the runner-up."""
     leader, batch = candidates[ranked[0]]
     twins = [i for i in ranked if candidates[i][1] == batch and candidates[i][0].dtype != leader.dtype
              and dataclasses.replace(candidates[i][0], dtype=leader.dtype) == leader]
-    return list(dict.fromkeys([ranked[0], *twins, *ranked[1:CONTENDERS]]))  # the twin first: it decides every shape's dtype
+    return list(dict.fromkeys([ranked[0], *twins, *ranked[1:CONTENDERS]]))
 
 
 def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, budget: Callable[[], _Budget],
