@@ -153,7 +153,7 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
     _, _, key = cache.keys(data_cfg)
-    if (cached := cache.load_cached(cache_dir, key, start)) is not None:
+    if cache.load_cached(cache_dir, key, start) is not None:
         return prepare_data(data_cfg, cache_dir, log=log)  # the same cached entry, with its log line
     if (live := _LIVE.get((cache_dir, key))) and live.growing.error is None and not live.growing.done:
         return live  # this process writes it already (a pipeline's plan stage, then its train stage)

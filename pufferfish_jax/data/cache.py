@@ -22,6 +22,7 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from pufferfish_jax.data.corpora import corpus_fingerprint
+from pufferfish_jax.data.files import atomic_write
 from pufferfish_jax.errors import DataError
 
 if TYPE_CHECKING:
@@ -47,6 +48,17 @@ class PreparedData:
     # it by a visibility schedule (growing.py); then train_tokens is what step 0 may use.
     growing: GrowingTokens | None = None
     schedule: StreamSchedule | None = None
+
+
+def write_meta(meta_path: Path, tok: Tokenizer, dtype: np.dtype, *, train_tokens: int, train_bytes: int,
+               train_docs: int, val_tokens: int, val_bytes: int, val_docs: int) -> None:
+    """An entry's meta file, written after both streams (by a one-shot or a background
+    preparation): its presence marks a complete entry, which `load_cached` reads."""
+    meta = dict(version=CACHE_VERSION, dtype=np.dtype(dtype).name, train_tokens=train_tokens, val_tokens=val_tokens,
+                train_bytes=train_bytes, val_bytes=val_bytes, train_docs=train_docs, val_docs=val_docs,
+                tokenizer=tok.to_str())
+    with atomic_write(meta_path) as f:
+        f.write(json.dumps(meta).encode())
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

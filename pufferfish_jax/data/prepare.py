@@ -22,7 +22,6 @@ UTF-8 bytes plus one byte per EOS, the separator the EOS stands for.
 from __future__ import annotations
 
 import itertools
-import json
 import queue
 import threading
 import time
@@ -263,11 +262,8 @@ def _write_entry(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, c
             side = "training" if not train.docs else "held-out"
             raise DataError(f"corpus '{cfg.corpus}' gave no {side} documents; add text, raise or lower "
                             "data.val_fraction, or set data.val_source")
-    meta = dict(version=cache.CACHE_VERSION, dtype=dtype.name, train_tokens=train.tokens, val_tokens=val.tokens,
-                train_bytes=train.bytes, val_bytes=val.bytes, train_docs=train.docs, val_docs=val.docs,
-                tokenizer=tok.to_str())
-    with atomic_write(meta_path) as f:  # written last: its presence marks a complete entry
-        f.write(json.dumps(meta).encode())
+    cache.write_meta(meta_path, tok, dtype, train_tokens=train.tokens, train_bytes=train.bytes, train_docs=train.docs,
+                     val_tokens=val.tokens, val_bytes=val.bytes, val_docs=val.docs)
 
 
 def prepare_data(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log,

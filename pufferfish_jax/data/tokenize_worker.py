@@ -31,7 +31,6 @@ from tokenizers import Tokenizer
 
 from pufferfish_jax.data import cache, partial
 from pufferfish_jax.data.corpora import HashSplit
-from pufferfish_jax.data.files import atomic_write
 from pufferfish_jax.data.prepare import Split, TokenStream, document_chunks, encode_into, read_ahead, sided_documents
 from pufferfish_jax.data.tokenizer import eos_id
 from pufferfish_jax.errors import DataError
@@ -86,11 +85,8 @@ def write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
     if not train.docs:
         raise DataError(f"corpus '{cfg.corpus}' gave no training documents; add text or lower data.val_fraction")
     os.replace(path, train_path)
-    meta = dict(version=cache.CACHE_VERSION, dtype=dtype.name, train_tokens=train.tokens,
-                val_tokens=val_counts["val_tokens"], train_bytes=train.bytes, val_bytes=val_counts["val_bytes"],
-                train_docs=train.docs, val_docs=val_counts["val_docs"], tokenizer=tok.to_str())
-    with atomic_write(meta_path) as f:  # written last: its presence marks a complete entry
-        f.write(json.dumps(meta).encode())
+    cache.write_meta(meta_path, tok, dtype, train_tokens=train.tokens, train_bytes=train.bytes, train_docs=train.docs,
+                     **val_counts)
     if record is not None:
         record_path.unlink(missing_ok=True)
     return train.tokens
