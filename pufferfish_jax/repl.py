@@ -27,9 +27,11 @@ _TERMINAL_UNSAFE = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20)
 
 
 def write_continuation(spec, params, tokenizer, prompt: str, sampling: Sampling, *, moe_state: dict | None = None,
-                       out: TextIO = sys.stdout, terminal: bool = False) -> list[int]:
-    """Writes the prompt, then its continuation token by token as it is sampled; returns the new
-    tokens. On a terminal, control characters in the model's output are shown as U+FFFD."""
+                       out: TextIO | None = None, terminal: bool = False) -> list[int]:
+    """Writes the prompt, then its continuation token by token as it is sampled, to `out` (the
+    stdout of the moment when None); returns the new tokens. On a terminal, control characters in
+    the model's output are shown as U+FFFD."""
+    out = out or sys.stdout
     eos = eos_id(tokenizer)
     ids = tokenizer.encode(prompt).ids or [eos]
     if len(ids) + sampling.max_new_tokens > spec.seq_len:

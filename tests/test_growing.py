@@ -1,24 +1,20 @@
 """Training while the corpus is tokenized: the background writer gives the one-shot cache entry,
 batches follow the visibility schedule (a late shard is waited for, never reordered), held-out
-documents stay out, and the schedule read back from a run dir is checked."""
+documents stay out, and the schedule read back from a run dir is checked. (A SIGKILL while the
+corpus is still tokenized, then resume: test_resume.py's chaos test.)"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_MODEL, run_command
 from test_data_stream import data_cfg, docs_of, stream_docs, write_jsonl
-from test_resume import _digest, _start_and_wait_for_checkpoint
 
 from pufferfish_jax.data import background, cache, growing, prepare
 from pufferfish_jax.data import partial as partial_lib
@@ -207,40 +203,6 @@ def test_a_writer_error_stops_the_reader_with_its_message(tmp_path):
     threading.Timer(0.1, source.failed, args=(ValueError("shard b.jsonl line 3 is not JSON"),)).start()
     with pytest.raises(ValueError, match="line 3"):
         source.wait_for(100)
-
-
-@pytest.mark.slow
-def test_resume_while_the_corpus_is_still_tokenized_is_bit_identical(tmp_path, command_env, capsys):
-    """SIGKILL while the train stream is still being written (proven: a .growing file and no
-    cache entry), then the same command: it prepares again, follows the saved schedule and ends
-    with the parameters of an uninterrupted run with the same fixed schedule."""
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    # 4 x 8 MB, tokenized in about 30 s here, far longer than a start and the first checkpoint; the
-    # run itself needs about 1.2 M tokens (shard 61 at step 240), so every attempt stops long before.
-    text = write_jsonl(folder / "a.jsonl", docs_of(30_000)).read_bytes()
-    for name in "bcd":
-        (folder / f"{name}.jsonl").write_bytes(text)
-    env = {**command_env, "PUFFERFISH_CACHE": str(tmp_path / "cache")}
-    tokens_dir = tmp_path / "cache" / "tokens"
-    args = ["steps=240", f"data.corpus={folder}", *TINY_MODEL, "data.tokenizer_sample_bytes=300000",
-            "data.stream_min_bytes=1", "data.stream_shard_tokens=20000", "data.stream_steps_per_shard=4"]
-    chaos, reference = tmp_path / "chaos", tmp_path / "reference"
-    cmd = [sys.executable, "-m", "pufferfish_jax", "train", *args, f"run_dir={chaos}", "train.checkpoint_every_s=0.2"]
-    process = _start_and_wait_for_checkpoint(cmd, env, chaos, min_step=1)
-    record = json.loads(next(tokens_dir.glob("*.partial.json")).read_text())  # progress kept for the next run
-    entries = [p for p in tokens_dir.glob("*.json") if ".partial" not in p.name]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and record["train"]["docs"] > 0 and not entries  # mid-preparation
-    assert json.loads((chaos / "stream.json").read_text())["steps_per_shard"] == 4.0
-    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
-    assert "continuing the" in resumed.stdout  # from the tokens the killed run wrote
-    result = run_command(["train", *args, f"run_dir={reference}"], env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (reference / "stream.json").read_text() == (chaos / "stream.json").read_text()
-    assert _digest(chaos, capsys) == _digest(reference, capsys)
 
 
 def test_a_reader_mapping_while_the_writer_renames_waits_for_the_final_name(tmp_path):

@@ -23,7 +23,7 @@ from jax.sharding import AbstractMesh
 from conftest import story_corpus
 from test_planner import FakeCache
 
-from pufferfish_jax import sharding
+from pufferfish_jax import cli, sharding
 from pufferfish_jax.budget import planner
 from pufferfish_jax.session import params_digest
 from pufferfish_jax.config import apply_overrides, defaults, validate
@@ -59,8 +59,6 @@ def test_mesh_shape_fills_one_axis_and_refuses_what_does_not_fit():
 
 
 def test_cli_refuses_a_mesh_that_does_not_fit_in_one_line(capsys):
-    from pufferfish_jax import cli
-
     assert cli.main(["train", "steps=1", "mesh.data=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "mesh.data=3" in err and "there are 1" in err and len(err.splitlines()) == 1
@@ -154,7 +152,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(tmp_path, monkeypatch):
     corpus = story_corpus(tmp_path / "corpus.txt", sentences=1500)
     args = ["train", "steps=3", f"data.corpus={corpus}", "data.vocab_size=300", "model.num_layers=1",
             "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.seq_len=16",
@@ -170,8 +168,9 @@ def test_two_processes_train_like_one(tmp_path):
                                               "mesh.num_processes=2", f"mesh.process_id={i}"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in (0, 1)]
-    runs.append(subprocess.Popen(launch + args + [f"run_dir={tmp_path / 'one'}"], cwd=ROOT, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    # The same run on one process, here while those two run (a third fresh process only adds its start-up).
+    monkeypatch.setenv("PUFFERFISH_CACHE", env["PUFFERFISH_CACHE"])
+    assert cli.main(args + [f"run_dir={tmp_path / 'one'}"]) == 0
     outputs = [run.communicate(timeout=300) for run in runs]
     for run, (_, err) in zip(runs, outputs):
         assert run.returncode == 0, err[-3000:]

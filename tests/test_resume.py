@@ -1,5 +1,7 @@
-"""Crash-proof training: SIGKILL and resume gives bit-identical parameters; SIGINT saves and exits."""
+"""Crash-proof training: SIGKILL (mid-preparation and mid-training) and resume gives bit-identical
+parameters; SIGINT saves and exits; a budgeted run resumes within its budget."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL, TINY_STEPS, fitted_budget
+from test_data_stream import docs_of, write_jsonl
 
 from pufferfish_jax.cli import main
 from pufferfish_jax.train import checkpoint
@@ -60,23 +63,52 @@ RECIPE = ("train.optimizer=muon", "train.schedule=wsd", "model.qk_norm=true")
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_is_bit_identical(env, tmp_path, capsys):
-    env, corpus = env
-    reference = tmp_path / "reference"
-    subprocess.run(_cmd(reference, corpus, *RECIPE), cwd=ROOT, env=env, check=True, capture_output=True)
-    chaos, final = tmp_path / "chaos", int(ARGS[0].split("=")[1])
-    often = "train.checkpoint_every_s=0.1"  # a resumed attempt saves again well before the end, even on a fast machine
-    for _ in range(2):  # two kills, each mid-training: after a checkpoint newer than any before, short of the end
-        seen = _newest(chaos)
-        process = _start_and_wait_for_checkpoint(_cmd(chaos, corpus, often, *RECIPE), env, chaos, min_step=seen + 1)
-        time.sleep(0.1)
-        assert process.poll() is None and seen < _newest(chaos) < final  # still training when killed
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert process.returncode == -signal.SIGKILL and seen < _newest(chaos) < final
-    result = subprocess.run(_cmd(chaos, corpus, *RECIPE), cwd=ROOT, env=env, capture_output=True, text=True)
+def test_sigkill_twice_and_resume_is_bit_identical(tmp_path, command_env, capsys):
+    """Two SIGKILLs, then the same command: it ends with the parameters of an uninterrupted run.
+    The first kill lands while the corpus is still being tokenized (proven: progress kept in a
+    .partial.json and no cache entry), so the next attempt continues from the tokens the killed
+    one wrote and follows the saved stream schedule; the second lands mid-training, in that
+    resumed attempt, after a checkpoint newer than any before. Muon's momentum, the WSD schedule
+    and QK-norm ride along: the recipe state a resume must carry."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    # 4 x 8 MB, tokenized in several seconds, longer than a start and the first checkpoint; the
+    # run itself needs about 1.2 M tokens (shard 61 at step 240), so the first attempt stops long before.
+    text = write_jsonl(folder / "a.jsonl", docs_of(30_000)).read_bytes()
+    for name in "bcd":
+        (folder / f"{name}.jsonl").write_bytes(text)
+    # Unbuffered, so that what a killed attempt printed is not lost with it.
+    env = {**command_env, "PUFFERFISH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    tokens_dir = tmp_path / "cache" / "tokens"
+    final = 240
+    args = ["train", f"steps={final}", f"data.corpus={folder}", *TINY_MODEL, "data.tokenizer_sample_bytes=300000",
+            "data.stream_min_bytes=1", "data.stream_shard_tokens=20000", "data.stream_steps_per_shard=4", *RECIPE]
+    chaos, reference = tmp_path / "chaos", tmp_path / "reference"
+    cmd = [sys.executable, "-m", "pufferfish_jax", *args, f"run_dir={chaos}", "train.checkpoint_every_s=0.1"]
+
+    process = _start_and_wait_for_checkpoint(cmd, env, chaos, min_step=1)
+    record = json.loads(next(tokens_dir.glob("*.partial.json")).read_text())  # progress kept for the next run
+    entries = [p for p in tokens_dir.glob("*.json") if ".partial" not in p.name]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and record["train"]["docs"] > 0 and not entries  # mid-preparation
+    assert json.loads((chaos / "stream.json").read_text())["steps_per_shard"] == 4.0
+
+    seen = _newest(chaos)
+    process = _start_and_wait_for_checkpoint(cmd, env, chaos, min_step=seen + 1)
+    time.sleep(0.1)
+    assert process.poll() is None and seen < _newest(chaos) < final  # still training when killed
+    process.send_signal(signal.SIGKILL)
+    out, _ = process.communicate()
+    assert process.returncode == -signal.SIGKILL and seen < _newest(chaos) < final
+    assert "resuming" in out and "continuing the" in out  # from the checkpoint and the tokens the first wrote
+
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "resuming" in result.stdout, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "pufferfish_jax", *args, f"run_dir={reference}"], cwd=ROOT,
+                            env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "resuming" in result.stdout
+    assert (reference / "stream.json").read_text() == (chaos / "stream.json").read_text()
     assert _digest(chaos, capsys) == _digest(reference, capsys)
 
 
