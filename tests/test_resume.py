@@ -112,25 +112,6 @@ def test_sigkill_twice_and_resume_is_bit_identical(tmp_path, command_env, capsys
     assert _digest(chaos, capsys) == _digest(reference, capsys)
 
 
-@pytest.mark.slow
-def test_sigint_saves_and_says_how_to_resume(env, tmp_path):
-    env, corpus = env
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(_cmd(run_dir, corpus, "steps=100000"), cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (run_dir / "metrics.jsonl").exists() or "train" not in (run_dir / "metrics.jsonl").read_text():
-        time.sleep(0.1)
-        assert process.poll() is None, process.communicate()[1][-2000:]
-    started = time.time()
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    assert time.time() - started < 20
-    assert process.returncode == 130, err[-2000:]
-    assert "Resume with the same command" in out
-    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
-    assert steps and max(steps) > 0
-
-
 @pytest.mark.slow  # the shared trained run
 def test_resume_refusals(trained_run_copy, corpus_file, session_cache, capsys, monkeypatch):
     monkeypatch.setenv("PUFFERFISH_CACHE", str(session_cache))
@@ -145,9 +126,10 @@ def test_resume_refusals(trained_run_copy, corpus_file, session_cache, capsys, m
 
 @pytest.mark.slow
 def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
-    """SIGINT mid-run, a pause, then the same command: the two attempts together use at most the
-    budget (the pause is not charged), and the run ends with a final eval, its WSD warmdown started
-    by the clock and finished at zero."""
+    """SIGINT mid-run: the run saves, says how to resume and exits 130 within seconds. After a
+    pause, the same command: the two attempts together use at most the budget (the pause is not
+    charged), and the run ends with a final eval, its WSD warmdown started by the clock and
+    finished at zero."""
     env, corpus = env
     run_dir = tmp_path / "run"
     # 20 s: the second attempt must still train long enough for the warmdown to start and run; at
@@ -161,10 +143,13 @@ def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     while not (run_dir / "metrics.jsonl").exists() or '"train"' not in (run_dir / "metrics.jsonl").read_text():
         time.sleep(0.1)
         assert process.poll() is None, process.communicate()[1][-2000:]
+    interrupted = time.time()
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     first_wall = time.time() - first_start
     assert process.returncode == 130, err[-2000:]
+    assert time.time() - interrupted < 20 and "Resume with the same command" in out
+    assert checkpoint.saved_steps(run_dir / "checkpoints")[-1] > 0
     time.sleep(2.0)  # the pause is not part of the budget
     second_start = time.time()
     result = subprocess.run(args, cwd=ROOT, env={**env, "PUFFERFISH_T0": repr(second_start)},
