@@ -104,16 +104,17 @@ def test_only_a_few_shapes_are_measured():
 
 class DtypeCache(FakeCache):
     """A machine whose float32 steps take `fp32_over_bf16` times the bfloat16 ones, and whose
-    every measurement costs `compile_s` of a shared fake clock."""
+    every measurement costs `compile_s` plus `extra_s` (state, timed steps) of a shared fake clock."""
 
-    def __init__(self, fp32_over_bf16: float, clock: list, compile_s: float = 3.0):
+    def __init__(self, fp32_over_bf16: float, clock: list, compile_s: float = 3.0, extra_s: float = 0.0):
         super().__init__(compile_s=compile_s)
-        self.ratio, self.clock, self.compile_s = fp32_over_bf16, clock, compile_s
+        self.ratio, self.clock, self.compile_s, self.extra_s = fp32_over_bf16, clock, compile_s, extra_s
 
     def _timing(self, spec, batch_size):
         base = self.model.predict(flops_per_step(spec, batch_size))
         scale = self.ratio if spec.dtype == "float32" else 1.0
-        return planner.Measurement(compile_s=base.compile_s, step_s=base.step_s * scale, cold_compile_s=self.compile_s)
+        return planner.Measurement(compile_s=base.compile_s, step_s=base.step_s * scale, cold_compile_s=self.compile_s,
+                                   measure_s=self.compile_s + self.extra_s)
 
     def time_model(self, spec, train_cfg, mesh):
         scale = self.ratio if spec.dtype == "float32" else 1.0
@@ -121,14 +122,15 @@ class DtypeCache(FakeCache):
 
     def get(self, spec, train_cfg, batch_size, mesh, log=None):
         if (spec, batch_size) not in self.measured:
-            self.clock[0] += self.compile_s
+            self.clock[0] += self.compile_s + self.extra_s
         return self.measured.setdefault((spec, batch_size), self._timing(spec, batch_size))
 
 
-def _dtype_plan(budget_s, cache, clock, user_keys=(), **overrides):
+def _dtype_plan(budget_s, cache, clock, user_keys=(), data_s=0.0, **overrides):
+    """The plan for `budget_s` after `data_s` of the budget went to preparing data."""
     cfg = apply_overrides(defaults(), [f"budget={budget_s}s", "model.vocab_size=8192",
                                        *[f"{k}={v}" for k, v in overrides.items()]])
-    return planner.budget_plan(cfg, budget_s=budget_s, deadline=clock[0] + budget_s, train_tokens=1_200_000,
+    return planner.budget_plan(cfg, budget_s=budget_s, deadline=clock[0] + budget_s - data_s, train_tokens=1_200_000,
                                val_tokens=14_000, cache=cache, user_keys=set(user_keys),
                                memory_limit=24 * 2**30, clock=lambda: clock[0])
 
@@ -195,6 +197,23 @@ def test_a_warm_rerun_measures_nothing(budget_s):
     second = _dtype_plan(budget_s, cache, clock)
     assert cache.measured == measured and second.measuring_s == 0.0
     assert (second.model, second.batch_size) == (first.model, first.batch_size)
+
+
+@pytest.mark.parametrize("budget_s", [120, 300, 600])
+@pytest.mark.parametrize("fp32_over_bf16", [0.8, 1.25])
+def test_a_warm_rerun_with_more_time_left_measures_nothing(budget_s, fp32_over_bf16):
+    """As on a real machine: each measurement costs more than its compile (the state, the timed
+    steps), and the cold plan lost 3 % of its budget to preparing data that the warm rerun finds
+    cached. The rerun has more time left, so it may rank a bigger neighbour first; it still
+    measures nothing and trains a measured shape."""
+    clock = [1000.0]
+    cache = DtypeCache(fp32_over_bf16, clock, compile_s=4.0, extra_s=3.0)
+    _dtype_plan(budget_s, cache, clock, data_s=0.03 * budget_s)
+    measured = dict(cache.measured)
+    second = _dtype_plan(budget_s, cache, clock)
+    assert cache.measured == measured and second.measuring_s == 0.0
+    chosen = tuple(second.model[k] for k in ("num_layers", "d_model", "dtype")) + (second.batch_size,)
+    assert chosen in {(spec.num_layers, spec.d_model, spec.dtype, batch) for spec, batch in measured}
 
 
 def test_tokens_per_param_rule():

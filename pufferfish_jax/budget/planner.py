@@ -60,6 +60,12 @@ CONTENDERS = 2  # the leader and runner-up are measured before a plan is final, 
 # leader's) is always taken: its compile is the run's own (it lands in the persistent compilation
 # cache), so the promise rests on a measured step. Each further one costs a cold compile.
 PLANNING_SHARE = 0.04
+# ...unless a measured candidate is predicted within this fraction of the unmeasured leader's loss:
+# closer than the time model's error moves a prediction (its step times are off by 10-30 % before
+# a measurement, a few tenths of a percent of loss), so measuring would buy planning time, not a
+# better model. A warm rerun with a few seconds more left than the cold plan had (no data to
+# prepare) keeps the cold plan's measured choice instead of compiling its neighbour.
+LEADER_MARGIN = 0.005
 MEMORY_HEADROOM = 0.7  # plan to use at most this fraction of device memory
 # The white paper's tiers (its 3.1.2 and 3.1.3): (hours below, shape, dataset fraction).
 SEED_TIERS = (
@@ -308,27 +314,29 @@ def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, bu
     model wrongly thinks slow would otherwise never get the chance to win), the
     planning allowance is spent, or MAX_MEASUREMENTS were taken; returns the final scores.
 
-    An unmeasured leader is measured first whatever it costs: its compile is the run's own. Any
-    other measurement costs a cold compile the run would not otherwise pay, estimated by the last
-    cold compile seen, and is taken only if it still fits in the allowance. Compiles that earlier
-    plans on this machine paid for these candidates count against it as if paid now, so a warm
-    rerun reaches the state the first run stopped in and measures nothing."""
-    charged_s, last_compile_s, first = 0.0, 0.0, True
+    An unmeasured leader is measured first whatever it costs (its compile is the run's own),
+    unless a measured candidate is within LEADER_MARGIN of it. Any other measurement costs what the
+    last one cost, and is taken only if it still fits in the allowance. Measurements that earlier
+    plans on this machine paid for count against it as if paid now, so a warm rerun reaches the
+    state the first run stopped in and measures nothing."""
+    charged_s, last_cost_s, first = 0.0, 0.0, True
     for _ in range(MAX_MEASUREMENTS):
         rows = _score_all(cfg, candidates, cache, mesh, budget())
         ranked = _ranking(rows, limit, cfg.budget.tokens_per_param)
-        if first:  # what earlier plans on this machine already compiled counts as if paid now
+        if first:  # what earlier plans on this machine already measured counts as if paid now
             cached = [cache.cached(spec, cfg.train, batch, mesh) for (spec, batch), r in zip(candidates, rows) if r["measured"]]
-            charged_s = sum(m.cold_compile_s or m.compile_s for m in cached)
-            last_compile_s = max((m.cold_compile_s or m.compile_s for m in cached), default=0.0)
+            charged_s = sum(m.cost_s for m in cached)
+            last_cost_s = max((m.cost_s for m in cached), default=0.0)
         unmeasured = [i for i in _contenders(candidates, ranked) if not rows[i]["measured"]]
         if not unmeasured:
             return rows
-        if not (first and unmeasured[0] == ranked[0]) and charged_s + spent() + last_compile_s > allowance_s:
+        close = any(rows[i]["measured"] and rows[i]["loss"] <= (1 + LEADER_MARGIN) * rows[ranked[0]]["loss"] for i in ranked)
+        free = first and unmeasured[0] == ranked[0] and not close
+        if not free and charged_s + spent() + last_cost_s > allowance_s:
             return rows
         first = False
         spec, batch = candidates[unmeasured[0]]
-        last_compile_s = cache.get(spec, cfg.train, batch, mesh, log=log).cold_compile_s
+        last_cost_s = cache.get(spec, cfg.train, batch, mesh, log=log).cost_s
     return _score_all(cfg, candidates, cache, mesh, budget())
 
 
