@@ -226,7 +226,7 @@ class CalibrationCache:
         """The measurement for this shape and global batch on `mesh`, from the cache or measured now."""
         if (found := self.cached(spec, train_cfg, batch_size, mesh)) is not None:
             return found
-        log(f"timing {spec.num_layers} layers x d{spec.d_model}, batch {batch_size} on this machine")
+        log(f"timing {spec.num_layers} layers x d{spec.d_model}, batch {batch_size}, {spec.dtype} on this machine")
         found = measure(spec, train_cfg, batch_size, mesh)
         self._section(family_key(spec, train_cfg, mesh))[_shape_key(spec, batch_size)] = {
             "flops_per_step": flops_per_step(spec, batch_size), "measurement": asdict(found)}
