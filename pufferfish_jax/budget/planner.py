@@ -58,7 +58,7 @@ MAX_MEASUREMENTS = 5
 CONTENDERS = 2  # the leader and runner-up are measured before a plan is final, while time allows
 # Planning may spend this share of the budget on measurements beyond the first one. The first (the
 # leader's) is always taken: its compile is the run's own (it lands in the persistent compilation
-# cache), so the promise rests on a measured step. Each further one costs a cold compile.
+# cache), so the promise rests on a measured step. Each further one costs a cold compile and timed steps.
 PLANNING_SHARE = 0.04
 # ...unless a measured candidate is predicted within this fraction of the unmeasured leader's loss:
 # closer than the time model's error moves a prediction (its step times are off by 10-30 % before
