@@ -283,7 +283,8 @@ def parse_args(argv=None):
                              "(default: wiki; --oracle: wiki and @shakespeare)")
     parser.add_argument("--out", default="", help="where the runs go (default: a temporary folder)")
     parser.add_argument("--grid", type=int, default=core.DEFAULT_GRID, help="at most this many fixed recipes per cell")
-    parser.add_argument("--only-cell", default="", metavar="BUDGET:CORPUS", help="run only this cell, e.g. 2m:wiki")
+    parser.add_argument("--only-cell", default="", metavar="BUDGET:CORPUS",
+                        help="run only this cell, e.g. 2m:wiki, or 2m:shakespeare-file for --corpus @shakespeare")
     parser.add_argument("--json", default="", metavar="PATH", help="write the machine and every row here")
     parser.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
     parser.add_argument("--extra", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
