@@ -92,7 +92,8 @@ def test_bad_data(capsys, files, tmp_path, name, fragment):
 # ----------------------------------------------------------------------------- settings
 @pytest.mark.parametrize("overrides, fragment", [
     (["model.vocab_size=100"], "model.vocab_size=0"),
-    (["budget=5s"], "too small"),  # measures training steps to say so
+    # it measures training steps to say so: a tiny model, whose compile is cheap
+    (["budget=2s", "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1"], "too small"),
     (["budget=tomorrow"], "not a duration"),
     (["model.num_kv_heads=3"], "must divide model.num_heads"),
     (["train.batch_size=many"], "expected int"),
