@@ -94,6 +94,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("budget.planner", "measured", "measured: time models here, pick the lowest predicted loss; none: keep the configured model; seed: the white paper's tiers."),
     ("budget.tokens_per_param", 0.0, "If > 0: pick the largest model that gets this many tokens per non-embedding parameter."),
     ("budget.margin", 0.01, "Fraction of the budget kept in reserve for jitter."),
+    ("budget.max_epochs", 6.0, "A budgeted run stops after this many passes over the training text, decayed, even with time left (past it the held-out loss rose); 0 = no cap."),
     # moe (mixture of experts; off while num_experts is 0)
     ("moe.num_experts", 0, "Routed experts per MoE layer; 0 = no MoE (every FFN dense)."),
     ("moe.top_k", 2, "Routed experts each token uses."),
@@ -320,6 +321,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           "or -1 (the devices left over) on at most one axis")
     if cfg.mesh.num_processes < 0 or cfg.mesh.process_id < -1:
         raise ConfigError("mesh.num_processes must be >= 0 and mesh.process_id >= -1 (0 and -1 mean: from the environment)")
+    if cfg.budget.max_epochs < 0:
+        raise ConfigError(f"budget.max_epochs={cfg.budget.max_epochs} must not be negative (0 = no cap)")
     if cfg.budget.time:
         parse_duration(cfg.budget.time)
     elif t.steps <= 0:

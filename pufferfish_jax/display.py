@@ -253,11 +253,12 @@ def plan_table(plan) -> Table:
     ]
     if plan.mode == "budget":
         data_s = plan.planning_s - plan.measuring_s
+        unused_s = plan.budget_s - plan.planning_s - plan.compile_s - plan.train_s - plan.reserve_s
         rows += [
             ("step time", f"{plan.step_s * 1000:.0f} ms measured ({plan.batch_size * plan.seq_len / plan.step_s:,.0f} tokens/s)"),
             ("time", f"budget {plan.budget_s:.0f}s = {data_s:.0f}s data + {plan.measuring_s:.0f}s planning + "
                      f"{plan.compile_s:.0f}s compile + {plan.train_s:.0f}s training + {plan.reserve_s:.0f}s evals, "
-                     "save and margin"),
+                     "save and margin" + (f" + {unused_s:.0f}s left unused" if plan.max_steps else "")),
             ("planner", plan.planner + (f" (chose among {len(plan.candidates)} shapes by predicted loss)"
                                         if plan.candidates else "")),
         ]
@@ -286,6 +287,9 @@ def _repetition_note(plan) -> str:
     and, past about four repeats, that the corpus is what limits the run."""
     epochs, effective = plan.epochs, plan.effective_epochs
     note = f"repeats the training text {epochs:.1f}x; by the repetition model that is worth {effective:.1f} fresh epochs"
+    if plan.max_steps:
+        note += (". The run stops there, decayed, with time left (budget.max_epochs): past that many passes "
+                 "the held-out loss rose")
     if epochs > 4:
         note += (". The corpus limits this run: more text would do more, e.g. data.corpus=wiki,shakespeare,kjv, "
                  "a local folder of .txt/.jsonl/.parquet, or hf:NAME")

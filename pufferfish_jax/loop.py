@@ -169,7 +169,10 @@ class _Run:
         train_end = self.deadline - reserve
         self.total = deadline_lib.refit_total_steps(self.step, self.total, now=now, train_end=train_end,
                                                     step_s=step_s, eval_every=self.eval_every,
-                                                    eval_s=self.periodic_eval_s, in_flight=int(self.pending is not None))
+                                                    eval_s=self.periodic_eval_s, in_flight=int(self.pending is not None),
+                                                    max_steps=self.plan.max_steps)
+        train_end = deadline_lib.training_end(self.step, self.total, now=now, train_end=train_end, step_s=step_s,
+                                              max_steps=self.plan.max_steps)
         if self.train_began_s is None:
             self.train_began_s = self.used_before + now - self.started_at
         train_start = self.started_at - self.used_before + self.train_began_s

@@ -5,11 +5,12 @@ import pytest
 from pufferfish_jax.config import apply_overrides, defaults
 import math
 
-from pufferfish_jax.budget.deadline import refit_total_steps, warmdown_due
+from pufferfish_jax.budget.deadline import refit_total_steps, training_end, warmdown_due
 from pufferfish_jax.train.state import learning_rate
 
 
-def _simulate(step_time, train_end=100.0, planned_step_s=0.1, eval_every=50, eval_s=0.5, schedule="cosine"):
+def _simulate(step_time, train_end=100.0, planned_step_s=0.1, eval_every=50, eval_s=0.5, schedule="cosine",
+              max_steps=0):
     """Runs the loop's control law against a simulated clock; returns (end time, lrs, steps).
     With schedule=wsd, `_simulate.warmdown_at` is the time the clock started the warmdown."""
     train_cfg = apply_overrides(defaults(), ["train.lr=1e-3", "train.min_lr_ratio=0.1", f"train.schedule={schedule}",
@@ -19,10 +20,11 @@ def _simulate(step_time, train_end=100.0, planned_step_s=0.1, eval_every=50, eva
     while True:
         measured = sorted(times[-25:])[len(times[-25:]) // 2] if len(times) >= 3 else planned_step_s
         total = refit_total_steps(step, total, now=now, train_end=train_end, step_s=measured,
-                                  eval_every=eval_every, eval_s=eval_s)
+                                  eval_every=eval_every, eval_s=eval_s, max_steps=max_steps)
         if step >= total:
             return now, lrs, step
-        if warmdown_from == math.inf and warmdown_due(now=now, train_start=0.0, train_end=train_end, fraction=0.3):
+        end = training_end(step, total, now=now, train_end=train_end, step_s=measured, max_steps=max_steps)
+        if warmdown_from == math.inf and warmdown_due(now=now, train_start=0.0, train_end=end, fraction=0.3):
             warmdown_from, _simulate.warmdown_at = progress, now
         progress = max(progress, (step + 1) / total)
         lrs.append(learning_rate(progress, train_cfg, warmdown_from if schedule == "wsd" else None))
@@ -73,3 +75,28 @@ def test_wsd_warmdown_starts_on_the_clock_and_ends_at_zero(name, step_time):
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), name  # never climbs back up
     held = [lr for lr in lrs[peak:] if lr == max(lrs)]
     assert 0.55 < len(held) / steps < 0.75, name  # the constant phase: about 70 % less the warmup, in steps
+
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize("name, step_time, capped", [
+    ("steady", lambda s: 0.1, True),
+    ("slows down 2x", lambda s: 0.1 if s < 200 else 0.2, True),
+    ("slows down 5x", lambda s: 0.1 if s < 100 else 0.5, False),  # the clock ends it before the cap
+])
+def test_a_run_capped_by_its_corpus_ends_early_and_decayed(schedule, name, step_time, capped):
+    """budget.max_epochs caps the run at 400 steps of the 1,000 its 100 s would buy: it stops at
+    the cap, early, with the schedule at its floor; the wsd warmdown is timed against the cap's
+    end, not the clock's. A slow-down that leaves time for fewer than 400 steps hands the end
+    back to the clock."""
+    end, lrs, steps = _simulate(step_time, schedule=schedule, max_steps=400)
+    if capped:
+        assert steps == 400 and end < 70.0, (name, steps, end)  # the cap, with time left
+    else:
+        assert steps < 400 and 98.0 <= end <= 100.3, (name, steps, end)
+    floor = 1e-4 * 1.05 if schedule == "cosine" else 1e-3 / steps * 5
+    assert lrs[-1] <= floor, (name, lrs[-1])
+    if schedule == "wsd" and name == "steady":  # 30 % of the capped run's time left: about step 275 of 400
+        assert 28.0 <= _simulate.warmdown_at <= 32.5, _simulate.warmdown_at
+    peak = lrs.index(max(lrs))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), name

@@ -13,8 +13,10 @@ from pufferfish_jax.cli import main
 
 # Short, but not below what the planner needs here for data, compile, 20 steps, evals and the save;
 # a slower machine gets the budget the planner asks for instead (see `budget_run`). The runs hold
-# out no more than val_fraction of this small corpus: the 50k-token floor would take half of it.
+# out no more than val_fraction of this small corpus: the 50k-token floor would take half of it,
+# and they may repeat it past budget.max_epochs, which would end them early: these tests check the clock.
 BUDGET_S = 20
+SMALL_CORPUS = ("data.vocab_size=512", "data.val_min_tokens=0", "budget.max_epochs=0")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def budget_run(tmp_path_factory, command_env, corpus):
     for attempt in (1, 2):
         run_dir = tmp / f"run{attempt}"
         started = time.time()
-        result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", "data.vocab_size=512", "data.val_min_tokens=0",
+        result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", *SMALL_CORPUS,
                               f"run_dir={run_dir}", "model.seq_len=32", "train.batch_size=8", "train.log_every=5"],
                              {**command_env, "PUFFERFISH_T0": repr(started)})
         wall = time.time() - started
@@ -146,7 +148,7 @@ def test_a_cache_from_a_faster_machine_is_noticed_and_the_run_still_ends_on_time
     pinned = [f"model.{k}={m[k]}" for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "dtype")]
     run_dir = tmp_path / "run"
     started = time.time()
-    result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", "data.vocab_size=512", "data.val_min_tokens=0",
+    result = run_command(["train", f"budget={budget}s", f"data.corpus={corpus}", *SMALL_CORPUS,
                           f"run_dir={run_dir}", "model.seq_len=32", f"train.batch_size={plan['batch_size']}", *pinned],
                          {**command_env, "PUFFERFISH_CACHE": str(cache), "PUFFERFISH_T0": repr(started)})
     wall = time.time() - started

@@ -217,10 +217,25 @@ def test_a_warm_rerun_with_more_time_left_measures_nothing(budget_s, fp32_over_b
 
 
 def test_tokens_per_param_rule():
-    plan = _plan(3600, FakeCache(rate=2e12), **{"budget.tokens_per_param": 20.0})
+    # a corpus the hour cannot repeat past budget.max_epochs, so only the rule limits the tokens
+    plan = _plan(3600, FakeCache(rate=2e12), train_tokens=200_000_000, **{"budget.tokens_per_param": 20.0})
     assert plan.tokens_per_param >= 20.0
     bigger = [c for c in plan.candidates if c["non_embedding_params"] > plan.non_embedding_params]
     assert bigger and all(c["ratio"] < 20.0 for c in bigger)
+
+
+def test_a_small_corpus_caps_the_plan_at_max_epochs():
+    """An hour on 200k tokens: the plan stops at budget.max_epochs (6) passes, with time left over;
+    with no cap it repeats the text far more often. The cap ends the run, it does not change what
+    it trains. Two minutes on 1.2M tokens are not capped."""
+    capped, free = _plan(3600, train_tokens=200_000), _plan(3600, train_tokens=200_000, **{"budget.max_epochs": 0})
+    assert (capped.model, capped.batch_size) == (free.model, free.batch_size)
+    per_step = capped.batch_size * capped.seq_len
+    assert capped.max_steps == capped.steps and 6 <= capped.epochs < 6 + per_step / 200_000
+    assert capped.train_s == pytest.approx(capped.steps * capped.step_s)
+    assert capped.planning_s + capped.compile_s + capped.train_s + capped.reserve_s < 0.9 * 3600  # ends early
+    assert free.max_steps == 0 and free.epochs > 12
+    assert _plan(120).max_steps == 0
 
 
 def test_too_small_budget_names_the_minimum():

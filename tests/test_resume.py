@@ -134,9 +134,10 @@ def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     run_dir = tmp_path / "run"
     # 20 s: the second attempt must still train long enough for the warmdown to start and run; at
     # 12 s, on a loaded machine, the first attempt's start-up left it time for no step at all.
-    budget = fitted_budget(_cmd(run_dir, corpus, "steps=0", "budget.planner=none")[4:], 20, env)
-    args = _cmd(run_dir, corpus, f"budget={budget}s", "steps=0", "budget.planner=none", "train.schedule=wsd",
-                "train.log_every=1")
+    # budget.max_epochs=0: the tiny corpus would otherwise end the run early, and this test checks the clock
+    fixed = ("steps=0", "budget.planner=none", "budget.max_epochs=0")
+    budget = fitted_budget(_cmd(run_dir, corpus, *fixed)[4:], 20, env)
+    args = _cmd(run_dir, corpus, f"budget={budget}s", *fixed, "train.schedule=wsd", "train.log_every=1")
     first_start = time.time()
     process = subprocess.Popen(args, cwd=ROOT, env={**env, "PUFFERFISH_T0": repr(first_start)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -44,15 +44,26 @@ def evals_during_training_s(*, eval_s_per_token: float, eval_tokens: int, val_to
 
 
 def refit_total_steps(step: int, total: int, *, now: float, train_end: float, step_s: float,
-                      eval_every: int, eval_s: float, in_flight: int = 0) -> int:
+                      eval_every: int, eval_s: float, in_flight: int = 0, max_steps: int = 0) -> int:
     """The step count that ends training by `train_end`, given the measured step time and the
-    periodic evals the remaining steps will trigger. Called every step: the schedule follows it.
+    periodic evals the remaining steps will trigger, and at most `max_steps` (0 = no cap: the
+    plan's budget.max_epochs of a small corpus). Called every step: the schedule follows it.
 
     `step` counts dispatched steps; `in_flight` of them may still be running on the device (the
     loop reads metrics one step late), and their time is spent before any new step starts.
     """
     evals_left = max(0, (total - step) // eval_every)
-    return step + max(0, math.floor((train_end - evals_left * eval_s - now) / step_s) - in_flight)
+    fitted = step + max(0, math.floor((train_end - evals_left * eval_s - now) / step_s) - in_flight)
+    return min(fitted, max_steps) if max_steps else fitted
+
+
+def training_end(step: int, total: int, *, now: float, train_end: float, step_s: float, max_steps: int) -> float:
+    """When training will end, for timing the warmdown: `train_end` on the clock, or, where the
+    cap of `max_steps` is what ends the run, after the steps left at the measured step time (a
+    capped run that kept the clock's end would never start its warmdown)."""
+    if max_steps and total >= max_steps:
+        return min(train_end, now + (total - step) * step_s)
+    return train_end
 
 
 def warmdown_due(*, now: float, train_start: float, train_end: float, fraction: float) -> bool:

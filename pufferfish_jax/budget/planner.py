@@ -16,6 +16,11 @@ Everything that is not training is subtracted first: the time already spent (dat
 planning), compilation, the evals, the final checkpoint, the interpreter's exit and a safety
 margin, so the promise covers the whole command.
 
+A small corpus caps the run. The repetition model fades extra epochs but never predicts the
+held-out loss rising, and it does rise: past about 6.5 passes in the one-hour wiki run of
+docs/budget.md. So the chosen plan stops after `budget.max_epochs` passes over the training text,
+decayed, with the time left unused (see `_epoch_cap` for why not a larger model instead).
+
 `seed` reproduces the white paper's fixed tiers (model size and dataset percentage by budget),
 for comparison on the same hardware and data.
 """
@@ -102,6 +107,7 @@ class Plan:
     candidates: list = field(default_factory=list)
     mesh: list = field(default_factory=lambda: [1, 1, 1])  # (data, fsdp, tensor) planned for; memory is per device
     active_params: int = 0  # the parameters one token uses (all of them for a dense model)
+    max_steps: int = 0  # budget.max_epochs of the training text, where the budget could buy more; 0 = no cap
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -250,8 +256,10 @@ class _Budget:
     val_tokens: int
 
 
-def _outlook(cfg: ml_collections.ConfigDict, spec: ModelSpec, batch_size: int, step: Measurement, b: _Budget) -> dict:
-    """Steps, tokens and predicted loss of one candidate in the time left."""
+def _outlook(cfg: ml_collections.ConfigDict, spec: ModelSpec, batch_size: int, step: Measurement, b: _Budget,
+             max_steps: int = 0) -> dict:
+    """Steps, tokens and predicted loss of one candidate in the time left, or in `max_steps` where
+    that comes first (`capped`: the run would end early; 0 = no cap)."""
     tokens_per_step = batch_size * spec.seq_len
     eval_s_per_token = deadline_lib.eval_s_per_token_prior(step.step_s, tokens_per_step)
     reserve = (deadline_lib.after_training_s(spec, eval_s_per_token=eval_s_per_token, val_tokens=b.val_tokens,
@@ -260,9 +268,12 @@ def _outlook(cfg: ml_collections.ConfigDict, spec: ModelSpec, batch_size: int, s
                                                   val_tokens=b.val_tokens))
     train_s = b.time_left_s - step.compile_s - reserve
     steps = max(0, math.floor(train_s / step.step_s))
+    capped = 0 < max_steps < steps
+    if capped:
+        steps, train_s = max_steps, max_steps * step.step_s
     tokens = steps * tokens_per_step
     useful = effective_tokens(tokens, b.unique_tokens) * batch_efficiency(tokens_per_step, tokens)
-    return dict(steps=steps, train_s=train_s, reserve_s=reserve, tokens=tokens,
+    return dict(steps=steps, train_s=train_s, reserve_s=reserve, tokens=tokens, capped=capped,
                 loss=predicted_loss(count_params(spec), useful), ratio=tokens / count_params(spec, embedding=False))
 
 
@@ -362,7 +373,8 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
     index = next((i for i in ranked if rows[i]["measured"]), ranked[0])
     choice, batch = candidates[index]
     measured = cache.get(choice, cfg.train, batch, mesh, log=log)
-    final = _outlook(cfg, choice, batch, measured, budget())
+    final = _outlook(cfg, choice, batch, measured, budget(),
+                     max_steps=_epoch_cap(cfg, batch * choice.seq_len, train_tokens * subset_fraction))
     if final["steps"] < MIN_STEPS:
         # what the non-training parts took, plus 20 steps, with a quarter more for their variance
         need = math.ceil(1.25 * (budget_s - final["train_s"] + MIN_STEPS * measured.step_s))
@@ -373,7 +385,18 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
                  train_s=final["train_s"], budget_s=budget_s, planning_s=budget_s - (deadline - clock()),
                  measuring_s=clock() - started,
                  predicted_loss=final["loss"], candidates=rows if len(rows) > 1 else [],
-                 mesh=list(sharding.shape_of(mesh)))
+                 mesh=list(sharding.shape_of(mesh)), max_steps=final["steps"] if final["capped"] else 0)
+
+
+def _epoch_cap(cfg: ml_collections.ConfigDict, tokens_per_step: int, unique_tokens: float) -> int:
+    """The steps that make `budget.max_epochs` passes over the training text (never fewer than
+    MIN_STEPS); 0 = no cap.
+
+    It caps the chosen candidate only, after the ranking: scoring every candidate on capped tokens,
+    so that a larger model would use the freed time, was measured to buy nothing (docs/budget.md)."""
+    if not cfg.budget.max_epochs:
+        return 0
+    return max(MIN_STEPS, math.ceil(cfg.budget.max_epochs * unique_tokens / tokens_per_step))
 
 
 def apply_plan(cfg: ml_collections.ConfigDict, plan: Plan) -> ml_collections.ConfigDict:
