@@ -16,11 +16,6 @@ Everything that is not training is subtracted first: the time already spent (dat
 planning), compilation, the evals, the final checkpoint, the interpreter's exit and a safety
 margin, so the promise covers the whole command.
 
-A small corpus caps the run. The repetition model fades extra epochs but never predicts the
-held-out loss rising, and it does rise: past about 6.5 passes in the one-hour wiki run of
-docs/budget.md. So the chosen plan stops after `budget.max_epochs` passes over the training text,
-decayed, with the time left unused (see `_epoch_cap` for why not a larger model instead).
-
 `seed` reproduces the white paper's fixed tiers (model size and dataset percentage by budget),
 for comparison on the same hardware and data.
 """
@@ -389,14 +384,11 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
 
 
 def _epoch_cap(cfg: ml_collections.ConfigDict, tokens_per_step: int, unique_tokens: float) -> int:
-    """The steps that make `budget.max_epochs` passes over the training text (never fewer than
-    MIN_STEPS); 0 = no cap.
-
-    It caps the chosen candidate only, after the ranking: scoring every candidate on capped tokens,
-    so that a larger model would use the freed time, was measured to buy nothing (docs/budget.md)."""
-    if not cfg.budget.max_epochs:
-        return 0
-    return max(MIN_STEPS, math.ceil(cfg.budget.max_epochs * unique_tokens / tokens_per_step))
+    """The steps of `budget.max_epochs` passes over the training text (at least MIN_STEPS; 0 = no
+    cap). The repetition model never predicts the held-out loss rising, and it does: past 6.5 passes
+    in the one-hour wiki run (docs/budget.md). It caps the choice, after the ranking: scoring every
+    candidate on capped tokens, so a larger model would use the freed time, was measured to buy nothing."""
+    return max(MIN_STEPS, math.ceil(cfg.budget.max_epochs * unique_tokens / tokens_per_step)) if cfg.budget.max_epochs else 0
 
 
 def apply_plan(cfg: ml_collections.ConfigDict, plan: Plan) -> ml_collections.ConfigDict:
