@@ -77,7 +77,6 @@ def test_wsd_warmdown_starts_on_the_clock_and_ends_at_zero(name, step_time):
     assert 0.55 < len(held) / steps < 0.75, name  # the constant phase: about 70 % less the warmup, in steps
 
 
-
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 @pytest.mark.parametrize("name, step_time, capped", [
     ("steady", lambda s: 0.1, True),
