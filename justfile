@@ -28,8 +28,8 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 5.3-6.0
-# minutes in three runs on 2 cores, AMD EPYC with AVX-512, whose speed drifts by 15 % from run to run).
+# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 5.4-5.6
+# minutes in two runs on 2 cores, AMD EPYC with AVX-512, whose speed drifts by 15 % from run to run).
 test *ARGS:
     python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests "$@"
 
