@@ -185,12 +185,31 @@ def once_per_run(tmp_path_factory, name: str, make) -> Path:
     return path
 
 
+def _measure_matmul_peaks(cache: Path) -> None:
+    """This machine's matmul peaks (the MFU denominator and the planner's prior) into `cache`,
+    measured in a fresh process as a training run measures them: with XLA's own threads, which
+    this worker's JAX runs without."""
+    measure = "import sys; from pufferfish_jax.budget.calibrate import CalibrationCache; CalibrationCache(sys.argv[1]).peak_flops()"
+    subprocess.run([sys.executable, "-c", measure, str(cache)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                   check=True, capture_output=True, timeout=300)
+
+
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> Path:
     """One PUFFERFISH_CACHE for the whole run, shared by both workers: a token cache, tokenizer or
     measured step time made by one test is read back by the next, in any worker or subprocess
-    (every write to the cache is atomic, as it must be for two users' runs sharing ~/.cache)."""
-    return once_per_run(tmp_path_factory, "cache", lambda path: None)
+    (every write to the cache is atomic, as it must be for two users' runs sharing ~/.cache). It
+    starts with the machine's matmul peaks, which `private_cache` hands on."""
+    return once_per_run(tmp_path_factory, "cache", _measure_matmul_peaks)
+
+
+def private_cache(path: Path, session_cache: Path) -> Path:
+    """A PUFFERFISH_CACHE of a test's own (one that looks inside its cache, or must not share its
+    data), starting with the session's calibration: each fresh cache would otherwise measure the
+    matmul peaks again, 2 CPU-s in every process that trains with it."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(session_cache / "calibration.json", path / "calibration.json")
+    return path
 
 
 @pytest.fixture(scope="session")

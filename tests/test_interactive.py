@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import pexpect
 import pytest
-from conftest import random_corpus
+from conftest import private_cache, random_corpus
 from pexpect.fdpexpect import fdspawn
 from rich.console import Console
 
@@ -35,9 +35,10 @@ STATS = r"\((\d+) tokens in [\d.]+s, seed (\d+)\)"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, session_cache):
     # TERM=dumb: a terminal (so the commands are interactive) without colours, for plain matching.
-    return {**os.environ, "PUFFERFISH_CACHE": str(tmp_path_factory.mktemp("cache")), "PYTHONPATH": str(ROOT),
+    cache = private_cache(tmp_path_factory.mktemp("cache"), session_cache)
+    return {**os.environ, "PUFFERFISH_CACHE": str(cache), "PYTHONPATH": str(ROOT),
             "TERM": "dumb", "COLUMNS": "200", "LINES": "60"}
 
 

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
-from conftest import story_corpus
+from conftest import private_cache, story_corpus
 from test_planner import FakeCache
 
 from pufferfish_jax import cli, sharding
@@ -152,12 +152,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, monkeypatch):
+def test_two_processes_train_like_one(tmp_path, monkeypatch, session_cache):
     corpus = story_corpus(tmp_path / "corpus.txt", sentences=1500)
     args = ["train", "steps=3", f"data.corpus={corpus}", "data.vocab_size=300", "model.num_layers=1",
             "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.seq_len=16",
             "model.dtype=float32", "train.batch_size=4", "train.log_every=1", "train.eval_tokens=64"]
-    env = {**_subprocess_env(1), "PUFFERFISH_CACHE": str(tmp_path / "cache")}
+    env = {**_subprocess_env(1), "PUFFERFISH_CACHE": str(private_cache(tmp_path / "cache", session_cache))}
     # Data preparation first, so the three runs below find the token cache ready.
     from pufferfish_jax.data.pipeline import prepare_data
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import story_text
+from conftest import private_cache, story_text
 
 from pipelines.command import build, main
 from pufferfish_jax import session
@@ -47,14 +47,14 @@ def get_config():
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
+def config(tmp_path_factory, session_cache):
     tmp = tmp_path_factory.mktemp("pipeline")
     (tmp / "corpus.txt").write_text(story_text(1500))
     (tmp / "other.txt").write_text(story_text(300, offset=5000))
     path = tmp / "tiny.py"
     path.write_text(CONFIG.format(corpus=tmp / "corpus.txt", other=tmp / "other.txt"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PUFFERFISH_CACHE", str(tmp / "cache"))
+        mp.setenv("PUFFERFISH_CACHE", str(private_cache(tmp / "cache", session_cache)))
         yield path
 
 

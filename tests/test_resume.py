@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL, TINY_STEPS, fitted_budget
+from conftest import TINY_MODEL, TINY_STEPS, fitted_budget, private_cache
 from test_data_stream import docs_of, write_jsonl
 
 from pufferfish_jax.cli import main
@@ -63,7 +63,7 @@ RECIPE = ("train.optimizer=muon", "train.schedule=wsd", "model.qk_norm=true")
 
 
 @pytest.mark.slow
-def test_sigkill_twice_and_resume_is_bit_identical(tmp_path, command_env, capsys):
+def test_sigkill_twice_and_resume_is_bit_identical(tmp_path, command_env, session_cache, capsys):
     """Two SIGKILLs, then the same command: it ends with the parameters of an uninterrupted run.
     The first kill lands while the corpus is still being tokenized (proven: progress kept in a
     .partial.json and no cache entry), so the next attempt continues from the tokens the killed
@@ -78,7 +78,8 @@ def test_sigkill_twice_and_resume_is_bit_identical(tmp_path, command_env, capsys
     for name in "bcd":
         (folder / f"{name}.jsonl").write_bytes(text)
     # Unbuffered, so that what a killed attempt printed is not lost with it.
-    env = {**command_env, "PUFFERFISH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {**command_env, "PUFFERFISH_CACHE": str(private_cache(tmp_path / "cache", session_cache)),
+           "PYTHONUNBUFFERED": "1"}
     tokens_dir = tmp_path / "cache" / "tokens"
     final = 240
     # data.val_fraction: 1 % of these documents is 175k held-out tokens, whose final eval cost more

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import story_corpus
+from conftest import private_cache, story_corpus
 from rich.console import Console
 
 from pufferfish_jax import config as config_lib
@@ -39,8 +39,9 @@ TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.nu
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, session_cache):
     tmp = tmp_path_factory.mktemp("batches")
+    private_cache(tmp / "cache", session_cache)
     return tmp, story_corpus(tmp / "corpus.txt")
 
 
