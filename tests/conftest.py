@@ -189,7 +189,8 @@ def _measure_matmul_peaks(cache: Path) -> None:
     """This machine's matmul peaks (the MFU denominator and the planner's prior) into `cache`,
     measured in a fresh process as a training run measures them: with XLA's own threads, which
     this worker's JAX runs without."""
-    measure = "import sys; from pufferfish_jax.budget.calibrate import CalibrationCache; CalibrationCache(sys.argv[1]).peak_flops()"
+    measure = ("import sys; from pufferfish_jax.budget.calibrate import CalibrationCache; "
+               "CalibrationCache(sys.argv[1]).peak_flops()")
     subprocess.run([sys.executable, "-c", measure, str(cache)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                    check=True, capture_output=True, timeout=300)
 
