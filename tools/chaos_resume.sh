@@ -18,6 +18,11 @@ work="$(mktemp -d)"
 args=(steps="$steps" data.corpus=shakespeare data.vocab_size=1024 data.max_chars=300000 model.num_layers=2
       model.d_model=64 model.seq_len=64 train.batch_size=4 train.checkpoint_every_s=0.5 "$@")
 train() { python -m pufferfish_jax train "${args[@]}" run_dir="$1"; }
+# The attempts to kill run in the background as python itself (exec), so that $! is the training
+# process: `train ... &` would give the pid of a subshell, and SIGKILL to it leaves python running
+# as an orphan, writing the same run dir as the next attempt.
+train_in_background() { exec python -m pufferfish_jax train "${args[@]}" run_dir="$1"; }
+still_training() { pgrep -f "run_dir=$work/chaos" > /dev/null; }
 newest() { { ls "$work/chaos/checkpoints" 2>/dev/null || true; } | { grep -E '^[0-9]+$' || echo -1; } | sort -n | tail -1; }
 
 echo "reference run ($steps steps) ..."
@@ -27,7 +32,7 @@ reference=$(python -m pufferfish_jax inspect "$work/reference" --digest)
 mid=0
 for i in $(seq 1 "$kills"); do
   seen=$(newest)
-  train "$work/chaos" > "$work/chaos-$i.log" 2>&1 &
+  train_in_background "$work/chaos" > "$work/chaos-$i.log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null && [ "$(newest)" -le "$seen" ]; do sleep 0.05; done
   delay=$(printf "0.%03d" $(( RANDOM % 400 )))
@@ -36,6 +41,10 @@ for i in $(seq 1 "$kills"); do
   if [ "$before" -gt "$seen" ] && [ "$before" -lt "$steps" ] && kill -9 "$pid" 2>/dev/null; then
     wait "$pid" 2>/dev/null || true
     after=$(newest)
+    if still_training; then  # the kill did not stop the training: nothing below would prove a resume
+      echo "kill $i: the training process survived its SIGKILL; runs kept in $work"
+      exit 1
+    fi
     if [ "$after" -lt "$steps" ]; then
       mid=$((mid + 1))
       echo "kill $i: mid-training, ${delay}s after checkpoint $before appeared (previous attempt's newest: $seen; newest now: $after)"
