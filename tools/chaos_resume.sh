@@ -17,22 +17,21 @@ kills="${1:-5}"; steps="${2:-400}"; shift $(( $# >= 2 ? 2 : $# ))
 work="$(mktemp -d)"
 args=(steps="$steps" data.corpus=shakespeare data.vocab_size=1024 data.max_chars=300000 model.num_layers=2
       model.d_model=64 model.seq_len=64 train.batch_size=4 train.checkpoint_every_s=0.5 "$@")
-train() { python -m pufferfish_jax train "${args[@]}" run_dir="$1"; }
-# The attempts to kill run in the background as python itself (exec), so that $! is the training
-# process: `train ... &` would give the pid of a subshell, and SIGKILL to it leaves python running
-# as an orphan, writing the same run dir as the next attempt.
-train_in_background() { exec python -m pufferfish_jax train "${args[@]}" run_dir="$1"; }
+# A command, not a shell function: started with `&`, python itself is the background job, so $! is
+# the training process. A backgrounded function runs in a subshell, $! would be its pid, and
+# SIGKILL to it leaves python running as an orphan, writing the same run dir as the next attempt.
+train=(python -m pufferfish_jax train "${args[@]}")
 still_training() { pgrep -f "run_dir=$work/chaos" > /dev/null; }
 newest() { { ls "$work/chaos/checkpoints" 2>/dev/null || true; } | { grep -E '^[0-9]+$' || echo -1; } | sort -n | tail -1; }
 
 echo "reference run ($steps steps) ..."
-train "$work/reference" > "$work/reference.log" 2>&1
+"${train[@]}" run_dir="$work/reference" > "$work/reference.log" 2>&1
 reference=$(python -m pufferfish_jax inspect "$work/reference" --digest)
 
 mid=0
 for i in $(seq 1 "$kills"); do
   seen=$(newest)
-  train_in_background "$work/chaos" > "$work/chaos-$i.log" 2>&1 &
+  "${train[@]}" run_dir="$work/chaos" > "$work/chaos-$i.log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null && [ "$(newest)" -le "$seen" ]; do sleep 0.05; done
   delay=$(printf "0.%03d" $(( RANDOM % 400 )))
@@ -56,7 +55,7 @@ for i in $(seq 1 "$kills"); do
   echo "kill $i: NOT mid-training (newest checkpoint before: $seen, at the kill: $before, final step: $steps)"
 done
 echo "final resume ..."
-train "$work/chaos" > "$work/chaos-final.log" 2>&1
+"${train[@]}" run_dir="$work/chaos" > "$work/chaos-final.log" 2>&1
 chaos=$(python -m pufferfish_jax inspect "$work/chaos" --digest)
 echo "uninterrupted: $reference"
 echo "with $kills kills: $chaos"
