@@ -126,7 +126,7 @@ class _Run:
                                     tokens_per_step=self.tokens_per_step, flops_per_token=plan.flops_per_token,
                                     peak_flops=peak_flops[0], peak_source=peak_flops[1])
         self.peak_flops = peak_flops[0]
-        self.intervals: deque[float] = deque(maxlen=25)
+        self.intervals: deque[float] = deque(maxlen=deadline_lib.STEP_WINDOW)
         self.pending = None  # (step, metrics, lr) of the last dispatched step, not read yet
         self.last_loss = float("nan")
 
@@ -162,7 +162,7 @@ class _Run:
 
     def refit(self, now: float) -> None:
         """Re-fits the total step count to the clock (budgeted runs only)."""
-        step_s = self.step_s() if len(self.intervals) >= 3 else self.plan.step_s
+        step_s = deadline_lib.planning_step_s(self.intervals) if len(self.intervals) >= 3 else self.plan.step_s
         reserve = deadline_lib.after_training_s(self.spec, eval_s_per_token=self.eval_s_per_token,
                                                 val_tokens=len(self.data.val_tokens), budget_s=self.plan.budget_s,
                                                 margin=self.cfg.budget.margin)

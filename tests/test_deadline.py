@@ -1,24 +1,25 @@
 """Deadline control: a run that slows down mid-way still ends on time with a decayed learning rate."""
 
-import pytest
-
-from pufferfish_jax.config import apply_overrides, defaults
 import math
 
-from pufferfish_jax.budget.deadline import refit_total_steps, training_end, warmdown_due
+import pytest
+
+from pufferfish_jax.budget.deadline import planning_step_s, refit_total_steps, training_end, warmdown_due
+from pufferfish_jax.config import apply_overrides, defaults
 from pufferfish_jax.train.state import learning_rate
 
 
 def _simulate(step_time, train_end=100.0, planned_step_s=0.1, eval_every=50, eval_s=0.5, schedule="cosine",
-              max_steps=0):
+              max_steps=0, estimate=planning_step_s):
     """Runs the loop's control law against a simulated clock; returns (end time, lrs, steps).
+    `estimate` turns the step intervals so far into the step time the re-fit plans with.
     With schedule=wsd, `_simulate.warmdown_at` is the time the clock started the warmdown."""
     train_cfg = apply_overrides(defaults(), ["train.lr=1e-3", "train.min_lr_ratio=0.1", f"train.schedule={schedule}",
                                              "train.warmdown_fraction=0.3"]).train
     now, step, total, lrs, times, progress = 0.0, 0, int(train_end / planned_step_s), [], [], 0.0
     warmdown_from = math.inf
     while True:
-        measured = sorted(times[-25:])[len(times[-25:]) // 2] if len(times) >= 3 else planned_step_s
+        measured = estimate(times) if len(times) >= 3 else planned_step_s
         total = refit_total_steps(step, total, now=now, train_end=train_end, step_s=measured,
                                   eval_every=eval_every, eval_s=eval_s, max_steps=max_steps)
         if step >= total:
@@ -50,6 +51,27 @@ def test_ends_before_deadline_with_decayed_lr(name, step_time):
     assert max(lrs) == pytest.approx(1e-3, rel=0.01)
     peak = lrs.index(max(lrs))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), name  # never climbs back up
+
+
+def test_a_slowdown_in_the_last_seconds_is_followed_within_a_few_steps():
+    """The machine turns 8x slower 6 s before the end (another process took the cores). The median
+    of the last 25 steps lags by 13 of them, and a re-fit planning with it runs most of a slow
+    step past the deadline; the product's estimate notices within a few steps."""
+    def late_slowdown(s):
+        return 0.1 if s < 850 else 0.8
+
+    def median_only(times):
+        return sorted(times[-25:])[len(times[-25:]) // 2]
+
+    assert _simulate(late_slowdown, estimate=median_only)[0] > 100.0 + 0.5  # the fault this guards against
+    end, _, _ = _simulate(late_slowdown)
+    assert 100.0 - 2.0 <= end <= 100.0
+
+
+def test_one_stall_does_not_move_the_estimate():
+    intervals = [0.1] * 24 + [5.0]
+    assert planning_step_s(intervals) == pytest.approx(0.1)
+    assert planning_step_s([0.1] * 20 + [0.3] * 5) == pytest.approx(0.3)  # but five slow steps do
 
 
 def test_a_step_still_running_is_paid_for():

@@ -9,6 +9,8 @@ drift apart.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.model.transformer import count_params
@@ -17,6 +19,9 @@ PERIODIC_EVALS = 6  # validation evals during a run whose train.eval_every is 0
 EXIT_S = 1.0  # interpreter and Orbax teardown after the last save (0.6 s measured on a 2-core CPU)
 SAVE_BYTES_PER_S = 200e6  # checkpoint write rate assumed for the final save
 FINAL_EVAL_SLACK = 1.3  # the final eval reads the whole held-out split; its speed varies by this much
+JITTER_FLOOR_S = 1.0  # the least margin: a stall from another process does not shrink with the budget
+STEP_WINDOW = 25  # steps whose median time the re-fit plans with
+RECENT_STEPS = 5  # ... or these last ones', where they are slower
 
 
 def save_seconds(spec: ModelSpec) -> float:
@@ -33,14 +38,26 @@ def eval_s_per_token_prior(step_s: float, tokens_per_step: int) -> float:
 def after_training_s(spec: ModelSpec, *, eval_s_per_token: float, val_tokens: int, budget_s: float,
                      margin: float) -> float:
     """Seconds kept after the last training step: the final eval over the whole held-out split,
-    the final checkpoint, the interpreter's exit, and the safety margin (a fraction of the budget)."""
+    the final checkpoint, the interpreter's exit, and the safety margin (a fraction of the budget,
+    but at least `JITTER_FLOOR_S`: a 20-second run on a busy 2-core CPU lost more than its 1 %)."""
     final_eval_s = FINAL_EVAL_SLACK * eval_s_per_token * val_tokens
-    return final_eval_s + save_seconds(spec) + EXIT_S + margin * budget_s
+    return final_eval_s + save_seconds(spec) + EXIT_S + max(margin * budget_s, JITTER_FLOOR_S)
 
 
 def evals_during_training_s(*, eval_s_per_token: float, eval_tokens: int, val_tokens: int) -> float:
     """The first (untrained) eval and the periodic ones, each over at most `eval_tokens`."""
     return (1 + PERIODIC_EVALS) * eval_s_per_token * min(eval_tokens or val_tokens, val_tokens)
+
+
+def planning_step_s(intervals: Sequence[float]) -> float:
+    """The step time the re-fit plans with, from the last `STEP_WINDOW` step intervals: their
+    median, or the median of the last `RECENT_STEPS` where that is slower. The median alone shrugs
+    off a one-step stall but follows a machine that slowed down (another process started) only
+    after half its window, and the steps run meanwhile overrun the deadline. Late breaks the
+    promise while early costs a few steps, so the estimate follows a slowdown within a few steps
+    and a speed-up at the median's pace."""
+    window = list(intervals)[-STEP_WINDOW:]
+    return max(statistics.median(window), statistics.median(window[-RECENT_STEPS:]))
 
 
 def refit_total_steps(step: int, total: int, *, now: float, train_end: float, step_s: float,
