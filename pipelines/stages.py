@@ -133,7 +133,7 @@ def _restore_trained(ctx: Context) -> session.Restored:
 
 
 def _hardware() -> dict:
-    hw = probe(measure=False).to_dict()
+    hw = probe().to_dict()
     return hw | {
         "cpu": hw["cpu_model"], "python": sys.version.split()[0], "jax": jax.__version__,
         "jaxlib": getattr(jax.lib, "__version__", ""), "os": platform.platform()}

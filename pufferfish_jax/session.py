@@ -122,11 +122,11 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
             plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
                                train_tokens=background.planned_train_tokens(data, started_at + budget_s),
                                val_tokens=len(data.val_tokens), cache=CalibrationCache(cache), user_keys=user_keys,
-                               mesh=mesh, memory_limit=probe(measure=False).memory_bytes,
+                               mesh=mesh, memory_limit=probe().memory_bytes,
                                log=lambda s: log(f"planning: {s}"))
     elif plan is None:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens), mesh=sharding.shape_of(mesh))
-        _refuse_if_too_big(plan, probe(measure=False).memory_bytes)
+        _refuse_if_too_big(plan, probe().memory_bytes)
     plan = Plan(**sharding.agree_json(plan.to_dict()))
     return background.scheduled(data, cfg.data, step_s=plan.step_s, agree=sharding.agree_json), plan
 
@@ -182,7 +182,7 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
     log(f"run dir: {run_dir}")
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
     outcome = loop.run(resolved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
-                       display_console=display_console, peak_flops=_peak_flops(resolved), initial_params=initial)
+                       display_console=display_console, peak_flops=_peak_flops(resolved, data), initial_params=initial)
     _correct_calibration(resolved, plan, outcome, mesh, log)
     return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
 
@@ -220,7 +220,7 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
     on_plan(plan)
     log(f"resuming {run_dir} from step {ref.step}{left}")
     outcome = loop.run(saved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
-                       display_console=display_console, peak_flops=_peak_flops(saved), resumed=(state, record))
+                       display_console=display_console, peak_flops=_peak_flops(saved, data), resumed=(state, record))
     _correct_calibration(saved, plan, outcome, mesh, log)
     return _finish(run_dir, plan, outcome, wall_s=record["elapsed_s"] + time.time() - started_at)
 
@@ -244,10 +244,11 @@ def _correct_calibration(cfg: ml_collections.ConfigDict, plan: Plan, outcome: lo
                                                             plan.batch_size, mesh, outcome.step_s)
 
 
-def _peak_flops(cfg: ml_collections.ConfigDict) -> tuple[float, str]:
+def _peak_flops(cfg: ml_collections.ConfigDict, data: PreparedData) -> tuple[float, str]:
     """The MFU denominator for the dashboard and what it is: the machine's best peak over dtypes,
-    whatever dtype the run computes in."""
-    return CalibrationCache(config_lib.cache_dir(cfg)).peak_flops()
+    whatever dtype the run computes in. A probe it takes pauses the corpus encoder: one that
+    shares the cores reads low."""
+    return CalibrationCache(config_lib.cache_dir(cfg)).peak_flops(quiet=lambda: background.paused(data))
 
 
 def _finish(run_dir: Path, plan: Plan, outcome: loop.Outcome, *, wall_s: float) -> RunResult:

@@ -188,9 +188,11 @@ def once_per_run(tmp_path_factory, name: str, make) -> Path:
 def _measure_matmul_peaks(cache: Path) -> None:
     """This machine's matmul peaks (the MFU denominator and the planner's prior) into `cache`,
     measured in a fresh process as a training run measures them: with XLA's own threads, which
-    this worker's JAX runs without."""
-    measure = ("import sys; from pufferfish_jax.budget.calibrate import CalibrationCache; "
-               "CalibrationCache(sys.argv[1]).peak_flops()")
+    this worker's JAX runs without. All PEAK_PROBES probes at once, so no training run of the
+    suite spends its seconds on another."""
+    measure = ("import sys; from pufferfish_jax.budget.calibrate import CalibrationCache, DTYPES, PEAK_PROBES; "
+               "cache = CalibrationCache(sys.argv[1]); "
+               "[cache.matmul_rate(d, fresh=True) for _ in range(PEAK_PROBES) for d in DTYPES]")
     subprocess.run([sys.executable, "-c", measure, str(cache)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                    check=True, capture_output=True, timeout=300)
 

@@ -1,6 +1,7 @@
 """The machine description: the CPU read from /proc/cpuinfo, the matmul peak probe, the MFU
 denominator (the best peak over dtypes, labelled with its dtype) and the calibration key."""
 
+import contextlib
 import io
 import math
 import time
@@ -118,6 +119,32 @@ def test_the_calibration_cache_measures_each_dtype_once_and_the_dashboard_shows_
     assert "MFU 50.0% of 0.3 TFLOP/s (best measured matmul, float32)" in out.getvalue()
 
 
+def test_a_low_first_probe_is_replaced_by_a_later_run_and_the_peak_never_falls(tmp_path, monkeypatch):
+    """The machine read 268 GFLOP/s in a busy second, then 429 and 395: the cache keeps the best,
+    probing again only in runs at least PEAK_SPREAD_S apart, and stops after PEAK_PROBES probes.
+    Probes run inside the caller's `quiet` context (the paused corpus encoder), never outside it."""
+    clock, readings, quiet_entered = [1000.0], iter([2.68e11, 4.29e11, 3.95e11]), []
+    monkeypatch.setattr(calibrate.time, "time", lambda: clock[0])
+    monkeypatch.setattr(calibrate, "matmul_rate", lambda dtype: next(readings) if dtype == "bfloat16" else 1e11)
+
+    @contextlib.contextmanager
+    def quiet():
+        quiet_entered.append(clock[0])
+        yield
+
+    def run_at(t: float) -> float:
+        clock[0] = t
+        return calibrate.CalibrationCache(tmp_path).peak_flops(quiet=quiet)[0]
+
+    assert run_at(1000.0) == 2.68e11  # the first run probes
+    assert run_at(1000.0 + calibrate.PEAK_SPREAD_S / 2) == 2.68e11  # too soon: read back
+    assert run_at(1000.0 + calibrate.PEAK_SPREAD_S) == 4.29e11  # a later run probes again, and reads faster
+    assert run_at(1000.0 + 2 * calibrate.PEAK_SPREAD_S) == 4.29e11  # a slower third probe does not lower it
+    assert run_at(1000.0 + 3 * calibrate.PEAK_SPREAD_S) == 4.29e11  # three probes: settled, nothing probed
+    assert quiet_entered == [1000.0, 1000.0 + calibrate.PEAK_SPREAD_S, 1000.0 + 2 * calibrate.PEAK_SPREAD_S]
+    assert calibrate.CalibrationCache(tmp_path).probes("bfloat16")[0] == calibrate.PEAK_PROBES
+
+
 def test_machine_key_differs_between_cpu_classes(monkeypatch):
     monkeypatch.setattr(calibrate, "cpu_info", lambda: parse_cpuinfo(AVX512_BF16))
     bf16_key = calibrate.machine_key()
@@ -128,13 +155,20 @@ def test_machine_key_differs_between_cpu_classes(monkeypatch):
     assert "avx512_bf16" in bf16_key and "AMD Ryzen 7 3700X" in avx2_key
 
 
-def test_just_hardware_prints_the_cpu_each_dtype_peak_and_the_best(monkeypatch, capsys):
-    rates = {"float32": 3.3e10, "bfloat16": 2.3e10}
-    monkeypatch.setattr(hardware, "matmul_rate", lambda dtype: rates[dtype])
+def test_just_hardware_probes_now_and_shows_the_best_the_machine_has_shown(monkeypatch, capsys, tmp_path):
+    """`just hardware` joins its probe to the cache, so it prints the peak the dashboard divides by:
+    the earlier, faster bfloat16 reading stays; float32's faster new one replaces the old."""
+    monkeypatch.setenv("PUFFERFISH_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "cpu_info", lambda: parse_cpuinfo(AVX2_ONLY))
     monkeypatch.setattr(hardware, "cpu_info", lambda: parse_cpuinfo(AVX2_ONLY))
+    monkeypatch.setattr(calibrate, "matmul_rate", {"float32": 2.0e10, "bfloat16": 2.5e10}.get)
+    calibrate.CalibrationCache(tmp_path).peak_flops()  # an earlier run's probes
+    monkeypatch.setattr(calibrate, "matmul_rate", {"float32": 3.3e10, "bfloat16": 2.3e10}.get)
     monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), width=300))
     assert cli.cmd_hardware([]) == 0
     text = cli.console.file.getvalue()
     assert "AMD Ryzen 7 3700X 8-Core Processor (avx2 fma)" in text
-    assert "33 GFLOP/s peak measured" in text and "23 GFLOP/s peak measured" in text
+    assert "33 GFLOP/s peak measured per device (best of 2 probes)" in text
+    assert "25 GFLOP/s peak measured per device (best of 2 probes)" in text
     assert "float32: 0.033 TFLOP/s per device (the training dashboard's MFU denominator)" in text
+    assert calibrate.CalibrationCache(tmp_path).peak_flops() == (3.3e10, "best measured matmul, float32")

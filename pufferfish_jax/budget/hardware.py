@@ -31,7 +31,6 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0),
     "TPU v5p": (459.0, 459.0), "TPU v5": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
 }
-DTYPES = ("float32", "bfloat16")  # the compute dtypes a run can use, each with its own matmul peak
 # The /proc/cpuinfo flags that change matmul speed, in report order: x86 vector width and FMA,
 # bf16 and int8 dot products and AMX tiles; ARM NEON (asimd, or neon on 32-bit), SVE and bf16.
 SIMD_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile",
@@ -90,8 +89,10 @@ class Hardware:
     host_cores: int
     peak_flops_bf16: float  # per device, from the table; 0 when unknown
     peak_flops_fp32: float
-    measured_flops_fp32: float  # per device, this run's matmul probe (matmul_rate)
-    measured_flops_bf16: float  # bf16 inputs, fp32 accumulation
+    # per device, the best matmul_rate probe this machine has shown (CalibrationCache fills them in);
+    # bf16 inputs with fp32 accumulation for bfloat16
+    measured_flops_fp32: float = 0.0
+    measured_flops_bf16: float = 0.0
     cpu_model: str = ""  # the host's CPU (cpu_info)
     cpu_features: tuple[str, ...] = ()
 
@@ -162,7 +163,7 @@ def matmul_rate(dtype: str, seconds: float = PROBE_SECONDS, sizes: tuple[int, ..
     return best
 
 
-def probe(measure: bool = True) -> Hardware:
+def probe() -> Hardware:
     device = jax.devices()[0]
     bf16, fp32 = _table_peak(device.device_kind)
     cpu = cpu_info()
@@ -170,7 +171,5 @@ def probe(measure: bool = True) -> Hardware:
         platform=device.platform, device_kind=device.device_kind, device_count=jax.device_count(),
         memory_bytes=_device_memory(device), host_cores=os.cpu_count() or 1,
         peak_flops_bf16=bf16, peak_flops_fp32=fp32,
-        measured_flops_fp32=matmul_rate("float32") if measure else 0.0,
-        measured_flops_bf16=matmul_rate("bfloat16") if measure else 0.0,
         cpu_model=cpu.model, cpu_features=cpu.features,
     )
