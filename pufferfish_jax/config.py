@@ -93,7 +93,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("budget.time", "", "Wall-clock budget, e.g. 90s, 5m, 1h30m; '' = no budget (use train.steps)."),
     ("budget.planner", "measured", "measured: time models here, pick the lowest predicted loss; none: keep the configured model; seed: the white paper's tiers."),
     ("budget.tokens_per_param", 0.0, "If > 0: pick the largest model that gets this many tokens per non-embedding parameter."),
-    ("budget.margin", 0.01, "Fraction of the budget kept in reserve for jitter; at least 1 s."),
+    ("budget.margin", 0.01, "Fraction of the budget kept in reserve for jitter; at least 0.5 s."),
     ("budget.max_epochs", 6.0, "A budgeted run stops after this many passes over the training text, decayed, even with time left (past it the held-out loss rose); 0 = no cap."),
     # moe (mixture of experts; off while num_experts is 0)
     ("moe.num_experts", 0, "Routed experts per MoE layer; 0 = no MoE (every FFN dense)."),

@@ -154,10 +154,11 @@ def test_a_cache_from_a_faster_machine_is_noticed_and_the_run_still_ends_on_time
     pinned = [f"model.{k}={m[k]}" for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "dtype")]
     run_dir = tmp_path / "run"
     # Shorter than the first run's: the shape is pinned and measured, so planning is quick, and the
-    # re-fit to the clock is the same at any length.
+    # re-fit to the clock is the same at any length; not much shorter, as the seconds kept after
+    # training (exit, save, the jitter floor) are fixed, and 85 % of the budget must still be used.
     result, wall, budget = budgeted_train([f"data.corpus={corpus}", *SMALL_CORPUS, f"run_dir={run_dir}",
                                            "model.seq_len=32", f"train.batch_size={plan['batch_size']}", *pinned],
-                                          round(0.6 * budget), {**command_env, "PUFFERFISH_CACHE": str(cache)})
+                                          round(0.75 * budget), {**command_env, "PUFFERFISH_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert 0.85 * budget <= wall <= budget, f"wall {wall:.1f}s for a {budget:.0f}s budget"
     stale = json.loads((run_dir / "plan.json").read_text())

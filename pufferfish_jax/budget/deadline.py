@@ -19,7 +19,7 @@ PERIODIC_EVALS = 6  # validation evals during a run whose train.eval_every is 0
 EXIT_S = 1.0  # interpreter and Orbax teardown after the last save (0.6 s measured on a 2-core CPU)
 SAVE_BYTES_PER_S = 200e6  # checkpoint write rate assumed for the final save
 FINAL_EVAL_SLACK = 1.3  # the final eval reads the whole held-out split; its speed varies by this much
-JITTER_FLOOR_S = 1.0  # the least margin: a stall from another process does not shrink with the budget
+JITTER_FLOOR_S = 0.5  # the least margin: a stall from another process does not shrink with the budget
 STEP_WINDOW = 25  # steps whose median time the re-fit plans with
 RECENT_STEPS = 5  # ... or these last ones', where they are slower
 
