@@ -183,7 +183,7 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
     outcome = loop.run(resolved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
                        display_console=display_console, peak_flops=_peak_flops(resolved, data), initial_params=initial)
-    _correct_calibration(resolved, plan, outcome, mesh, log)
+    _correct_calibration(resolved, plan, outcome, log)
     return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
 
 
@@ -221,27 +221,27 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
     log(f"resuming {run_dir} from step {ref.step}{left}")
     outcome = loop.run(saved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
                        display_console=display_console, peak_flops=_peak_flops(saved, data), resumed=(state, record))
-    _correct_calibration(saved, plan, outcome, mesh, log)
+    _correct_calibration(saved, plan, outcome, log)
     return _finish(run_dir, plan, outcome, wall_s=record["elapsed_s"] + time.time() - started_at)
 
 
 STALE_STEP_RATIO = 1.25  # a run whose steps took this much longer or shorter than planned corrects the cache
 
 
-def _correct_calibration(cfg: ml_collections.ConfigDict, plan: Plan, outcome: loop.Outcome, mesh: Mesh, log: Log) -> None:
+def _correct_calibration(cfg: ml_collections.ConfigDict, plan: Plan, outcome: loop.Outcome, log: Log) -> None:
     """When the steps ran much slower or faster than the planner's measurement (another load on the
     machine, a calibration cache carried over from another one), the loop has already re-fitted
-    the step count to the clock; this records the step time seen, so the next plan starts from it."""
+    the step count to the clock; this scales every cached step time of the machine by the ratio
+    seen, so the next plan starts from it and still ranks the shapes as they were measured."""
     if plan.mode != "budget" or not plan.step_s or not math.isfinite(outcome.step_s):
         return
     ratio = outcome.step_s / plan.step_s
     if 1 / STALE_STEP_RATIO <= ratio <= STALE_STEP_RATIO:
         return
     log(f"steps took {outcome.step_s * 1000:.0f} ms, {ratio:.2f}x the planned {plan.step_s * 1000:.0f} ms; the step "
-        "count was re-fitted to the clock, and the calibration cache now holds the time seen")
+        f"count was re-fitted to the clock, and every step time cached for this machine is now scaled by {ratio:.2f}")
     if sharding.is_primary():
-        CalibrationCache(config_lib.cache_dir(cfg)).correct(ModelSpec.from_config(cfg.model, cfg.moe), cfg.train,
-                                                            plan.batch_size, mesh, outcome.step_s)
+        CalibrationCache(config_lib.cache_dir(cfg)).scale_step_times(ratio)
 
 
 def _peak_flops(cfg: ml_collections.ConfigDict, data: PreparedData) -> tuple[float, str]:

@@ -5,16 +5,18 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import jax
 import pytest
 
-from pufferfish_jax.budget import loss_model, planner
+from pufferfish_jax.budget import calibrate, loss_model, planner
 from pufferfish_jax.budget.calibrate import TimeModel, flops_per_step
 from pufferfish_jax.config import apply_overrides, defaults
 from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.transformer import count_params, flops_per_token, init_variables
 from pufferfish_jax.model.spec import ModelSpec
+from pufferfish_jax.sharding import single_device_mesh
 from pufferfish_jax.train.state import abstract_state, make_optimizer
 
 
@@ -275,6 +277,29 @@ def test_memory_fit_turns_on_remat_then_refuses():
         planner.budget_plan(cfg, budget_s=3600, deadline=4600.0, train_tokens=10**9, val_tokens=14_000,
                             cache=FakeCache(rate=1e14), user_keys=big["user_keys"] | {"model.remat"},
                             memory_limit=limit, clock=lambda: 1000.0)
+
+
+def test_a_run_that_saw_slower_steps_scales_every_cached_shape_alike(tmp_path, monkeypatch):
+    """A run whose steps took 2x the plan's (a busy machine) doubles every step time cached for
+    the machine, not only its own shape's: the shapes keep the order they were measured in, so the
+    next plan does not move to a neighbour only because that one was timed on the quiet machine.
+    Compile times and matmul peaks are not step times and stay."""
+    monkeypatch.setattr(calibrate, "measure", lambda spec, train_cfg, batch, mesh: planner.Measurement(
+        compile_s=4.0, step_s=1e-3 * spec.num_layers * batch))
+    monkeypatch.setattr(calibrate, "matmul_rate", lambda dtype: 1e11)
+    cfg = apply_overrides(defaults(), ["model.vocab_size=512", "model.d_model=64", "model.num_heads=2",
+                                       "model.num_kv_heads=1", "model.seq_len=64"])
+    mesh = single_device_mesh()
+    shapes = [(replace(ModelSpec.from_config(cfg.model), num_layers=layers), batch) for layers, batch in
+              ((2, 4), (2, 8), (3, 4), (3, 16))]
+    cache = calibrate.CalibrationCache(tmp_path)
+    before = [cache.get(spec, cfg.train, batch, mesh).step_s for spec, batch in shapes]
+    peak = cache.peak_flops()
+    cache.scale_step_times(2.0)
+    reread = calibrate.CalibrationCache(tmp_path)
+    after = [reread.cached(spec, cfg.train, batch, mesh) for spec, batch in shapes]
+    assert [m.step_s for m in after] == pytest.approx([2 * s for s in before])
+    assert {m.compile_s for m in after} == {4.0} and reread.peak_flops() == peak
 
 
 @pytest.mark.slow  # compiles and runs a train step in a fresh process
