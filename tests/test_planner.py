@@ -279,6 +279,27 @@ def test_memory_fit_turns_on_remat_then_refuses():
                             memory_limit=limit, clock=lambda: 1000.0)
 
 
+def test_a_step_is_timed_at_its_steady_speed_not_in_its_first_runs():
+    """A fresh executable's runs after the warm-up, as measured here (2 x d128, batch 8): the
+    median of the first three is 1.45x the steady time; a short step runs on for up to a second
+    and is timed on its last three. A long step is timed on three runs, as before."""
+    clock, runs = [0.0], []
+
+    def stepper(times):
+        def run_step():
+            runs.append(1)
+            clock[0] += times[min(len(runs), len(times)) - 1]
+        return run_step
+
+    fresh = [0.222, 0.188, 0.121, 0.117, 0.125, 0.121, 0.118, 0.115, 0.119, 0.127, 0.122, 0.122]
+    assert sorted(fresh[:3])[1] == pytest.approx(0.188)  # what three runs after the warm-up read
+    assert calibrate.steady_step_s(stepper(fresh), 3, clock=lambda: clock[0]) == pytest.approx(0.121)
+    assert len(runs) == 7  # a second's worth (1.01 s), within SETTLE_STEPS
+    runs.clear()
+    assert calibrate.steady_step_s(stepper([2.1, 2.0, 1.9, 2.0]), 3, clock=lambda: clock[0]) == pytest.approx(2.0)
+    assert len(runs) == 3
+
+
 def test_a_run_that_saw_slower_steps_scales_every_cached_shape_alike(tmp_path, monkeypatch):
     """A run whose steps took 2x the plan's (a busy machine) doubles every step time cached for
     the machine, not only its own shape's: the shapes keep the order they were measured in, so the

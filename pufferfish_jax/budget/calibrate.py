@@ -39,6 +39,8 @@ from pufferfish_jax.train.step import make_train_step
 
 PRIOR_EFFICIENCY = 0.3  # fraction of the probed matmul rate a whole train step reaches (0.25-0.5 measured here)
 PRIOR_COMPILE_S = 4.0
+SETTLE_S = 1.0  # a measurement runs a short step for up to this long, so it is timed at its steady speed ...
+SETTLE_STEPS = 10  # ... in at most this many runs
 PEAK_PROBES = 3  # a matmul peak is the best of this many probes, taken by separate runs ...
 PEAK_SPREAD_S = 60.0  # ... at least this far apart, so they sample different moments of a drifting machine
 # Part of every cached timing's key: bump it when the train step's code changes its speed (2: the
@@ -140,7 +142,8 @@ def _zero_state(spec: ModelSpec, optimizer, mesh: Mesh):
 def measure(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: int, mesh: Mesh,
             steps: int = 3) -> Measurement:
     """Compiles the train step for this shape and global batch on `mesh` and times `steps` runs
-    after a warm-up run; on this process's block of the mesh, with the same per-device batch."""
+    at its steady speed after a warm-up run (`steady_step_s`); on this process's block of the mesh,
+    with the same per-device batch."""
     began = time.perf_counter()
     optimizer = make_optimizer(train_cfg)
     local = sharding.local_mesh(mesh)
@@ -158,16 +161,30 @@ def measure(spec: ModelSpec, train_cfg: ml_collections.ConfigDict, batch_size: i
         start = time.perf_counter()
         compiled = step.lower(state, window, lr).compile()
         compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, window, lr)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, window, lr)
+    carry = [state]
+
+    def run_step() -> None:
+        carry[0], metrics = compiled(carry[0], window, lr)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return Measurement(compile_s=compile_s, step_s=float(np.median(times)), memory_bytes=_peak_bytes(compiled),
+
+    run_step()  # the warm-up run
+    return Measurement(compile_s=compile_s, step_s=steady_step_s(run_step, steps), memory_bytes=_peak_bytes(compiled),
                        cold_compile_s=cold_compile_s, measure_s=time.perf_counter() - began)
+
+
+def steady_step_s(run_step: Callable[[], None], steps: int, settle_s: float = SETTLE_S,
+                  most: int = SETTLE_STEPS, clock: Callable[[], float] = time.perf_counter) -> float:
+    """The median time of the last `steps` runs of `run_step`, after running it for up to
+    `settle_s` more (at most `most` runs in all). A fresh executable is slow for its first few
+    runs: after the warm-up, a 2 x d128 batch-8 step here took 222, 188, then 115-127 ms, so the
+    median of runs 2-4 was 1.45x the steady time, and every cold plan over-estimated its steps by
+    that much. A step long enough to spend `settle_s` in `steps` runs is timed as before."""
+    times, settle_until = [], clock() + settle_s
+    while len(times) < steps or (len(times) < most and clock() < settle_until):
+        start = clock()
+        run_step()
+        times.append(clock() - start)
+    return float(np.median(times[-steps:]))
 
 
 def _peak_bytes(compiled) -> int:
