@@ -45,9 +45,9 @@ PEAK_PROBES = 3  # a matmul peak is the best of this many probes, taken by separ
 PEAK_SPREAD_S = 60.0  # ... at least this far apart, so they sample different moments of a drifting machine
 # Part of every cached timing's key: bump it when the train step's code changes its speed (2: the
 # blocked attention; 3: huge pages and the LM head's weight-gradient order) or a Measurement field
-# changes meaning (4: compile_s is the cached read-back), so the planner re-measures instead of
-# trusting old timings.
-STEP_REVISION = 4
+# changes meaning (4: compile_s is the cached read-back; 5: step_s is the steady speed, see
+# steady_step_s), so the planner re-measures instead of trusting old timings.
+STEP_REVISION = 5
 
 
 @dataclass(frozen=True)
