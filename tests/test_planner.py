@@ -218,6 +218,31 @@ def test_a_warm_rerun_with_more_time_left_measures_nothing(budget_s, fp32_over_b
     assert chosen in {(spec.num_layers, spec.d_model, spec.dtype, batch) for spec, batch in measured}
 
 
+class ProbingCache(DtypeCache):
+    """A DtypeCache whose first time model costs the two matmul probes on the clock, as a cold
+    plan's prior does on a real machine."""
+
+    probed = False
+
+    def time_model(self, spec, train_cfg, mesh):
+        if not self.probed:
+            self.probed, self.clock[0] = True, self.clock[0] + planner.PROBES_S
+        return super().time_model(spec, train_cfg, mesh)
+
+
+def test_a_warm_rerun_charges_the_probes_the_cold_plan_paid_and_measures_nothing():
+    """The cold 5m plan spends the probes (2 s) and one 6 s measurement, and the float32 twin's
+    6 s more would pass the 12 s allowance: it stops. The warm rerun has no probes to pay; counting
+    only the cached measurement (6 + 6 = 12 s, not past the allowance) it measured the twin."""
+    clock = [1000.0]
+    cache = ProbingCache(0.9, clock, compile_s=4.0, extra_s=2.0)
+    _dtype_plan(300, cache, clock)
+    measured = dict(cache.measured)
+    assert len(measured) == 1  # the cold plan stopped after its leader
+    second = _dtype_plan(300, cache, clock)
+    assert cache.measured == measured and second.measuring_s == 0.0
+
+
 def test_tokens_per_param_rule():
     # a corpus the hour cannot repeat past budget.max_epochs, so only the rule limits the tokens
     plan = _plan(3600, FakeCache(rate=2e12), train_tokens=200_000_000, **{"budget.tokens_per_param": 20.0})
