@@ -226,7 +226,7 @@ class ProbingCache(DtypeCache):
 
     def time_model(self, spec, train_cfg, mesh):
         if not self.probed:
-            self.probed, self.clock[0] = True, self.clock[0] + planner.PROBES_S
+            self.probed, self.clock[0] = True, self.clock[0] + calibrate.PROBES_S
         return super().time_model(spec, train_cfg, mesh)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
-from pufferfish_jax.budget.hardware import cpu_info, matmul_rate, probe
+from pufferfish_jax.budget.hardware import PROBE_SECONDS, cpu_info, matmul_rate, probe
 from pufferfish_jax.model.moe import resolve_dispatch
 from pufferfish_jax.model.transformer import flops_per_token
 from pufferfish_jax.model.spec import DTYPES, ModelSpec
@@ -43,6 +43,7 @@ SETTLE_S = 1.0  # a measurement runs a short step for up to this long, so it is 
 SETTLE_STEPS = 10  # ... in at most this many runs
 PEAK_PROBES = 3  # a matmul peak is the best of this many probes, taken by separate runs ...
 PEAK_SPREAD_S = 60.0  # ... at least this far apart, so they sample different moments of a drifting machine
+PROBES_S = len(DTYPES) * PROBE_SECONDS  # probing every dtype's peak (a cold plan pays it for its prior)
 # Part of every cached timing's key: bump it when the train step's code changes its speed (2: the
 # blocked attention; 3: huge pages and the LM head's weight-gradient order) or a Measurement field
 # changes meaning (4: compile_s is the cached read-back; 5: step_s is the steady speed, see

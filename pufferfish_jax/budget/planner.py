@@ -34,8 +34,7 @@ from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
 from pufferfish_jax.budget import deadline as deadline_lib
-from pufferfish_jax.budget.calibrate import CalibrationCache, Measurement, flops_per_step
-from pufferfish_jax.budget.hardware import PROBE_SECONDS
+from pufferfish_jax.budget.calibrate import PROBES_S, CalibrationCache, Measurement, flops_per_step
 from pufferfish_jax.budget.loss_model import batch_efficiency, effective_tokens, predicted_loss
 from pufferfish_jax.config import MODEL_SHAPE_KEYS
 from pufferfish_jax.errors import ConfigError
@@ -67,9 +66,6 @@ PLANNING_SHARE = 0.04
 # better model. A warm rerun with a few seconds more left than the cold plan had (no data to
 # prepare) keeps the cold plan's measured choice instead of compiling its neighbour.
 LEADER_MARGIN = 0.005
-# What the first plan on a machine pays for the two matmul probes (hardware.PROBE_SECONDS each, its
-# time model's prior) before it measures anything; a warm rerun charges it with the measurements.
-PROBES_S = len(DTYPES) * PROBE_SECONDS
 MEMORY_HEADROOM = 0.7  # plan to use at most this fraction of device memory
 # The white paper's tiers (its 3.1.2 and 3.1.3): (hours below, shape, dataset fraction).
 SEED_TIERS = (
@@ -327,10 +323,8 @@ def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, bu
     An unmeasured leader is measured first whatever it costs (its compile is the run's own),
     unless a measured candidate is within LEADER_MARGIN of it. Any other measurement costs what the
     last one cost, and is taken only if it still fits in the allowance. Measurements that earlier
-    plans on this machine paid for count against it as if paid now, and so do the matmul probes
-    the first one paid (`PROBES_S`), so a warm rerun reaches the state the first run stopped in and
-    measures nothing (without the probes, a warm 5m rerun measured the float32 twin the cold run
-    had stopped short of: 6 s of warm planning)."""
+    plans on this machine paid for count against it as if paid now, and so do the first one's
+    `PROBES_S`, so a warm rerun reaches the state the first run stopped in and measures nothing."""
     charged_s, last_cost_s, first = 0.0, 0.0, True
     for _ in range(MAX_MEASUREMENTS):
         rows = _score_all(cfg, candidates, cache, mesh, budget())
