@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
-from conftest import private_cache, story_corpus
+from conftest import FAST_COMPILE, private_cache, story_corpus
 from test_planner import FakeCache
 
 from pufferfish_jax import cli, sharding
@@ -37,8 +37,6 @@ from pufferfish_jax.train.state import abstract_state, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 RTOL = 2e-6
-# Compiling is most of these subprocesses' time; LLVM's optimizations are not what they test.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def _mesh_cfg(data, fsdp, tensor):

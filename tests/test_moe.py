@@ -27,7 +27,7 @@ from pufferfish_jax.model.transformer import Transformer, count_params, flops_pe
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.sharding import single_device_mesh
 from pufferfish_jax.train import checkpoint
-from pufferfish_jax.train.state import abstract_state, init_state, make_optimizer
+from pufferfish_jax.train.state import abstract_state, create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,7 +197,7 @@ def test_train_step_moves_each_bias_by_its_layers_counts_over_the_whole_batch(op
     cfg = model_config(f"train.grad_accum={grad_accum}", "moe.bias_update_rate=0.25", "model.init_std=0.5",
                        f"train.optimizer={optimizer}")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
-    state = init_state(spec, optimizer, jax.random.key(0))
+    state = create_state(spec, optimizer, 0, single_device_mesh())
     # A non-zero bias, different per layer, so the step's routing depends on it.
     state = state.replace(moe_state=jax.tree.map(lambda b: jax.random.normal(jax.random.key(b.size), b.shape), state.moe_state))
     window_BT1 = jax.random.randint(jax.random.key(3), (4, 17), 0, 64)
@@ -225,7 +225,7 @@ def test_optimizer_and_weight_decay_never_touch_the_bias():
     cfg = model_config("moe.balance=aux_loss", "moe.router_z_loss_weight=0.01", "train.weight_decay=0.5",
                        "train.grad_clip=0")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
-    state = init_state(spec, optimizer, jax.random.key(0))
+    state = create_state(spec, optimizer, 0, single_device_mesh())
     state = state.replace(moe_state=jax.tree.map(lambda b: b + 0.3, state.moe_state))
     bias_leaves = jax.tree.leaves(state.moe_state)
     assert len(bias_leaves) == 2 and all(b.shape == (8,) for b in bias_leaves)
@@ -246,7 +246,7 @@ def test_optimizer_and_weight_decay_never_touch_the_bias():
 def test_checkpoint_round_trip_restores_the_bias(tmp_path):
     cfg = model_config("moe.num_shared_experts=2", "moe.layers=1")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
-    state = init_state(spec, optimizer, jax.random.key(0))
+    state = create_state(spec, optimizer, 0, single_device_mesh())
     state = state.replace(moe_state=jax.tree.map(lambda b: jnp.linspace(-1, 1, b.size), state.moe_state))
     manager = checkpoint.open_manager(tmp_path / "checkpoints", keep=1)
     checkpoint.save(manager, state, cfg, Tokenizer(models.BPE()).to_str(), {"step": 0})
@@ -299,7 +299,7 @@ def _final_max_load(balance: str, steps: int = 200) -> float:
     cfg = model_config(f"moe.balance={balance}", "moe.bias_update_rate=0.01", "train.lr=0.01",
                        "moe.num_shared_experts=0", "model.init_std=0.1", "train.batch_size=8")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
-    state = jax.jit(init_state, static_argnums=(0, 1))(spec, optimizer, jax.random.key(0))
+    state = create_state(spec, optimizer, 0, single_device_mesh())
     step = make_train_step(spec, optimizer, 1, single_device_mesh())
     loads = []
     for window in _zipf_windows(steps, 8, 16, 64):
