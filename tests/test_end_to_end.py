@@ -2,11 +2,12 @@
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import budget_hint, run_command, story_corpus
+from conftest import ROOT, budget_hint, run_command, story_corpus
 
 from pufferfish_jax.budget.planner import MIN_STEPS
 from pufferfish_jax.cli import main
@@ -83,10 +84,11 @@ def test_budgeted_train_ends_inside_budget_with_falling_loss(budget_run):
 
 @pytest.mark.slow
 def test_generate_from_run_dir_is_seeded(budget_run, command_env, capsys, monkeypatch):
-    """The real command, then the same arguments again in this process: one seed, one text."""
+    """The shell script a user runs, then the same arguments again in this process: one seed, one text."""
     run_dir = budget_run[0]
     args = ["generate", str(run_dir), "The river", "--max-new-tokens", "24", "--seed", "3"]
-    first = run_command(args, command_env)
+    first = subprocess.run([str(ROOT / "tools" / "generate.sh"), *args[1:]], cwd=ROOT, env=command_env,
+                           capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.startswith("The river") and len(first.stdout) > len("The river") + 10
     monkeypatch.setenv("PUFFERFISH_CACHE", command_env["PUFFERFISH_CACHE"])

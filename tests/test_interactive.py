@@ -14,7 +14,6 @@ import termios
 import time
 from pathlib import Path
 
-import jax
 import pexpect
 import pytest
 from conftest import private_cache, random_corpus
@@ -27,7 +26,8 @@ from pufferfish_jax.data.tokenizer import train_tokenizer
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train import checkpoint
 from pufferfish_jax.display import SPARK_LEVELS, History, TrainDisplay, moe_summary, sparkline
-from pufferfish_jax.train.state import init_state, make_optimizer
+from pufferfish_jax.sharding import single_device_mesh
+from pufferfish_jax.train.state import create_state, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # seconds per expected output: generous, the CPU is shared with other test runs
@@ -56,7 +56,7 @@ def tiny_checkpoint(tmp_path_factory, corpus) -> Path:
                                        "model.num_layers=1", "model.d_model=32", "model.num_heads=2",
                                        "model.num_kv_heads=1", "model.init_std=0.5"])
     spec = ModelSpec.from_config(cfg.model)
-    state = init_state(spec, make_optimizer(cfg.train), jax.random.key(0))
+    state = create_state(spec, make_optimizer(cfg.train), 0, single_device_mesh())
     run_dir = tmp_path_factory.mktemp("run")
     manager = checkpoint.open_manager(run_dir / "checkpoints", keep=1)
     checkpoint.save(manager, state, cfg, tokenizer.to_str(), {"step": 0, "elapsed_s": 0.0})

@@ -4,8 +4,6 @@
 import dataclasses
 import functools
 import json
-import subprocess
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -30,7 +28,6 @@ from pufferfish_jax.train import checkpoint
 from pufferfish_jax.train.state import abstract_state, create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 
@@ -295,8 +292,8 @@ def _zipf_windows(steps: int, batch: int, seq: int, vocab: int, seed: int = 0) -
     return np.where(rng.random(first.shape) < 0.5, np.roll(first, 1, axis=-1) + 1, first) % vocab
 
 
-def _final_max_load(balance: str, steps: int = 200) -> float:
-    cfg = model_config(f"moe.balance={balance}", "moe.bias_update_rate=0.01", "train.lr=0.01",
+def _final_max_load(balance: str, steps: int = 100) -> float:
+    cfg = model_config(f"moe.balance={balance}", "moe.bias_update_rate=0.02", "train.lr=0.01",
                        "moe.num_shared_experts=0", "model.init_std=0.1", "train.batch_size=8")
     spec, optimizer = spec_of(cfg), make_optimizer(cfg.train)
     state = create_state(spec, optimizer, 0, single_device_mesh())
@@ -310,9 +307,9 @@ def _final_max_load(balance: str, steps: int = 200) -> float:
 
 @pytest.mark.slow
 def test_loss_free_balancing_ends_better_balanced_than_none():
-    """Same seed, same data: over the last 20 of 200 steps the loss-free bias keeps the busiest
+    """Same seed, same data: over the last 20 of 100 steps the loss-free bias keeps the busiest
     expert's load (max / mean) at most 1.75 and less than half as far above even (1.0) as with no
-    balancing at all. Seen here: 1.54 against 3.25; 256 assignments over 8 experts per step make
+    balancing at all. Seen here: 1.56 against 3.29; 256 assignments over 8 experts per step make
     about 1.3 the noise floor."""
     balanced, unbalanced = _final_max_load("loss_free"), _final_max_load("none")
     assert balanced <= 1.75, balanced
@@ -385,11 +382,11 @@ def test_train_generate_inspect_on_a_moe_run_dir(tmp_path, capsys, command_env, 
     logged = [r for r in records if r["event"] == "train"]
     assert logged and all({"moe.1.max_load", "moe.1.dropped", "moe.1.entropy"} <= set(r) for r in logged)
     assert not any(k.startswith("moe.0.") for r in logged for k in r)  # block 0 stayed dense
-    gen = subprocess.run([str(ROOT / "tools/generate.sh"), str(run_dir), "the river", "--max-new-tokens", "12",
-                          "--temperature", "0"], cwd=ROOT, env=command_env, capture_output=True, text=True, timeout=300)
-    assert gen.returncode == 0, gen.stderr[-2000:]
-    assert gen.stdout.startswith("the river") and len(gen.stdout.strip()) > len("the river")
+    # In this process: test_end_to_end runs the real tools/generate.sh on a dense run dir.
     capsys.readouterr()
-    assert main(["inspect", str(run_dir)]) == 0  # in this process: generate.sh above proved the real command
+    assert main(["generate", str(run_dir), "the river", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    written = capsys.readouterr().out
+    assert written.startswith("the river") and len(written.strip()) > len("the river")
+    assert main(["inspect", str(run_dir)]) == 0
     shown = capsys.readouterr().out
     assert "4 routed (top 2, sigmoid) + 1 shared" in shown, shown

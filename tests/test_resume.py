@@ -2,6 +2,7 @@
 parameters; SIGINT saves and exits; a budgeted run resumes within its budget."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -136,11 +137,13 @@ def test_interrupted_budgeted_run_resumes_within_its_budget(env, tmp_path):
     finished at zero."""
     env, corpus = env
     run_dir = tmp_path / "run"
-    # 20 s: the second attempt must still train long enough for the warmdown to start and run; at
-    # 12 s, on a loaded machine, the first attempt's start-up left it time for no step at all.
+    # Half as much again as the smallest budget the planner accepts on this machine (asked for with
+    # a budget it must refuse), and at least 15 s: the second attempt starts up again and must still
+    # train long enough for the warmdown to start and run. At a flat 12 s, on a loaded machine, the
+    # first attempt's start-up left it time for no step at all.
     # budget.max_epochs=0: the tiny corpus would otherwise end the run early, and this test checks the clock
     fixed = ("steps=0", "budget.planner=none", "budget.max_epochs=0")
-    budget = fitted_budget(_cmd(run_dir, corpus, *fixed)[4:], 20, env)
+    budget = max(15, math.ceil(1.5 * fitted_budget(_cmd(run_dir, corpus, *fixed)[4:], 1, env)))
     args = _cmd(run_dir, corpus, f"budget={budget}s", *fixed, "train.schedule=wsd", "train.log_every=1")
     first_start = time.time()
     process = subprocess.Popen(args, cwd=ROOT, env={**env, "PUFFERFISH_T0": repr(first_start)},
