@@ -188,25 +188,29 @@ def once_per_run(tmp_path_factory, name: str, make) -> Path:
     return path
 
 
-def _measure_matmul_peaks(cache: Path) -> None:
+def _measure_matmul_peaks(cache: Path, probes: int) -> None:
     """This machine's matmul peaks (the MFU denominator and the planner's prior) into `cache`,
     measured in a fresh process as a training run measures them: with XLA's own threads, which
-    this worker's JAX runs without. All PEAK_PROBES probes at once, so no training run of the
-    suite spends its seconds on another."""
-    measure = ("import sys; from pufferfish_jax.budget.calibrate import CalibrationCache, DTYPES, PEAK_PROBES; "
+    this worker's JAX runs without. `probes` probes of each dtype at once: all PEAK_PROBES where
+    the suite trains, so that no training run spends its seconds on another; one for the fast
+    suite, which trains nothing and ends before a second probe would be due."""
+    measure = ("import sys; from pufferfish_jax.budget.calibrate import CalibrationCache, DTYPES; "
                "cache = CalibrationCache(sys.argv[1]); "
-               "[cache.matmul_rate(d, fresh=True) for _ in range(PEAK_PROBES) for d in DTYPES]")
+               f"[cache.matmul_rate(d, fresh=True) for _ in range({probes}) for d in DTYPES]")
     subprocess.run([sys.executable, "-c", measure, str(cache)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                    check=True, capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
+def session_cache(tmp_path_factory, request) -> Path:
     """One PUFFERFISH_CACHE for the whole run, shared by both workers: a token cache, tokenizer or
     measured step time made by one test is read back by the next, in any worker or subprocess
     (every write to the cache is atomic, as it must be for two users' runs sharing ~/.cache). It
     starts with the machine's matmul peaks, which `private_cache` hands on."""
-    return once_per_run(tmp_path_factory, "cache", _measure_matmul_peaks)
+    from pufferfish_jax.budget.calibrate import PEAK_PROBES
+
+    probes = 1 if "not slow" in request.config.getoption("markexpr") else PEAK_PROBES
+    return once_per_run(tmp_path_factory, "cache", lambda path: _measure_matmul_peaks(path, probes))
 
 
 def private_cache(path: Path, session_cache: Path) -> Path:
