@@ -68,9 +68,10 @@ def pytest_unconfigure(config):
 # The files that cost the most CPU (measured with `just test`, heaviest first), started first: with
 # one worker per core the suite ends when the last file does, and a heavy file started last left
 # the other core idle for a minute. Files not named keep their order and fill in after these.
-HEAVY_FIRST = ("test_moe.py", "test_resume.py", "test_mesh.py", "test_end_to_end.py", "test_interactive.py",
-               "test_train_batches.py", "test_growing.py", "test_bad_inputs.py", "test_model.py", "test_generate.py",
-               "test_recipe.py", "test_export.py", "test_kernels.py", "test_pipeline.py", "test_blocked_attention.py")
+HEAVY_FIRST = ("test_resume.py", "test_moe.py", "test_end_to_end.py", "test_interactive.py", "test_mesh.py",
+               "test_bad_inputs.py", "test_pipeline.py", "test_recipe.py", "test_model.py", "test_export.py",
+               "test_generate.py", "test_kernels.py", "test_train_batches.py", "test_checkpoint.py",
+               "test_blocked_attention.py")
 
 
 def pytest_collection_modifyitems(config, items):
