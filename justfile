@@ -28,13 +28,13 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 4.4-6.3
-# minutes on 2 cores, AMD EPYC with AVX-512, whose speed drifted by a third within one afternoon).
+# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 3.0-4.2
+# minutes on 2 cores, AMD EPYC with AVX-512, whose speed drifted by a third within one morning).
 test *ARGS:
     python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests "$@"
 
 # The edit loop: the suite without the slow tests (no training, no end-to-end runs, no Pallas interpret
-# mode; 64-90 s on the same machine).
+# mode; 41-57 s on the same machine).
 test-fast *ARGS:
     python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests -m "not slow" "$@"
 
