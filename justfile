@@ -28,7 +28,7 @@ configure *ARGS:
 eval *ARGS:
     python -m pufferfish_jax eval "$@"
 
-# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 3.0-4.2
+# The whole test suite, slow tests included, on one pytest worker per core (CI runs this; 3.0-4.3
 # minutes on 2 cores, AMD EPYC with AVX-512, whose speed drifted by a third within one morning).
 test *ARGS:
     python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests "$@"
