@@ -29,8 +29,6 @@ from pufferfish_jax.train.state import abstract_state, create_state, make_optimi
 from pufferfish_jax.train.step import make_train_step
 
 
-
-
 # Jitted once per spec: run op by op, a whole model's init and forward dispatch hundreds of
 # separately compiled primitives (several seconds per test).
 init_variables_jit = jax.jit(init_variables, static_argnums=0)
