@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -55,11 +56,11 @@ def evaluate(eval_step: Callable, variables: dict, val_tokens: np.ndarray, val_b
     loss's standard error over windows (`window_loss`) into bpb_se: it measures how much the
     score would move on other text like this, not the (small) error of the byte count.
     """
-    nll_parts, count_parts = [], []
-    for window, mask in eval_batches(val_tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens):
-        nll_B, count_B = eval_step(variables, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh))
-        nll_parts.append(np.asarray(nll_B))
-        count_parts.append(np.asarray(count_B))
+    # Each batch's results stay on the device until the end: reading them back one by one would make
+    # the host wait for every step, where it could be preparing and dispatching the next batches.
+    parts = [eval_step(variables, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh))
+             for window, mask in eval_batches(val_tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)]
+    nll_parts, count_parts = zip(*jax.device_get(parts)) if parts else ((), ())
     nll_W, count_W = np.concatenate(nll_parts), np.concatenate(count_parts)
     loss, loss_se = window_loss(nll_W, count_W)
     total_count = float(count_W.sum())
