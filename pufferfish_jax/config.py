@@ -83,7 +83,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("data.tokenizer", "", "Path to a tokenizer.json to use instead of training one."),
     ("data.max_chars", 0, "Use only the first N characters of the corpus; 0 = all."),
     ("data.text_field", "text", "The jsonl field, parquet column or hf: dataset column that holds the text."),
-    ("data.tokenizer_sample_bytes", 32_000_000, "Train the BPE on a deterministic sample of about this many bytes of training text; 0 = all of it."),
+    ("data.tokenizer_sample_bytes", 32_000_000, "Train the BPE on a deterministic sample of about this many bytes of training text; 0 = all of it. A hf: stream's held-out text comes from its head of this size."),
     ("data.stream_min_bytes", 16_000_000, "A budgeted run on a corpus of at least this many bytes starts training while it is still tokenized; 0 = never."),
     ("data.stream_shard_tokens", 1_000_000, "Tokens of a shard of a stream tokenized while training: the unit that becomes visible, and what training waits for first."),
     ("data.stream_margin", 2.0, "Planned steps per shard = this x the steps the measured tokenizing rate needs for one; above 1 keeps data waits rare."),

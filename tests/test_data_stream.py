@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -231,6 +232,55 @@ def test_hf_stream_through_datasets_parquet_builder_offline(tmp_path, offline_da
     assert sorted(trained + held_out) == sorted(docs)  # every row, once
     assert trained == [d for d in docs if d not in set(held_out)]  # in the dataset's order
     assert not set(held_out) & set(trained)
+
+
+def test_a_budgeted_run_trains_on_an_hf_stream_as_it_is_read(tmp_path, offline_datasets, monkeypatch):
+    """A stream of unknown length is not read whole first. Its held-out text is the held-out
+    documents of its head (the tokenizer's sample), complete before training; training starts at
+    the first shard (the writer held there proves it); held-out documents past the head are read
+    past, on neither side; the finished entry is byte for byte the one-shot one, and the held-out
+    text is the same when the tokenizer was cached (the head read again)."""
+    from pufferfish_jax.data import background, cache, growing
+
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 4)
+    monkeypatch.setattr(background, "WRITER", "thread")  # in this process, where it can be held
+    gate, published = threading.Event(), growing.GrowingTokens.published
+
+    def held(self, tokens):
+        published(self, tokens)
+        if tokens >= 300:
+            gate.wait(30)
+
+    monkeypatch.setattr(growing.GrowingTokens, "published", held)
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    docs = docs_of(400)
+    write_parquet(folder / "part-0.parquet", docs[:200])
+    write_parquet(folder / "part-1.parquet", docs[200:])
+    cfg = data_cfg(f"hf:{folder}", tokenizer_sample_bytes=20_000, stream_min_bytes=1, stream_shard_tokens=300,
+                   stream_margin=2.0, stream_steps_per_shard=0.0)
+    data = background.prepare_growing(cfg, tmp_path / "bg")
+    source = data.growing
+    assert source is not None and not source.done  # training may start: the stream is still being read
+    gate.set()
+    source.wait_for(2**62)
+    held_out = stream_docs(data.val_tokens, data.tokenizer)
+    trained = stream_docs(source.prefix(source.written), data.tokenizer)
+    by_hash = split_documents(docs, 0.1)[1]
+    assert 0 < len(held_out) < len(by_hash) and held_out == by_hash[:len(held_out)]  # the head's, in order
+    assert trained == [d for d in docs if d not in set(by_hash)]  # no held-out document, head or not, trains
+
+    one_shot = prepare_data(cfg, tmp_path / "whole")
+    assert one_shot.fingerprint == data.fingerprint
+    for name in ("train.bin", "val.bin", "json"):
+        assert (tmp_path / "bg/tokens" / f"{data.fingerprint}.{name}").read_bytes() == \
+               (tmp_path / "whole/tokens" / f"{data.fingerprint}.{name}").read_bytes(), name
+    val_path = cache.paths(tmp_path / "bg", data.fingerprint)[2]
+    val_bytes = val_path.read_bytes()
+    for path in (tmp_path / "bg/tokens").iterdir():  # tokens gone, tokenizer cached
+        path.unlink()
+    background.prepare_growing(cfg, tmp_path / "bg").growing.wait_for(2**62)
+    assert val_path.read_bytes() == val_bytes
 
 
 def test_a_corpus_too_slow_for_its_budget_stops_early_with_one_line(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ tokenizes into a private `.growing` file, which the next preparation deletes onc
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -40,7 +41,7 @@ from pufferfish_jax.data.cache import PreparedData, token_dtype
 from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.growing import GrowingTokens, StreamSchedule, make_schedule
 from pufferfish_jax.data.prepare import (Split, TokenStream, document_chunks, encode_into, prepare_data, read_ahead,
-                                         scan_split, sided_documents, tokenizer_for)
+                                         sample_documents, scan_split, sided_documents, tokenizer_for)
 from pufferfish_jax.data.tokenizer import eos_id
 from pufferfish_jax.errors import DataError
 
@@ -66,9 +67,13 @@ _STASH_BYTES = 256 << 20  # held-out text kept in memory from the tokenizer's pa
 def _encode_val(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, cache_dir: Path, val_path: Path,
                 held: list[str]) -> TokenStream:
     """The held-out stream, whole, at its final name (trusted only once the meta file exists):
-    from `held` when the tokenizer's pass collected every held-out document, else read again."""
+    from `held` when the tokenizer's pass collected every held-out document, else read again (a
+    stream's are all in its head, which the sample's pass reads, and no further)."""
     dtype = token_dtype(tok.get_vocab_size())
-    complete = held and sum(len(d.encode("utf-8")) + 1 for d in held) == split.total_bytes - split.train_bytes
+    if split.head_bytes and not held:  # the tokenizer was cached, so its pass did not run
+        collections.deque(sample_documents(cfg, cache_dir, split, held_out=held), maxlen=0)
+    complete = held and (split.head_bytes or
+                         sum(len(d.encode("utf-8")) + 1 for d in held) == split.total_bytes - split.train_bytes)
     sided = ((d, d.encode("utf-8"), True, 0.0) for d in held) if complete else sided_documents(cfg, split, cache_dir)
     with atomic_write(val_path) as f:
         val = TokenStream(f, dtype)
@@ -173,8 +178,11 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
         log(f"data: continuing the {record['train']['tokens']:,} train tokens an earlier run wrote")
     else:
         split = scan_split(data_cfg, cache_dir, log=log)
-        small = not data_cfg.stream_min_bytes or split.total_bytes < data_cfg.stream_min_bytes
-        if not split.total_bytes or (small and not force):
+        # A stream (size unknown, 0) counts as big; it cannot train as it is read when every held-out
+        # document of it is held-out text (no head), since that text must be complete first.
+        unbounded = not split.total_bytes and not split.head_bytes
+        small = not data_cfg.stream_min_bytes or 0 < split.total_bytes < data_cfg.stream_min_bytes
+        if unbounded or (small and not force):
             if lock_fd is not None:
                 os.close(lock_fd)
             return prepare_data(data_cfg, cache_dir, log=log, finish_by=finish_by, split=split)
@@ -193,9 +201,13 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     else:  # measured now, over a shard
         source.wait_for(first if done < first else done + first)
         source.rate_tokens_s = max(source.written - done, 1) / max(time.perf_counter() - source.started, 1e-9)
-    source.total_estimate = round(split.train_bytes * val_counts["val_tokens"] / max(val_counts["val_bytes"], 1))
-    log(f"data: training starts while tokenizing continues ({source.written:,} of about "
-        f"{source.total_estimate:,} train tokens, {source.rate_tokens_s:,.0f} tokens/s)")
+    if split.total_bytes:
+        source.total_estimate = round(split.train_bytes * val_counts["val_tokens"] / max(val_counts["val_bytes"], 1))
+        of_total = f"of about {source.total_estimate:,}"
+    else:  # a stream: as many as the encoder writes in time
+        source.total_estimate, of_total = 2**62, "of a stream of unknown length"
+    log(f"data: training starts while tokenizing continues ({source.written:,} {of_total} train tokens, "
+        f"{source.rate_tokens_s:,.0f} tokens/s)")
     _LIVE[(cache_dir, key)] = PreparedData(
         tokenizer=tok, tokenizer_json=tok.to_str(), train_tokens=source.prefix(first),
         val_tokens=np.memmap(val_path, dtype=dtype, mode="r"), train_bytes=split.train_bytes,

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
 from pufferfish_jax.data import builtin, readers
@@ -70,6 +71,13 @@ def _resolve(spec: str) -> list[tuple[str, str]]:
 def is_stream(spec: str) -> bool:
     """Whether `spec` names a Hugging Face stream: read once, never scanned ahead, split per document."""
     return any(kind == "hf" for kind, _ in _resolve(spec))
+
+
+def stream_head_bytes(cfg: ml_collections.ConfigDict) -> int:
+    """The head of a stream corpus split by hash (`prepare.Split.head_bytes`): its first
+    data.tokenizer_sample_bytes of training text, whose held-out documents are the held-out text.
+    0 for files, a stream beside data.val_source, or a sample of everything."""
+    return cfg.get("tokenizer_sample_bytes", 0) if is_stream(cfg.corpus) and not cfg.val_source else 0
 
 
 def corpus_fingerprint(spec: str) -> str:

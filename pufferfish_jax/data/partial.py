@@ -43,16 +43,22 @@ def try_lock(cache_dir: Path, key: str) -> int | None:
     return fd
 
 
+def split_fields(split: Split) -> dict:
+    """The split as JSON fields (in a record, and in the worker's job), read back by `split_of`."""
+    parts = [[spec, {"below": rule.below, "at_most": rule.at_most}] for spec, rule in split.parts]
+    return dict(parts=parts, train_bytes=split.train_bytes, total_bytes=split.total_bytes, head_bytes=split.head_bytes)
+
+
 def record_of(split: Split, val_counts: dict, rate_tokens_s: float) -> dict:
     """The part of the record fixed before the first chunk."""
-    parts = [[spec, {"below": rule.below, "at_most": rule.at_most}] for spec, rule in split.parts]
-    return dict(version=VERSION, parts=parts, train_bytes=split.train_bytes, total_bytes=split.total_bytes,
-                val=val_counts, rate_tokens_s=rate_tokens_s, train={"tokens": 0, "bytes": 0, "docs": 0})
+    return dict(version=VERSION, **split_fields(split), val=val_counts, rate_tokens_s=rate_tokens_s,
+                train={"tokens": 0, "bytes": 0, "docs": 0})
 
 
-def split_of(record: dict) -> Split:
-    return Split(tuple((spec, HashSplit(**rule)) for spec, rule in record["parts"]), record["train_bytes"],
-                 record["total_bytes"])
+def split_of(fields: dict) -> Split:
+    # head_bytes is missing from the records of runs before streams had heads: files only, 0
+    return Split(tuple((spec, HashSplit(**rule)) for spec, rule in fields["parts"]), fields["train_bytes"],
+                 fields["total_bytes"], fields.get("head_bytes", 0))
 
 
 def write(record_path: Path, record: dict) -> None:

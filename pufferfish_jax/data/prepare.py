@@ -6,7 +6,8 @@ chunk of them:
 1. scan: each document's split hash and size, 24 bytes a document, give the held-out rule
    (`corpora.split_rule`, the same split a whole-corpus split makes) and the training bytes.
    A Hugging Face stream is not scanned ahead: its documents are split one by one by hash alone
-   (held out when the hash is below data.val_fraction).
+   (held out when the hash is below data.val_fraction), and only those of its head are held-out
+   text (`Split.head_bytes`).
 2. sample: the BPE tokenizer trains on a deterministic sample of the training documents of
    about data.tokenizer_sample_bytes (those whose second hash is below sample / training bytes;
    a stream's first training documents); all of them when the corpus is smaller or it is 0.
@@ -37,7 +38,8 @@ from tokenizers import Tokenizer
 
 from pufferfish_jax.data import cache
 from pufferfish_jax.data.cache import PreparedData, token_dtype
-from pufferfish_jax.data.corpora import HashSplit, document_hashes, is_stream, iter_documents, split_rule
+from pufferfish_jax.data.corpora import (HashSplit, document_hashes, is_stream, iter_documents, split_rule,
+                                         stream_head_bytes)
 from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.tokenizer import eos_id, load_or_train_tokenizer
 from pufferfish_jax.errors import DataError
@@ -55,6 +57,11 @@ class Split:
     parts: tuple[tuple[str, HashSplit], ...]
     train_bytes: int
     total_bytes: int = 0  # train and val; 0 for a stream
+    # A stream's head: the documents read until its training ones hold this many bytes (the
+    # tokenizer's sample). Its held-out documents are the held-out text; those after it are read
+    # past, on neither side, so the held-out text is complete before training starts and the
+    # stream itself need never end. 0: every held-out document is held-out text.
+    head_bytes: int = 0
 
 
 def _documents(cfg: ml_collections.ConfigDict, spec: str, cache_dir: Path, log: Log) -> Iterator[str]:
@@ -76,9 +83,10 @@ def _hashes(cfg: ml_collections.ConfigDict, spec: str, cache_dir: Path, log: Log
 
 def scan_split(cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log) -> Split:
     """The split of `cfg` (pass 1): the corpus split by content hash, or the corpus and data.val_source."""
+    if is_stream(cfg.corpus) and cfg.val_source:
+        return Split(((cfg.corpus, NEVER), (cfg.val_source, ALWAYS)), 0)
     if is_stream(cfg.corpus):
-        parts = ((cfg.corpus, NEVER if cfg.val_source else HashSplit(cfg.val_fraction)),)
-        return Split(parts + (((cfg.val_source, ALWAYS),) if cfg.val_source else ()), 0)
+        return Split(((cfg.corpus, HashSplit(cfg.val_fraction)),), 0, head_bytes=stream_head_bytes(cfg))
     u, size = _hashes(cfg, cfg.corpus, cache_dir, log)
     if cfg.val_source:
         val_bytes = 0 if is_stream(cfg.val_source) else int(_hashes(cfg, cfg.val_source, cache_dir, log)[1].sum())
@@ -90,13 +98,21 @@ def scan_split(cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no
 
 
 def sided_documents(cfg: ml_collections.ConfigDict, split: Split, cache_dir: Path,
-                    log: Log = no_log) -> Iterator[tuple[str, bytes, bool, float]]:
-    """(document, its UTF-8 bytes, held out?, sample hash) for every document of the split, in order."""
+                    log: Log = no_log) -> Iterator[tuple[str, bytes, bool | None, float]]:
+    """(document, its UTF-8 bytes, held out?, sample hash) for every document of the split, in
+    order; held out is None for a stream's held-out document past its head (`Split.head_bytes`),
+    which is on neither side."""
+    train_bytes = 0
     for spec, rule in split.parts:
         for doc in _documents(cfg, spec, cache_dir, log):
             data = doc.encode("utf-8")
             u, v = document_hashes(data)
-            yield doc, data, bool(rule.is_val(u)), v
+            held_out = bool(rule.is_val(u))
+            if not held_out:
+                train_bytes += len(data) + 1
+            elif split.head_bytes and train_bytes >= split.head_bytes:
+                held_out = None
+            yield doc, data, held_out, v
 
 
 def sample_documents(cfg: ml_collections.ConfigDict, cache_dir: Path, split: Split | None = None, *,
@@ -111,7 +127,7 @@ def sample_documents(cfg: ml_collections.ConfigDict, cache_dir: Path, split: Spl
     for doc, data, is_val, v in sided_documents(cfg, split, cache_dir, log):
         if is_val and held_out is not None:
             held_out.append(doc)
-        if is_val or (rate < 1 and v >= rate):
+        if is_val is not False or (rate < 1 and v >= rate):
             continue
         if budget and not split.train_bytes and taken >= budget:
             return  # a stream: its first `budget` bytes of training text
@@ -165,10 +181,13 @@ def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
         stop.set()
 
 
-def document_chunks(sided: Iterable[tuple[str, bytes, bool, float]]) -> Iterator[list[tuple[str, int, bool]]]:
-    """(document, bytes, held out?) in lists of at most _CHUNK_DOCS documents or ~_CHUNK_BYTES."""
+def document_chunks(sided: Iterable[tuple[str, bytes, bool | None, float]]) -> Iterator[list[tuple[str, int, bool]]]:
+    """(document, bytes, held out?) in lists of at most _CHUNK_DOCS documents or ~_CHUNK_BYTES;
+    documents on neither side are left out."""
     chunk, size = [], 0
     for doc, data, held_out, _ in sided:
+        if held_out is None:
+            continue
         chunk.append((doc, len(data), held_out))
         size += len(data)
         if len(chunk) >= _CHUNK_DOCS or size >= _CHUNK_BYTES:

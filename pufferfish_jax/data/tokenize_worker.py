@@ -30,7 +30,6 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pufferfish_jax.data import cache, partial
-from pufferfish_jax.data.corpora import HashSplit
 from pufferfish_jax.data.prepare import Split, TokenStream, document_chunks, encode_into, read_ahead, sided_documents
 from pufferfish_jax.data.tokenizer import eos_id
 from pufferfish_jax.errors import DataError
@@ -71,7 +70,7 @@ def write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
             partial.write(record_path, record)
         after_chunk(tokens)
 
-    sided = (item for item in sided_documents(cfg, split, cache_dir) if not item[2])
+    sided = (item for item in sided_documents(cfg, split, cache_dir) if item[2] is False)
     with open(path, "r+b" if done["tokens"] else "wb") as f:
         f.seek(0, os.SEEK_END)
         train = _Followed(f, dtype, chunk_written)
@@ -95,10 +94,9 @@ def write_train(cfg: ml_collections.ConfigDict, split: Split, tok: Tokenizer, ca
 def job_record(cfg: ml_collections.ConfigDict, split: Split, tokenizer_path: Path, cache_dir: Path, key: str,
                val_counts: dict, path: Path, record: dict | None) -> dict:
     """What the worker needs, as JSON."""
-    parts = [[spec, {"below": rule.below, "at_most": rule.at_most}] for spec, rule in split.parts]
-    return dict(data=cfg.to_dict(), parts=parts, train_bytes=split.train_bytes, total_bytes=split.total_bytes,
-                tokenizer=str(tokenizer_path), cache_dir=str(cache_dir), key=key, val_counts=val_counts,
-                path=str(path), parent=os.getpid(), record=record)
+    return dict(data=cfg.to_dict(), **partial.split_fields(split), tokenizer=str(tokenizer_path),
+                cache_dir=str(cache_dir), key=key, val_counts=val_counts, path=str(path), parent=os.getpid(),
+                record=record)
 
 
 def _between_chunks(path: Path, parent: int) -> Callable[[int], None]:
@@ -120,8 +118,7 @@ def _between_chunks(path: Path, parent: int) -> Callable[[int], None]:
 def main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     cfg = ml_collections.ConfigDict(job["data"])
-    split = Split(tuple((spec, HashSplit(**rule)) for spec, rule in job["parts"]), job["train_bytes"],
-                  job["total_bytes"])
+    split = partial.split_of(job)
     path = Path(job["path"])
     try:
         write_train(cfg, split, Tokenizer.from_file(job["tokenizer"]), Path(job["cache_dir"]), job["key"],
