@@ -1,5 +1,8 @@
 """The pure parts of tools/bench_recipe.py: medians and spreads over seeds, and which changes make `best`."""
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 from conftest import load_tool
 
@@ -34,3 +37,14 @@ def test_unknown_variants_are_refused_and_default_always_runs():
     assert tool.parse_args(["--variants", "muon,best"]).variants == ["default", "muon", "best"]
     with pytest.raises(SystemExit):
         tool.parse_args(["--variants", "muon,adam"])
+
+
+def test_variants_run_seed_by_seed_so_drift_hits_every_arm_alike(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tool, "run_seed", lambda args, out, budget, name, overrides, pin, seed:
+                        calls.append((seed, name, overrides, pin)) or {"variant": name, "seed": seed})
+    rows = tool.interleaved(SimpleNamespace(seeds=2), Path("out"), "2m",
+                            {"default": [], "wsd": ["train.schedule=wsd"]}, {"default": ["pin"], "wsd": ["pin"]})
+    assert calls == [(0, "default", [], ["pin"]), (0, "wsd", ["train.schedule=wsd"], ["pin"]),
+                     (1, "default", [], ["pin"]), (1, "wsd", ["train.schedule=wsd"], ["pin"])]
+    assert [(r["seed"], r["variant"]) for r in rows] == [(0, "default"), (0, "wsd"), (1, "default"), (1, "wsd")]
