@@ -238,6 +238,7 @@ class _Run:
             return growing.train_batches(data.growing, data.schedule, seq_len=self.seq_len, batch_size=self.batch_size,
                                          seed=self.cfg.train.seed, start_step=self.step,
                                          part=sharding.process_part(self.mesh, self.batch_size),
+                                         last_step=self.total - 1 if self.deadline is None else None,
                                          on_wait=lambda step, s: self.metrics.write("data_wait", step=step, wait_s=s))
         subset = 0 if plan.subset_fraction >= 1 else max(
             self.batch_size, round(plan.subset_fraction * num_windows_available(data.train_tokens, self.seq_len)))

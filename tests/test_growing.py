@@ -171,6 +171,30 @@ def test_a_late_shard_makes_the_reader_wait_and_never_changes_the_batch(tmp_path
     assert not np.array_equal(got[0], growing.batch_at(tokens[:1000], seq_len=16, batch_size=8, seed=3, step=1))
 
 
+def test_a_fixed_step_run_pauses_the_writer_once_its_last_step_can_see_all_it_will(tmp_path):
+    """Steps 0-5 see at most 3 of the stream's 4 shards: the writer is paused as soon as those 3
+    are written (the rest would only serve a later run, at this run's expense), not before, and
+    the batches are the ones read without the pause."""
+    tokens = np.arange(1, 4001, dtype=np.uint16)
+    schedule = growing.StreamSchedule(shard_tokens=1000, ready_tokens=1000, steps_per_shard=2.0)
+    assert schedule.visible_tokens(5) == 3000
+    path = tmp_path / "stream.bin"
+    write_tokens(path, tokens[:2000])
+    source = growing.GrowingTokens(path, np.uint16, written=2000)
+    batches = growing.train_batches(source, schedule, seq_len=16, batch_size=8, seed=3, last_step=5)
+    reference = growing.train_batches(growing.GrowingTokens.complete(tokens), schedule, seq_len=16, batch_size=8,
+                                      seed=3)
+    pause = Path(f"{path}.pause")
+    got = [next(batches)]
+    assert not pause.exists()  # shard 3 is not written yet: the writer must go on
+    write_tokens(path, tokens[2000:3000])
+    source.published(3000)
+    got += [next(batches) for _ in range(5)]
+    assert pause.exists() and not source.done  # asked to wait before its next chunk
+    for k, batch in enumerate(got):
+        assert np.array_equal(batch, next(reference)), k
+
+
 def test_batches_are_a_function_of_seed_step_and_visible_windows_and_split_into_parts():
     tokens = np.arange(10_000, dtype=np.uint16)
     one = growing.batch_at(tokens, seq_len=32, batch_size=8, seed=0, step=5)

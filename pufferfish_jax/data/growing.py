@@ -208,15 +208,23 @@ def visible_stream(source: GrowingTokens, schedule: StreamSchedule, step: int) -
 
 
 def train_batches(source: GrowingTokens, schedule: StreamSchedule, *, seq_len: int, batch_size: int, seed: int,
-                  start_step: int = 0, part: tuple[int, int] = (0, 1),
+                  start_step: int = 0, part: tuple[int, int] = (0, 1), last_step: int | None = None,
                   on_wait: Callable[[int, float], None] = lambda step, s: None) -> Iterator[np.ndarray]:
     """Endless batches from `start_step` on, by the schedule's rule; a wait for a late shard is
-    reported to `on_wait(step, seconds)` (the loop counts it as data wait)."""
-    step = start_step
+    reported to `on_wait(step, seconds)` (the loop counts it as data wait). With `last_step` (a
+    run whose steps are fixed), the writer is paused once the stream holds every token that step
+    can see: what it would write after that serves only later runs (they continue the partial
+    stream), and on a machine with few cores it would slow every remaining step. (Paused, not
+    stopped: a worker process ended early reads as a failed one.)"""
+    step, needed_last = start_step, None if last_step is None else schedule.visible_tokens(last_step)
     while True:
         tokens, waited = visible_stream(source, schedule, step)
         if waited > 0.01:
             on_wait(step, waited)
+        if needed_last is not None and (source.done or source.written >= needed_last):
+            if not source.done:
+                source.pause()
+            needed_last = None
         yield batch_at(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, step=step, part=part)
         step += 1
 
