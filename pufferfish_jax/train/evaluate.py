@@ -60,7 +60,7 @@ def evaluate(eval_step: Callable, variables: dict, val_tokens: np.ndarray, val_b
     # the host wait for every step, where it could be preparing and dispatching the next batches.
     parts = [eval_step(variables, sharding.shard_batch(window, mesh), sharding.shard_batch(mask, mesh))
              for window, mask in eval_batches(val_tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)]
-    nll_parts, count_parts = zip(*jax.device_get(parts)) if parts else ((), ())
+    nll_parts, count_parts = zip(*jax.device_get(parts))  # no batches: a ValueError, as np.concatenate gave
     nll_W, count_W = np.concatenate(nll_parts), np.concatenate(count_parts)
     loss, loss_se = window_loss(nll_W, count_W)
     total_count = float(count_W.sum())
