@@ -84,6 +84,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("data.max_chars", 0, "Use only the first N characters of the corpus; 0 = all."),
     ("data.text_field", "text", "The jsonl field, parquet column or hf: dataset column that holds the text."),
     ("data.tokenizer_sample_bytes", 32_000_000, "Train the BPE on a deterministic sample of about this many bytes of training text; 0 = all of it. A hf: stream's held-out text comes from its head of this size."),
+    ("data.scan_max_bytes", 128_000_000, "Local files bigger than this on disk are split and sampled from their head, as a hf: stream is, not scanned whole before training; 0 = always scan."),
     ("data.stream_min_bytes", 16_000_000, "A budgeted run on a corpus of at least this many bytes starts training while it is still tokenized; 0 = never."),
     ("data.stream_shard_tokens", 1_000_000, "Tokens of a shard of a stream tokenized while training: the unit that becomes visible, and what training waits for first."),
     ("data.stream_margin", 2.0, "Planned steps per shard = this x the steps the measured tokenizing rate needs for one; above 1 keeps data waits rare."),
@@ -234,7 +235,8 @@ def from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
 # Keys added after runs were saved without them, and the value that reproduces how those runs
 # behaved: a saved config (run dir, checkpoint) that lacks one gets this, not today's default, so
 # its data split, hence its tokenizer and token cache, stay the ones it was trained on.
-BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0, "data.tokenizer_sample_bytes": 0}
+BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0, "data.tokenizer_sample_bytes": 0,
+                                      "data.scan_max_bytes": 0}
 
 
 def from_saved(tree: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -301,8 +303,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             or cfg.data.stream_steps_per_shard < 0:
         raise ConfigError("data.stream_min_bytes and data.stream_steps_per_shard must not be negative, "
                           "data.stream_shard_tokens at least 2 and data.stream_margin at least 1")
-    if cfg.data.tokenizer_sample_bytes < 0 or not cfg.data.text_field:
-        raise ConfigError("data.tokenizer_sample_bytes must not be negative (0 = all) and data.text_field not empty")
+    if cfg.data.tokenizer_sample_bytes < 0 or cfg.data.scan_max_bytes < 0 or not cfg.data.text_field:
+        raise ConfigError("data.tokenizer_sample_bytes and data.scan_max_bytes must not be negative (0 = all, "
+                          "always scan) and data.text_field not empty")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be between 0 and 1")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.warmup_fraction < 1:

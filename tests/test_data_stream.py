@@ -283,6 +283,56 @@ def test_a_budgeted_run_trains_on_an_hf_stream_as_it_is_read(tmp_path, offline_d
     assert val_path.read_bytes() == val_bytes
 
 
+@pytest.mark.parametrize("scan_max_bytes", [0, 2_000])
+def test_files_bigger_than_scan_max_bytes_are_split_by_their_head_before_being_read_whole(
+        tmp_path, monkeypatch, scan_max_bytes):
+    """Local files of more than data.scan_max_bytes on disk are split as a stream is: when
+    training may start (the writer held at its first shard) only the head and what follows it
+    have been read, not the whole corpus; the held-out text is the head's held-out documents, and
+    no held-out document trains. Below the limit (0: always) the corpus is scanned first: every
+    document read, every held-out document held out."""
+    from pufferfish_jax.data import background, growing
+
+    monkeypatch.setattr(prepare, "_CHUNK_DOCS", 4)
+    monkeypatch.setattr(background, "WRITER", "thread")
+    gate, published, read = threading.Event(), growing.GrowingTokens.published, []
+
+    def held(self, tokens):
+        published(self, tokens)
+        if tokens >= 300:
+            gate.wait(30)
+
+    def counted(*args, **kwargs):
+        for doc in iter_documents(*args, **kwargs):
+            read.append(doc)
+            yield doc
+
+    iter_documents = prepare.iter_documents
+    monkeypatch.setattr(growing.GrowingTokens, "published", held)
+    monkeypatch.setattr(prepare, "iter_documents", counted)
+    docs = docs_of(400)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", docs[:200])
+    write_jsonl(folder / "b.jsonl", docs[200:])
+    cfg = data_cfg(str(folder), tokenizer_sample_bytes=20_000, scan_max_bytes=scan_max_bytes, stream_min_bytes=1,
+                   stream_shard_tokens=300, stream_margin=2.0, stream_steps_per_shard=0.0)
+    data = background.prepare_growing(cfg, tmp_path / "cache")
+    read_before_training = len(read)
+    gate.set()
+    data.growing.wait_for(2**62)
+    held_out = stream_docs(data.val_tokens, data.tokenizer)
+    trained = stream_docs(data.growing.prefix(data.growing.written), data.tokenizer)
+    by_hash = split_documents(docs, 0.1)[1]
+    assert trained == [d for d in docs if d not in set(by_hash)]
+    if scan_max_bytes:
+        assert read_before_training < len(docs) / 2
+        assert 0 < len(held_out) < len(by_hash) and held_out == by_hash[:len(held_out)]
+        assert data.growing.total_estimate < 2**62  # plain jsonl: sized from the files
+    else:
+        assert read_before_training >= len(docs) and held_out == by_hash
+
+
 def test_a_corpus_too_slow_for_its_budget_stops_early_with_one_line(tmp_path, monkeypatch):
     corpus = write_jsonl(tmp_path / "c.jsonl", docs_of(80))
     monkeypatch.setattr(prepare, "_CHUNK_DOCS", 10)

@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 
 from pufferfish_jax.data import cache, partial, tokenize_worker
 from pufferfish_jax.data.cache import PreparedData, token_dtype
+from pufferfish_jax.data.corpora import text_bytes_estimate
 from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.growing import GrowingTokens, StreamSchedule, make_schedule
 from pufferfish_jax.data.prepare import (Split, TokenStream, document_chunks, encode_into, prepare_data, read_ahead,
@@ -178,8 +179,9 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
         log(f"data: continuing the {record['train']['tokens']:,} train tokens an earlier run wrote")
     else:
         split = scan_split(data_cfg, cache_dir, log=log)
-        # A stream (size unknown, 0) counts as big; it cannot train as it is read when every held-out
-        # document of it is held-out text (no head), since that text must be complete first.
+        # A corpus split by its head (size unknown, 0) counts as big; a stream cannot train as it
+        # is read when every held-out document of it is held-out text (no head), since that text
+        # must be complete first.
         unbounded = not split.total_bytes and not split.head_bytes
         small = not data_cfg.stream_min_bytes or 0 < split.total_bytes < data_cfg.stream_min_bytes
         if unbounded or (small and not force):
@@ -201,10 +203,10 @@ def prepare_growing(data_cfg: ml_collections.ConfigDict, cache_dir: Path, *, log
     else:  # measured now, over a shard
         source.wait_for(first if done < first else done + first)
         source.rate_tokens_s = max(source.written - done, 1) / max(time.perf_counter() - source.started, 1e-9)
-    if split.total_bytes:
-        source.total_estimate = round(split.train_bytes * val_counts["val_tokens"] / max(val_counts["val_bytes"], 1))
+    if text_bytes := split.train_bytes or round(text_bytes_estimate(data_cfg.corpus) * (1 - data_cfg.val_fraction)):
+        source.total_estimate = round(text_bytes * val_counts["val_tokens"] / max(val_counts["val_bytes"], 1))
         of_total = f"of about {source.total_estimate:,}"
-    else:  # a stream: as many as the encoder writes in time
+    else:  # a stream, or compressed files split by their head: as many as the encoder writes in time
         source.total_estimate, of_total = 2**62, "of a stream of unknown length"
     log(f"data: training starts while tokenizing continues ({source.written:,} {of_total} train tokens, "
         f"{source.rate_tokens_s:,.0f} tokens/s)")

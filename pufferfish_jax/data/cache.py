@@ -21,7 +21,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
-from pufferfish_jax.data.corpora import corpus_fingerprint, stream_head_bytes
+from pufferfish_jax.data.corpora import corpus_fingerprint, head_bytes
 from pufferfish_jax.data.files import atomic_write
 from pufferfish_jax.errors import DataError
 
@@ -93,7 +93,7 @@ def _reading_keys(cfg: ml_collections.ConfigDict) -> list:
 def keys(cfg: ml_collections.ConfigDict) -> tuple[str, str, str]:
     """(split key, tokenizer-training key, cache key): what fixes the train/val documents; that
     plus what the tokenizer trains on; and the split plus the tokenizer itself."""
-    head = stream_head_bytes(cfg)  # named only where there is one, so that other keys stay as they were
+    head = head_bytes(cfg)  # named only where there is one, so that other keys stay as they were
     split_key = _digest(CACHE_VERSION, corpus_fingerprint(cfg.corpus),
                         corpus_fingerprint(cfg.val_source) if cfg.val_source else "",
                         cfg.val_fraction, cfg.val_min_tokens, cfg.max_chars, *([["stream_head", head]] if head else []))

@@ -73,11 +73,37 @@ def is_stream(spec: str) -> bool:
     return any(kind == "hf" for kind, _ in _resolve(spec))
 
 
-def stream_head_bytes(cfg: ml_collections.ConfigDict) -> int:
-    """The head of a stream corpus split by hash (`prepare.Split.head_bytes`): its first
+def _file_bytes(spec: str) -> tuple[int, bool]:
+    """(bytes on disk of the local files `spec` names, whether all are plain text: .txt or .jsonl);
+    a stat each. Built-ins and streams count 0."""
+    paths = [Path(value) for kind, value in _resolve(spec) if kind == "file"]
+    return sum(os.stat(p).st_size for p in paths), all(p.suffix.lower() in (".txt", ".jsonl") for p in paths)
+
+
+def head_bytes(cfg: ml_collections.ConfigDict) -> int:
+    """The head of a corpus split by hash alone (`prepare.Split.head_bytes`): its first
     data.tokenizer_sample_bytes of training text, whose held-out documents are the held-out text.
-    0 for files, a stream beside data.val_source, or a sample of everything."""
-    return cfg.get("tokenizer_sample_bytes", 0) if is_stream(cfg.corpus) and not cfg.val_source else 0
+
+    A Hugging Face stream cannot be scanned ahead, and local files of more than
+    data.scan_max_bytes on disk are not: the scan and a sample drawn from all of the corpus each
+    read it whole before the first step (about 15 s a GB), so a corpus of gigabytes would keep
+    training waiting for minutes. 0 (scan the corpus) for smaller files, beside data.val_source,
+    or when the tokenizer learns from all of the text."""
+    sample = cfg.get("tokenizer_sample_bytes", 0)
+    if not sample or cfg.val_source:
+        return 0
+    if is_stream(cfg.corpus):
+        return sample
+    limit = cfg.get("scan_max_bytes", 0)
+    return sample if limit and _file_bytes(cfg.corpus)[0] > limit else 0
+
+
+def text_bytes_estimate(spec: str) -> int:
+    """About the text bytes of a corpus split by its head, from its files' sizes (what the planner
+    may count on before the stream is read); 0, unknown, for a stream or when any file is
+    compressed or parquet."""
+    size, plain = _file_bytes(spec)
+    return size if plain and not is_stream(spec) else 0
 
 
 def corpus_fingerprint(spec: str) -> str:

@@ -5,12 +5,13 @@ chunk of them:
 
 1. scan: each document's split hash and size, 24 bytes a document, give the held-out rule
    (`corpora.split_rule`, the same split a whole-corpus split makes) and the training bytes.
-   A Hugging Face stream is not scanned ahead: its documents are split one by one by hash alone
-   (held out when the hash is below data.val_fraction), and only those of its head are held-out
-   text (`Split.head_bytes`).
+   A Hugging Face stream, and local files bigger than data.scan_max_bytes, are not scanned ahead:
+   their documents are split one by one by hash alone (held out when the hash is below
+   data.val_fraction), and only those of the head are held-out text (`Split.head_bytes`,
+   `corpora.head_bytes`).
 2. sample: the BPE tokenizer trains on a deterministic sample of the training documents of
    about data.tokenizer_sample_bytes (those whose second hash is below sample / training bytes;
-   a stream's first training documents); all of them when the corpus is smaller or it is 0.
+   the head's training documents when there is one); all of them when the corpus is smaller or it is 0.
 3. encode: chunks of documents go through the `tokenizers` batch encoder (parallel in Rust, while
    a thread reads the next chunk) and are appended to the train and val files of the cache entry.
 
@@ -38,8 +39,7 @@ from tokenizers import Tokenizer
 
 from pufferfish_jax.data import cache
 from pufferfish_jax.data.cache import PreparedData, token_dtype
-from pufferfish_jax.data.corpora import (HashSplit, document_hashes, is_stream, iter_documents, split_rule,
-                                         stream_head_bytes)
+from pufferfish_jax.data.corpora import HashSplit, document_hashes, head_bytes, is_stream, iter_documents, split_rule
 from pufferfish_jax.data.files import Log, atomic_write, no_log
 from pufferfish_jax.data.tokenizer import eos_id, load_or_train_tokenizer
 from pufferfish_jax.errors import DataError
@@ -52,15 +52,16 @@ NEVER, ALWAYS = HashSplit(-1.0), HashSplit(2.0)  # nothing held out / everything
 @dataclass(frozen=True)
 class Split:
     """Which documents train and which are held out: (spec, rule) parts read in order, and the
-    training text's size when known ahead (0 for a stream), which sizes the tokenizer's sample."""
+    training text's size when known ahead (0 for a corpus split by its head), which sizes the
+    tokenizer's sample."""
 
     parts: tuple[tuple[str, HashSplit], ...]
     train_bytes: int
-    total_bytes: int = 0  # train and val; 0 for a stream
-    # A stream's head: the documents read until its training ones hold this many bytes (the
-    # tokenizer's sample). Its held-out documents are the held-out text; those after it are read
-    # past, on neither side, so the held-out text is complete before training starts and the
-    # stream itself need never end. 0: every held-out document is held-out text.
+    total_bytes: int = 0  # train and val; 0 for a corpus split by its head
+    # The head: the documents read until the training ones hold this many bytes (the tokenizer's
+    # sample). Its held-out documents are the held-out text; those after it are read past, on
+    # neither side, so the held-out text is complete before training starts and the corpus need
+    # never be read whole. 0: the corpus was scanned; every held-out document is held-out text.
     head_bytes: int = 0
 
 
@@ -82,11 +83,12 @@ def _hashes(cfg: ml_collections.ConfigDict, spec: str, cache_dir: Path, log: Log
 
 
 def scan_split(cfg: ml_collections.ConfigDict, cache_dir: Path, *, log: Log = no_log) -> Split:
-    """The split of `cfg` (pass 1): the corpus split by content hash, or the corpus and data.val_source."""
+    """The split of `cfg` (pass 1): the corpus split by content hash, or the corpus and
+    data.val_source; no pass for a stream or a corpus split by its head."""
     if is_stream(cfg.corpus) and cfg.val_source:
         return Split(((cfg.corpus, NEVER), (cfg.val_source, ALWAYS)), 0)
-    if is_stream(cfg.corpus):
-        return Split(((cfg.corpus, HashSplit(cfg.val_fraction)),), 0, head_bytes=stream_head_bytes(cfg))
+    if (head := head_bytes(cfg)) or is_stream(cfg.corpus):
+        return Split(((cfg.corpus, HashSplit(cfg.val_fraction)),), 0, head_bytes=head)
     u, size = _hashes(cfg, cfg.corpus, cache_dir, log)
     if cfg.val_source:
         val_bytes = 0 if is_stream(cfg.val_source) else int(_hashes(cfg, cfg.val_source, cache_dir, log)[1].sum())
@@ -251,7 +253,8 @@ def encode_into(tok: Tokenizer, chunks: Iterable[list[tuple[str, int, bool]]], t
         _check_finish(done, total_bytes, elapsed, finish_by)
         if done - reported >= _LOG_EVERY_BYTES:
             reported = done
-            log(f"data: tokenized {done / 1e6:,.0f} of {total_bytes / 1e6:,.0f} MB ({done / 1e6 / elapsed:.1f} MB/s)")
+            of_total = f" of {total_bytes / 1e6:,.0f}" if total_bytes else ""
+            log(f"data: tokenized {done / 1e6:,.0f}{of_total} MB ({done / 1e6 / elapsed:.1f} MB/s)")
 
 
 def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> tuple[np.ndarray, int]:
