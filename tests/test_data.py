@@ -348,6 +348,17 @@ def test_unigram_bpb_matches_direct_computation():
     assert unigram_bpb(train, val, 11, vocab) == pytest.approx(bits / 11)
 
 
+def test_unigram_bpb_counts_only_the_first_fit_tokens(monkeypatch):
+    """A memmap of gigabytes is not read whole for the baseline: tokens past the limit change nothing."""
+    from pufferfish_jax.data import pipeline
+    monkeypatch.setattr(pipeline, "UNIGRAM_FIT_TOKENS", 7)
+    head = np.array([0, 1, 1, 2, 2, 2, 0], np.uint16)
+    val = np.array([0, 2, 1, 3, 0], np.uint16)
+    tail = np.full(50, 3, np.uint16)
+    assert unigram_bpb(np.concatenate([head, tail]), val, 11, 5) == unigram_bpb(head, val, 11, 5)
+    assert unigram_bpb(np.concatenate([tail, head]), val, 11, 5) != unigram_bpb(head, val, 11, 5)
+
+
 # ----------------------------------------------------------------------------- prepare_data
 def test_prepare_data_end_to_end_and_warm_cache(tmp_path, monkeypatch):
     docs = docs_fixture(60)
