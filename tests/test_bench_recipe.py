@@ -39,6 +39,15 @@ def test_unknown_variants_are_refused_and_default_always_runs():
         tool.parse_args(["--variants", "muon,adam"])
 
 
+def test_an_ad_hoc_variant_is_its_overrides_and_excludes_others_setting_its_key():
+    name = "model.init_std=0.05+train.schedule=wsd"
+    assert tool.parse_args(["--variants", name]).variants == ["default", name]
+    assert tool.variant(name) == (["model.init_std=0.05", "train.schedule=wsd"], "model.init_std")
+    rows = (_rows("default", [1.8, 1.8], [2.5, 2.5]) + _rows("model.init_std=0.05", [1.7, 1.7], [2.4, 2.4])
+            + _rows("model.init_std=0.1", [1.75, 1.75], [2.45, 2.45]))
+    assert tool.winners(rows, "2m", ["default", "model.init_std=0.05", "model.init_std=0.1"]) == ["model.init_std=0.05"]
+
+
 def test_variants_run_seed_by_seed_so_drift_hits_every_arm_alike(monkeypatch):
     calls = []
     monkeypatch.setattr(tool, "run_seed", lambda args, out, budget, name, overrides, pin, seed:

@@ -61,6 +61,16 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 COMBINED = ("best", "best_replan")
 
 
+def variant(name: str) -> tuple[list[str], str]:
+    """(overrides, key) of a named variant, or of an ad-hoc one written as its overrides,
+    `KEY=VALUE[+KEY=VALUE...]` (e.g. `model.init_std=0.05+train.schedule=wsd`), so a lead can be
+    measured before it earns a name."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    overrides = name.split("+")
+    return overrides, overrides[0].split("=", 1)[0]
+
+
 def plan_shape(budget: str, corpus: str) -> list[str]:
     """The planner's shape for the default recipe at this budget, as pinning overrides."""
     from pufferfish_jax import config as config_lib, session
@@ -80,7 +90,7 @@ def warm_data(corpus: str, variants: list[str]) -> None:
     from pufferfish_jax.data.pipeline import prepare_data
 
     for name in variants:
-        data_keys = [o for o in VARIANTS.get(name, ([], ""))[0] if o.startswith("data.")]
+        data_keys = [o for o in variant(name)[0] if o.startswith("data.")]
         cfg, _ = config_lib.from_command_line(["steps=1", f"data.corpus={corpus}", *data_keys])
         prepare_data(cfg.data, config_lib.cache_dir(cfg))
 
@@ -139,7 +149,7 @@ def winners(rows: list[dict], budget: str, singles: list[str]) -> list[str]:
         if name == "default" or None in (m["val_bpb"], m["second_bpb"], base["val_bpb"], base["second_bpb"]):
             continue
         if m["val_bpb"] < base["val_bpb"] and m["second_bpb"] < base["second_bpb"]:
-            key = VARIANTS[name][1]
+            key = variant(name)[1]
             if key not in best_by_key or m["val_bpb"] < best_by_key[key][0]:
                 best_by_key[key] = (m["val_bpb"], name)
     return [name for _, name in best_by_key.values()]
@@ -214,7 +224,8 @@ def parse_args(argv):
     parser.add_argument("--budgets", default="2m,5m")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", default=",".join([*VARIANTS, *COMBINED]),
-                        help=f"comma-separated, from {', '.join([*VARIANTS, *COMBINED])}; default always runs")
+                        help=f"comma-separated, from {', '.join([*VARIANTS, *COMBINED])}, or KEY=VALUE[+KEY=VALUE] "
+                             "overrides as a variant of their own; default always runs")
     parser.add_argument("--corpus", default="wiki")
     parser.add_argument("--second", default="kjv", help="the second evaluation text (never trained on)")
     parser.add_argument("--second-chars", type=int, default=400_000)
@@ -226,7 +237,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10, help="--step-cost: timed steps per optimizer")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS and v not in COMBINED]
+    unknown = [v for v in names if v not in VARIANTS and v not in COMBINED and "=" not in v]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}")
     args.variants = ["default"] + [v for v in names if v != "default"]
@@ -255,12 +266,12 @@ def bench(args) -> int:
     rows, combos = [], {}
     for budget in budgets:
         pin = args.pin if args.pin is not None else plan_shape(budget, args.corpus)
-        singles = [v for v in args.variants if v in VARIANTS]
-        rows += interleaved(args, out, budget, {name: VARIANTS[name][0] for name in singles},
+        singles = [v for v in args.variants if v not in COMBINED]
+        rows += interleaved(args, out, budget, {name: variant(name)[0] for name in singles},
                             {name: pin for name in singles})
         if set(COMBINED) & set(args.variants):
             combos[budget] = winners(rows, budget, singles)
-            overrides = [o for name in combos[budget] for o in VARIANTS[name][0]]
+            overrides = [o for name in combos[budget] for o in variant(name)[0]]
             console.print(f"[bold]{budget}[/]: best combination: {', '.join(combos[budget]) or 'none beat the default'}")
             chosen = [c for c in COMBINED if c in args.variants and combos[budget]]
             rows += interleaved(args, out, budget, {name: overrides for name in chosen},
