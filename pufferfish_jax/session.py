@@ -181,9 +181,10 @@ def train(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: float
     on_plan(plan)
     log(f"run dir: {run_dir}")
     deadline = started_at + plan.budget_s if plan.mode == "budget" else None
+    beside_encoder = _encoding(data)
     outcome = loop.run(resolved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
                        display_console=display_console, peak_flops=_peak_flops(resolved, data), initial_params=initial)
-    _correct_calibration(resolved, plan, outcome, log)
+    _correct_calibration(resolved, plan, outcome, log, beside_encoder=beside_encoder)
     return _finish(run_dir, plan, outcome, wall_s=time.time() - started_at)
 
 
@@ -219,21 +220,34 @@ def resume(cfg: ml_collections.ConfigDict, user_keys: set[str], run_dir: Path, s
     left = f", {deadline - time.time():.0f}s of the budget left" if deadline else ""
     on_plan(plan)
     log(f"resuming {run_dir} from step {ref.step}{left}")
+    beside_encoder = _encoding(data)
     outcome = loop.run(saved, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
                        display_console=display_console, peak_flops=_peak_flops(saved, data), resumed=(state, record))
-    _correct_calibration(saved, plan, outcome, log)
+    _correct_calibration(saved, plan, outcome, log, beside_encoder=beside_encoder)
     return _finish(run_dir, plan, outcome, wall_s=record["elapsed_s"] + time.time() - started_at)
+
+
+def _encoding(data: PreparedData) -> bool:
+    """Whether the corpus is still being tokenized as training starts (on the same cores)."""
+    return data.growing is not None and not data.growing.done
 
 
 STALE_STEP_RATIO = 1.25  # a run whose steps took this much longer or shorter than planned corrects the cache
 
 
-def _correct_calibration(cfg: ml_collections.ConfigDict, plan: Plan, outcome: loop.Outcome, log: Log) -> None:
+def _correct_calibration(cfg: ml_collections.ConfigDict, plan: Plan, outcome: loop.Outcome, log: Log, *,
+                         beside_encoder: bool) -> None:
     """When the steps ran much slower or faster than the planner's measurement (another load on the
     machine, a calibration cache carried over from another one), the loop has already re-fitted
     the step count to the clock; this scales every cached step time of the machine by the ratio
-    seen, so the next plan starts from it and still ranks the shapes as they were measured."""
-    if plan.mode != "budget" or not plan.step_s or not math.isfinite(outcome.step_s):
+    seen, so the next plan starts from it and still ranks the shapes as they were measured.
+
+    Not after a run that trained `beside_encoder`, its own corpus being tokenized on the same cores:
+    that slowed its steps 2-3x here, a cost of that run alone. Scaling by it made the next plans
+    expect steps 2.9x too slow, and the next stream schedule, built from that step time and the
+    encoder's rate measured alone, asked for shards faster than the encoder wrote them (4.8 % of a
+    10-minute run waiting for data)."""
+    if plan.mode != "budget" or beside_encoder or not plan.step_s or not math.isfinite(outcome.step_s):
         return
     ratio = outcome.step_s / plan.step_s
     if 1 / STALE_STEP_RATIO <= ratio <= STALE_STEP_RATIO:

@@ -348,6 +348,27 @@ def test_a_run_that_saw_slower_steps_scales_every_cached_shape_alike(tmp_path, m
     assert {m.compile_s for m in after} == {4.0} and reread.peak_flops() == peak
 
 
+@pytest.mark.parametrize("beside_encoder", [False, True])
+def test_a_run_slowed_by_its_own_corpus_encoder_corrects_no_step_time(tmp_path, monkeypatch, beside_encoder):
+    """Steps 3x slower than planned scale the cache, unless the run trained beside the encoder of
+    its own growing stream: that slowdown was its own, and the next plan would inherit it."""
+    from types import SimpleNamespace
+
+    from pufferfish_jax import session
+    monkeypatch.setattr(calibrate, "measure", lambda spec, train_cfg, batch, mesh: planner.Measurement(
+        compile_s=1.0, step_s=0.1))
+    cfg = apply_overrides(defaults(), ["model.vocab_size=512", "model.d_model=64", "model.num_heads=2",
+                                       "model.num_kv_heads=1", f"data.cache_dir={tmp_path}"])
+    spec, mesh = ModelSpec.from_config(cfg.model), single_device_mesh()
+    calibrate.CalibrationCache(tmp_path).get(spec, cfg.train, 8, mesh)
+    said = []
+    session._correct_calibration(cfg, SimpleNamespace(mode="budget", step_s=0.1), SimpleNamespace(step_s=0.3),
+                                 said.append, beside_encoder=beside_encoder)
+    after = calibrate.CalibrationCache(tmp_path).cached(spec, cfg.train, 8, mesh).step_s
+    assert after == pytest.approx(0.1 if beside_encoder else 0.3)
+    assert bool(said) is not beside_encoder
+
+
 @pytest.mark.slow  # compiles and runs a train step in a fresh process
 def test_measured_compile_is_the_persistent_cache_read_back(tmp_path):
     """The plan's compile is what the run pays: measuring fills the persistent compilation cache,
