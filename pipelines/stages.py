@@ -147,6 +147,8 @@ def corpus(ctx: Context) -> dict:
     with _status("corpus: loading") as log:
         split = scan_split(ctx.cfg.data, _cache(ctx.cfg), log=log)
         for doc, data, held_out, _ in sided_documents(ctx.cfg.data, split, _cache(ctx.cfg), log):
+            if held_out is None:  # held out past a head: on neither side (prepare.Split.head_bytes)
+                continue
             side = "val" if held_out else "train"
             counts[f"{side}_documents"] += 1
             counts[f"{side}_chars"] += len(doc)

@@ -333,6 +333,24 @@ def test_files_bigger_than_scan_max_bytes_are_split_by_their_head_before_being_r
         assert read_before_training >= len(docs) and held_out == by_hash
 
 
+def test_the_pipelines_corpus_stage_counts_documents_past_the_head_on_neither_side(tmp_path):
+    """The held-out documents after a head are read past: the pipeline's corpus stage counted
+    them as training documents."""
+    from pipelines.runner import Context
+    from pipelines.stages import corpus as corpus_stage
+    from pufferfish_jax.config import apply_overrides, defaults
+
+    docs = docs_of(400)
+    write_jsonl(tmp_path / "corpus.jsonl", docs)
+    cfg = apply_overrides(defaults(), [f"data.corpus={tmp_path / 'corpus.jsonl'}", "data.val_fraction=0.1",
+                                       "data.tokenizer_sample_bytes=20000", "data.scan_max_bytes=2000",
+                                       f"data.cache_dir={tmp_path / 'cache'}"])
+    record = corpus_stage(Context(cfg, set(), tmp_path, time.time()))
+    held_out = split_documents(docs, 0.1)[1]
+    assert record["train_documents"] == len(docs) - len(held_out)
+    assert 0 < record["val_documents"] < len(held_out)
+
+
 def test_a_corpus_too_slow_for_its_budget_stops_early_with_one_line(tmp_path, monkeypatch):
     corpus = write_jsonl(tmp_path / "c.jsonl", docs_of(80))
     monkeypatch.setattr(prepare, "_CHUNK_DOCS", 10)
