@@ -68,15 +68,19 @@ def _resolve(spec: str) -> list[tuple[str, str]]:
     return sources
 
 
+def _has_stream(sources: list[tuple[str, str]]) -> bool:
+    return any(kind == "hf" for kind, _ in sources)
+
+
 def is_stream(spec: str) -> bool:
     """Whether `spec` names a Hugging Face stream: read once, never scanned ahead, split per document."""
-    return any(kind == "hf" for kind, _ in _resolve(spec))
+    return _has_stream(_resolve(spec))
 
 
-def _file_bytes(spec: str) -> tuple[int, bool]:
-    """(bytes on disk of the local files `spec` names, whether all are plain text: .txt or .jsonl);
-    a stat each. Built-ins and streams count 0."""
-    paths = [Path(value) for kind, value in _resolve(spec) if kind == "file"]
+def _file_bytes(sources: list[tuple[str, str]]) -> tuple[int, bool]:
+    """(bytes on disk of the local files among `sources`, whether all are plain text: .txt or
+    .jsonl); a stat each. Built-ins and streams count 0."""
+    paths = [Path(value) for kind, value in sources if kind == "file"]
     return sum(os.stat(p).st_size for p in paths), all(p.suffix.lower() in (".txt", ".jsonl") for p in paths)
 
 
@@ -92,18 +96,20 @@ def head_bytes(cfg: ml_collections.ConfigDict) -> int:
     sample = cfg.get("tokenizer_sample_bytes", 0)
     if not sample or cfg.val_source:
         return 0
-    if is_stream(cfg.corpus):
+    sources = _resolve(cfg.corpus)
+    if _has_stream(sources):
         return sample
     limit = cfg.get("scan_max_bytes", 0)
-    return sample if limit and _file_bytes(cfg.corpus)[0] > limit else 0
+    return sample if limit and _file_bytes(sources)[0] > limit else 0
 
 
 def text_bytes_estimate(spec: str) -> int:
     """About the text bytes of a corpus split by its head, from its files' sizes (what the planner
     may count on before the stream is read); 0, unknown, for a stream or when any file is
     compressed or parquet."""
-    size, plain = _file_bytes(spec)
-    return size if plain and not is_stream(spec) else 0
+    sources = _resolve(spec)
+    size, plain = _file_bytes(sources)
+    return size if plain and not _has_stream(sources) else 0
 
 
 def corpus_fingerprint(spec: str) -> str:
