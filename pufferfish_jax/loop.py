@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from pufferfish_jax import sharding
 from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.planner import Plan
-from pufferfish_jax.data import growing
+from pufferfish_jax.data import background, growing
 from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
 from pufferfish_jax.display import TrainDisplay, memory_usage
 from pufferfish_jax.errors import CheckpointError, TrainingDiverged
@@ -83,6 +83,7 @@ def run(cfg: ml_collections.ConfigDict, plan: Plan, data: PreparedData, run_dir:
     Every process runs this loop; decisions taken from the clock (re-fitted step count, save)
     are process 0's and a stop signal to any process stops all, so all run the same steps.
     """
+    background.pause(data)  # until the first eval is done: the compiles below take every core, the eval is timed
     return _Run(cfg, plan, data, run_dir, mesh=mesh, deadline=deadline, started_at=started_at,
                 display_console=display_console, peak_flops=peak_flops, resumed=resumed,
                 initial_params=initial_params).train()
@@ -247,10 +248,8 @@ class _Run:
                              part=sharding.process_part(self.mesh, self.batch_size))
 
     def train(self) -> Outcome:
-        growing = self.data.growing  # a corpus still being tokenized: the evals that size the time kept
-        if growing is not None:      # for the final one, and that final one, run with the tokenizer paused
-            growing.pause(wait_s=30.0)
-        self.first_eval()
+        growing = self.data.growing  # a corpus still being tokenized: paused (by `run`) for the first
+        self.first_eval()            # eval, which sizes the time kept for the final one, and that final one
         if growing is not None:
             growing.resume()
         interrupted = self.loop()

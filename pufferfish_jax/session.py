@@ -95,7 +95,8 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
     """Data, then a plan (unless one is given): the part of train and plan before any training.
     Every process plans; process 0's plan is the one all of them follow. Fills in
     model.vocab_size = 0 from the tokenizer; with train.init_from, first writes the imported
-    model's architecture and tokenizer into cfg and its shape keys into user_keys (a fixed shape)."""
+    model's architecture and tokenizer into cfg and its shape keys into user_keys (a fixed shape).
+    A corpus still being tokenized is left paused by planning; the loop resumes it."""
     if cfg.train.init_from:
         hf_import.configure(cfg, user_keys, log=log)
     if not (cfg.budget.time and cfg.budget.planner == "measured" and "train.batch_size" not in user_keys):
@@ -118,12 +119,13 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
                           f"{data.vocab_size}; set model.vocab_size=0 to use the tokenizer's size")
     if plan is None and cfg.budget.time:
         budget_s = config_lib.parse_duration(cfg.budget.time)
-        with background.paused(data):
-            plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
-                               train_tokens=background.planned_train_tokens(data, started_at + budget_s),
-                               val_tokens=len(data.val_tokens), cache=CalibrationCache(cache), user_keys=user_keys,
-                               mesh=mesh, memory_limit=probe().memory_bytes,
-                               log=lambda s: log(f"planning: {s}"))
+        # The encoder stays paused until the loop's first eval is done: planning times steps, and
+        # after it the run compiles (on every core: XLA's codegen is parallel) and times an eval.
+        background.pause(data)
+        plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
+                           train_tokens=background.planned_train_tokens(data, started_at + budget_s),
+                           val_tokens=len(data.val_tokens), cache=CalibrationCache(cache), user_keys=user_keys,
+                           mesh=mesh, memory_limit=probe().memory_bytes, log=lambda s: log(f"planning: {s}"))
     elif plan is None:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens), mesh=sharding.shape_of(mesh))
         _refuse_if_too_big(plan, probe().memory_bytes)

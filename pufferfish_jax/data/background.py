@@ -248,17 +248,24 @@ def planned_train_tokens(data: PreparedData, deadline: float) -> int:
     return min(source.total_estimate, source.written + round(source.rate_tokens_s * max(deadline - time.time(), 0)))
 
 
+def pause(data: PreparedData) -> None:
+    """The encoder paused between chunks, once it says so (at most PAUSE_WAIT_S), so that what
+    follows runs alone; no-op for a complete corpus."""
+    if data.growing is not None:
+        data.growing.pause(wait_s=PAUSE_WAIT_S)
+
+
 @contextlib.contextmanager
 def paused(data: PreparedData) -> Iterator[None]:
-    """The encoder paused between chunks (planning times steps, and must time them alone)."""
-    if data.growing is None:
-        yield
-        return
-    data.growing.pause(wait_s=PAUSE_WAIT_S)
+    """`pause` for the block (the peak probes time products alone), then the encoder as it was:
+    running again only if it ran before."""
+    was_paused = data.growing is None or data.growing.paused
+    pause(data)
     try:
         yield
     finally:
-        data.growing.resume()
+        if not was_paused:
+            data.growing.resume()
 
 
 def scheduled(data: PreparedData, data_cfg: ml_collections.ConfigDict, *, step_s: float,

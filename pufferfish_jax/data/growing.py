@@ -124,6 +124,11 @@ class GrowingTokens:
             self.error = error
             self._changed.notify_all()
 
+    @property
+    def paused(self) -> bool:
+        """Whether a pause was asked for and not resumed (the writer may still finish its chunk)."""
+        return not self._running.is_set()
+
     def pause(self, wait_s: float = 0.0) -> None:
         """Asks the writer to wait before its next chunk; with `wait_s`, waits (that long at most)
         until it does (`<path>.paused` exists) or has finished, so what follows runs alone."""
