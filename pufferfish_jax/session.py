@@ -119,9 +119,7 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
                           f"{data.vocab_size}; set model.vocab_size=0 to use the tokenizer's size")
     if plan is None and cfg.budget.time:
         budget_s = config_lib.parse_duration(cfg.budget.time)
-        # The encoder stays paused until the loop's first eval is done: planning times steps, and
-        # after it the run compiles (on every core: XLA's codegen is parallel) and times an eval.
-        background.pause(data)
+        background.pause(data)  # until the loop's first eval is done (planning times steps, loop.run compiles)
         plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
                            train_tokens=background.planned_train_tokens(data, started_at + budget_s),
                            val_tokens=len(data.val_tokens), cache=CalibrationCache(cache), user_keys=user_keys,
