@@ -57,7 +57,7 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("train.muon_lr", 0.02, "optimizer=muon: peak learning rate of the Muon matrices (follows the same schedule)."),
     ("train.muon_beta", 0.95, "optimizer=muon: Muon's (Nesterov) momentum."),
     ("train.muon_weight_decay", 0.0, "optimizer=muon: decoupled weight decay of the Muon matrices."),
-    ("train.schedule", "cosine", "Learning-rate schedule: cosine (decay to min_lr_ratio) | wsd (warmup, constant, linear warmdown to zero)."),
+    ("train.schedule", "wsd", "Learning-rate schedule: wsd (warmup, constant, linear warmdown to zero; docs/recipe.md) | cosine (decay to min_lr_ratio)."),
     ("train.min_lr_ratio", 0.1, "Final learning rate as a fraction of the peak (cosine floor)."),
     ("train.warmup_fraction", 0.05, "Fraction of the steps spent warming the learning rate up."),
     ("train.warmdown_fraction", 0.3, "schedule=wsd: the warmdown starts when this fraction of the training time (budget) or steps is left."),
@@ -234,9 +234,10 @@ def from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
 
 # Keys added after runs were saved without them, and the value that reproduces how those runs
 # behaved: a saved config (run dir, checkpoint) that lacks one gets this, not today's default, so
-# its data split, hence its tokenizer and token cache, stay the ones it was trained on.
+# its data split, hence its tokenizer and token cache, stay the ones it was trained on, and a
+# resumed run keeps the schedule it began with.
 BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0, "data.tokenizer_sample_bytes": 0,
-                                      "data.scan_max_bytes": 0}
+                                      "data.scan_max_bytes": 0, "train.schedule": "cosine"}
 
 
 def from_saved(tree: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -10,7 +10,8 @@ from pufferfish_jax.train.state import _decay_mask, learning_rate
 
 
 def test_warmup_then_cosine_to_floor():
-    cfg = apply_overrides(defaults(), ["train.lr=1e-3", "train.min_lr_ratio=0.1", "train.warmup_fraction=0.1"]).train
+    cfg = apply_overrides(defaults(), ["train.schedule=cosine", "train.lr=1e-3", "train.min_lr_ratio=0.1",
+                                           "train.warmup_fraction=0.1"]).train
     lrs = [learning_rate((s + 1) / 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4)
     assert lrs[9] == pytest.approx(1e-3)
