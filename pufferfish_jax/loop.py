@@ -248,9 +248,9 @@ class _Run:
                              part=sharding.process_part(self.mesh, self.batch_size))
 
     def train(self) -> Outcome:
-        growing = self.data.growing  # a corpus still being tokenized: paused (by `run`) for the first
-        self.first_eval()            # eval, which sizes the time kept for the final one, and that final one
-        if growing is not None:
+        growing = self.data.growing  # a corpus still being tokenized: paused by `run` until here and
+        self.first_eval()            # ended before the final eval, so both evals (which size and spend
+        if growing is not None:      # the time kept at the end) run alone
             growing.resume()
         interrupted = self.loop()
         if growing is not None:

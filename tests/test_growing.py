@@ -253,7 +253,6 @@ def test_the_planner_counts_the_tokens_that_will_exist_and_a_fixed_schedule_hold
     assert fixed.schedule == growing.StreamSchedule(300, 300, 3.0) and len(fixed.train_tokens) == 300
 
 
-
 class _FirstSteps(Exception):
     """Ends a run at its first step: what the test looks at has happened by then."""
 
