@@ -144,6 +144,23 @@ def test_count_params_matches_tree(tie):
     assert ("lm_head" in abstract) == (not tie)
 
 
+def test_create_state_equals_the_init_compiled_with_xla_defaults():
+    """create_state compiles the init at a lower LLVM level on CPU to start sooner; it must not
+    change a single bit of the fresh state (parameters, optimizer moments, MoE biases) from what
+    XLA's default level (2; this suite sets 0 for everything else) computes."""
+    from pufferfish_jax.sharding import single_device_mesh
+    from pufferfish_jax.train.state import create_state, init_state
+
+    spec = make_spec(qk_norm=True)
+    optimizer = optax.adamw(1e-3)
+    fresh = create_state(spec, optimizer, 3, single_device_mesh())
+    reference = jax.jit(lambda: init_state(spec, optimizer, jax.random.key(3)),
+                        compiler_options={"xla_backend_optimization_level": 2})()
+    assert jax.tree.structure(fresh) == jax.tree.structure(reference)
+    for got, want in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_flops_per_token_formula():
     spec = make_spec(num_kv_heads=4)  # MHA: q, k, v, o are all D x D
     D, F, V, L, T = spec.d_model, spec.ffn_hidden, spec.vocab_size, spec.num_layers, 32
