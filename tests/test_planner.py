@@ -374,21 +374,32 @@ def test_measured_compile_is_the_persistent_cache_read_back(tmp_path):
     """The plan's compile is what the run pays: measuring fills the persistent compilation cache,
     so a training run of that shape only reads the executable back."""
     script = textwrap.dedent(f"""
-        import dataclasses, json, jax
+        import dataclasses, json, time, jax, numpy as np
         jax.config.update("jax_compilation_cache_dir", {str(tmp_path / "jax")!r})
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
         from pufferfish_jax.budget.calibrate import measure
         from pufferfish_jax.config import apply_overrides, defaults
         from pufferfish_jax.model.transformer import ModelSpec
-        from pufferfish_jax.sharding import single_device_mesh
+        from pufferfish_jax.sharding import batch_sharding, single_device_mesh
+        from pufferfish_jax.train.state import init_state, make_optimizer
+        from pufferfish_jax.train.step import make_train_step
         cfg = apply_overrides(defaults(), ["model.vocab_size=512", "model.num_layers=2", "model.d_model=64",
                                            "model.num_heads=2", "model.num_kv_heads=1", "model.seq_len=64"])
-        m = measure(ModelSpec.from_config(cfg.model), cfg.train, 4, single_device_mesh(), steps=1)
-        print(json.dumps(dataclasses.asdict(m)))
+        spec, mesh = ModelSpec.from_config(cfg.model), single_device_mesh()
+        m = measure(spec, cfg.train, 4, mesh, steps=1)
+        # what a training run of the shape pays: a fresh jit, lowered and read back from the cache
+        optimizer = make_optimizer(cfg.train)
+        state = jax.eval_shape(lambda: init_state(spec, optimizer, jax.random.key(0)))
+        window = jax.ShapeDtypeStruct((4, 65), "int32", sharding=batch_sharding(mesh))
+        jax.clear_caches()
+        start = time.perf_counter()
+        make_train_step(spec, optimizer, cfg.train.grad_accum, mesh).lower(state, window, np.float32(0)).compile()
+        print(json.dumps(dict(dataclasses.asdict(m), read_back_s=time.perf_counter() - start)))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["cold_compile_s"] > 0.2  # long enough for the persistent cache to keep it
     assert any((tmp_path / "jax").iterdir())
-    assert 0 < m["compile_s"] < m["cold_compile_s"]
+    assert 0 < m["read_back_s"] < m["cold_compile_s"]  # the run's compile was a cache hit ...
+    assert 0.5 * m["read_back_s"] < m["compile_s"] < 2 * m["read_back_s"]  # ... and the plan's figure is its cost
     assert m["step_s"] > 0
