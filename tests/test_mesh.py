@@ -25,6 +25,7 @@ from test_planner import FakeCache
 
 from pufferfish_jax import cli, sharding
 from pufferfish_jax.budget import planner
+from pufferfish_jax.budget.memory import memory_bytes
 from pufferfish_jax.session import params_digest
 from pufferfish_jax.config import apply_overrides, defaults, validate
 from pufferfish_jax.errors import ConfigError
@@ -89,7 +90,7 @@ def test_each_process_reads_its_rows_of_the_same_global_batch():
 
 def test_planner_sizes_the_global_batch_and_memory_per_device():
     spec = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=8192"]).model)
-    alone, data8, fsdp8 = (planner.memory_bytes(spec, 64, 1, m) for m in ((1, 1, 1), (8, 1, 1), (1, 8, 1)))
+    alone, data8, fsdp8 = (memory_bytes(spec, 64, 1, m) for m in ((1, 1, 1), (8, 1, 1), (1, 8, 1)))
     assert fsdp8 < data8 < alone  # fsdp also splits the state; data splits only the activations
     cfg = apply_overrides(defaults(), ["budget=600s", "model.vocab_size=8192"])
     mesh = AbstractMesh((2, 4, 1), sharding.MESH_AXES)

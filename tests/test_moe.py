@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models
 
 from pufferfish_jax.budget import planner
 from pufferfish_jax.budget.calibrate import family_key
+from pufferfish_jax.budget.memory import memory_bytes
 from pufferfish_jax.cli import main
 from pufferfish_jax.config import apply_overrides, defaults, validate
 from pufferfish_jax.errors import ConfigError
@@ -348,7 +349,7 @@ def test_planner_plans_memory_on_total_and_flops_on_active_params():
     assert plan.flops_per_token == flops_per_token(spec, spec.seq_len)
     dense = dataclasses.replace(spec, moe=None)
     extra_state = 16 * (count_params(spec) - count_params(dense))  # params, grads, two Adam moments
-    assert planner.memory_bytes(spec, 8, 1) - planner.memory_bytes(dense, 8, 1) >= extra_state
+    assert memory_bytes(spec, 8, 1) - memory_bytes(dense, 8, 1) >= extra_state
 
 
 def test_calibration_keys_tell_moe_settings_apart():

@@ -12,6 +12,7 @@ import pytest
 
 from pufferfish_jax.budget import calibrate, loss_model, planner
 from pufferfish_jax.budget.calibrate import TimeModel, flops_per_step
+from pufferfish_jax.budget.memory import memory_bytes
 from pufferfish_jax.config import apply_overrides, defaults
 from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.transformer import count_params, flops_per_token, init_variables
@@ -62,11 +63,11 @@ def test_memory_model_counts_state_and_activations():
     spec = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=8192"]).model)
     state = abstract_state(spec, make_optimizer(defaults().train))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    small, large = planner.memory_bytes(spec, 8, 1), planner.memory_bytes(spec, 16, 1)
+    small, large = memory_bytes(spec, 8, 1), memory_bytes(spec, 16, 1)
     assert small > state_bytes  # params + two Adam moments, plus grads and activations
     assert large > small  # activations grow with the batch
     remat = ModelSpec.from_config(apply_overrides(defaults(), ["model.vocab_size=8192", "model.remat=full"]).model)
-    assert planner.memory_bytes(remat, 16, 1) < large
+    assert memory_bytes(remat, 16, 1) < large
 
 
 @pytest.mark.parametrize("budget_s", [120, 300, 600, 3600])
@@ -292,7 +293,7 @@ def test_memory_fit_turns_on_remat_then_refuses():
     cfg = apply_overrides(defaults(), ["budget=3600s", "model.vocab_size=8192",
                                        *[f"{k}={v}" for k, v in big.items() if k != "user_keys"]])
     spec = ModelSpec.from_config(cfg.model)
-    plain = planner.memory_bytes(spec, 64, 1)
+    plain = memory_bytes(spec, 64, 1)
     limit = int(plain / planner.MEMORY_HEADROOM) - 1  # just too small without remat
     plan = planner.budget_plan(cfg, budget_s=3600, deadline=4600.0, train_tokens=10**9, val_tokens=14_000,
                                cache=FakeCache(rate=1e14), user_keys=big["user_keys"], memory_limit=limit,
