@@ -123,7 +123,8 @@ def prepare(cfg: ml_collections.ConfigDict, user_keys: set[str], started_at: flo
         plan = budget_plan(cfg, budget_s=budget_s, deadline=started_at + budget_s,
                            train_tokens=background.planned_train_tokens(data, started_at + budget_s),
                            val_tokens=len(data.val_tokens), cache=CalibrationCache(cache), user_keys=user_keys,
-                           mesh=mesh, memory_limit=probe().memory_bytes, log=lambda s: log(f"planning: {s}"))
+                           mesh=mesh, memory_limit=probe().memory_bytes, log=lambda s: log(f"planning: {s}"),
+                           corpus=data.fingerprint)
     elif plan is None:
         plan = fixed_steps_plan(cfg, train_tokens=len(data.train_tokens), mesh=sharding.shape_of(mesh))
         _refuse_if_too_big(plan, probe().memory_bytes)

@@ -271,7 +271,7 @@ def test_a_budgeted_run_pauses_the_encoder_from_planning_to_the_end_of_its_first
     monkeypatch.setattr(prepare, "_CHUNK_DOCS", 4)
     monkeypatch.setattr(background, "WRITER", "thread")  # in this process, where it can be watched
     monkeypatch.setattr(calibrate, "measure", lambda *a, **k: calibrate.Measurement(compile_s=0.1, step_s=0.01))
-    seen, sources = {}, []
+    seen, sources, fingerprints = {}, [], []
 
     def watch(name, fn):
         def watched(*args, **kwargs):
@@ -289,6 +289,7 @@ def test_a_budgeted_run_pauses_the_encoder_from_planning_to_the_end_of_its_first
     def prepare_growing(*args, **kwargs):
         data = prepared(*args, **kwargs)
         sources.append(data.growing)
+        fingerprints.append(data.fingerprint)
         return data
 
     monkeypatch.setattr(background, "prepare_growing", prepare_growing)
@@ -311,3 +312,5 @@ def test_a_budgeted_run_pauses_the_encoder_from_planning_to_the_end_of_its_first
     assert not seen["steps"][0]  # running again once the first eval is done
     source.wait_for(paused_at + 1, timeout_s=30)
     assert source.written > paused_at or source.done  # and it does write again
+    # the planner was charged the start-up this corpus cost, and the machine's cache keeps it for reruns
+    assert calibrate.CalibrationCache(tmp_path / "cache").startup_s(fingerprints[0], 0.0) > 0

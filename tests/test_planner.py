@@ -37,6 +37,11 @@ class FakeCache:
     def get(self, spec, train_cfg, batch_size, mesh, log=None):
         return self.measured.setdefault((spec, batch_size), self.model.predict(flops_per_step(spec, batch_size)))
 
+    def startup_s(self, corpus, seconds):  # as CalibrationCache's: the longest start-up seen (tested below)
+        self.startups = getattr(self, "startups", {})
+        self.startups[corpus] = max(self.startups.get(corpus, 0.0), seconds)
+        return self.startups[corpus]
+
 
 def _plan(budget_s, cache=None, user_keys=(), train_tokens=1_200_000, **overrides):
     cfg = apply_overrides(defaults(), [f"budget={budget_s}s", "model.vocab_size=8192",
@@ -135,7 +140,7 @@ def _dtype_plan(budget_s, cache, clock, user_keys=(), data_s=0.0, **overrides):
                                        *[f"{k}={v}" for k, v in overrides.items()]])
     return planner.budget_plan(cfg, budget_s=budget_s, deadline=clock[0] + budget_s - data_s, train_tokens=1_200_000,
                                val_tokens=14_000, cache=cache, user_keys=set(user_keys),
-                               memory_limit=24 * 2**30, clock=lambda: clock[0])
+                               memory_limit=24 * 2**30, clock=lambda: clock[0], corpus="wiki")
 
 
 @pytest.mark.parametrize("fp32_over_bf16, expected", [(0.7, "float32"), (1.6, "bfloat16")])
@@ -217,6 +222,28 @@ def test_a_warm_rerun_with_more_time_left_measures_nothing(budget_s, fp32_over_b
     assert cache.measured == measured and second.measuring_s == 0.0
     chosen = tuple(second.model[k] for k in ("num_layers", "d_model", "dtype")) + (second.batch_size,)
     assert chosen in {(spec.num_layers, spec.d_model, spec.dtype, batch) for spec, batch in measured}
+
+
+def test_a_long_data_preparation_leaves_less_room_for_measurements():
+    """The start-up before planning counts against the planning allowance (24 s at 10m): with the
+    data cached the planner times the leader's dtype twin too (7 s each); after 12 s of data
+    preparation only the leader, whose measurement is always taken."""
+    counts = {}
+    for data_s in (0.0, 12.0):
+        clock = [1000.0]
+        cache = DtypeCache(0.9, clock, compile_s=4.0, extra_s=3.0)
+        plan = _dtype_plan(600, cache, clock, data_s=data_s)
+        counts[data_s] = len(cache.measured)
+        assert plan.measuring_s == pytest.approx(7.0 * counts[data_s])
+    assert counts[0.0] >= 2 and counts[12.0] == 1
+
+
+def test_the_start_up_charged_is_the_longest_a_run_on_the_corpus_paid_on_this_machine(tmp_path):
+    cache = calibrate.CalibrationCache(tmp_path)
+    assert cache.startup_s("wiki", 8.5) == 8.5  # the first run prepared the corpus
+    assert calibrate.CalibrationCache(tmp_path).startup_s("wiki", 1.2) == 8.5  # a rerun loads it, is charged 8.5
+    assert calibrate.CalibrationCache(tmp_path).startup_s("kjv", 1.2) == 1.2  # another corpus, its own
+    assert calibrate.CalibrationCache(tmp_path).startup_s("wiki", 9.0) == 9.0
 
 
 class ProbingCache(DtypeCache):

@@ -282,6 +282,17 @@ class CalibrationCache:
         self._save()
         return found
 
+    def startup_s(self, corpus: str, seconds: float) -> float:
+        """The longest start-up before planning (imports, data preparation) any run on `corpus` (a
+        data fingerprint) has paid on this machine, `seconds` (this run's) included. A corpus is
+        prepared once; its reruns load it in a second, and charged only that, they would find
+        room in the planning allowance for measurements the first run could not afford."""
+        paid = self._section("startup_s")
+        if seconds > paid.get(corpus, 0.0):
+            paid[corpus] = seconds
+            self._save()
+        return paid[corpus]
+
     def scale_step_times(self, factor: float) -> None:
         """Multiplies every step time measured on this machine by `factor` (the compile times,
         FLOPs and matmul peaks stay). A load on the machine or a cache from another one is off by

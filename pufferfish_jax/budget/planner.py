@@ -56,9 +56,10 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # sequences per data-parallel 
 MIN_STEPS = 20
 MAX_MEASUREMENTS = 5
 CONTENDERS = 2  # the leader and runner-up are measured before a plan is final, while time allows
-# Planning may spend this share of the budget on measurements beyond the first one. The first (the
-# leader's) is always taken: its compile is the run's own (it lands in the persistent compilation
-# cache), so the promise rests on a measured step. Each further one costs a cold compile and timed steps.
+# The start-up (imports, data, planning) may spend this share of the budget on measurements beyond
+# the first. The first (the leader's) is always taken: its compile is the run's own (it lands in the
+# persistent compilation cache), so the promise rests on a measured step. Each further one costs a
+# cold compile and timed steps, and the user waits for it before the first step.
 PLANNING_SHARE = 0.04
 # ...unless a measured candidate is predicted within this fraction of the unmeasured leader's loss:
 # closer than the time model's error moves a prediction (its step times are off by 10-30 % before
@@ -283,23 +284,25 @@ def _contenders(candidates: list[tuple[ModelSpec, int]], ranked: list[int]) -> l
 
 
 def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, budget: Callable[[], _Budget],
-                        limit: float, *, log, allowance_s: float, spent: Callable[[], float]) -> list[dict]:
+                        limit: float, *, log, allowance_s: float, spent: Callable[[], float],
+                        startup_s: float) -> list[dict]:
     """Measures until the `_contenders` are all measured, not predicted (a candidate the time
     model wrongly thinks slow would otherwise never get the chance to win), the
     planning allowance is spent, or MAX_MEASUREMENTS were taken; returns the final scores.
 
     An unmeasured leader is measured first whatever it costs (its compile is the run's own),
     unless a measured candidate is within LEADER_MARGIN of it. Any other measurement costs what the
-    last one cost, and is taken only if it still fits in the allowance. Measurements that earlier
-    plans on this machine paid for count against it as if paid now, and so do the first one's
-    `PROBES_S`, so a warm rerun reaches the state the first run stopped in and measures nothing."""
-    charged_s, last_cost_s, first = 0.0, 0.0, True
+    last one cost, and is taken only if it still fits in the allowance, after the `startup_s`
+    before planning. Measurements that earlier plans on this machine paid for count against it as
+    if paid now, and so do the first one's `PROBES_S`, so a warm rerun reaches the state the first
+    run stopped in and measures nothing."""
+    charged_s, last_cost_s, first = startup_s, 0.0, True
     for _ in range(MAX_MEASUREMENTS):
         rows = _score_all(cfg, candidates, cache, mesh, budget())
         ranked = _ranking(rows, limit, cfg.budget.tokens_per_param)
         if first:  # what earlier plans on this machine already measured counts as if paid now
             cached = [cache.cached(spec, cfg.train, batch, mesh) for (spec, batch), r in zip(candidates, rows) if r["measured"]]
-            charged_s = sum(m.cost_s for m in cached) + (PROBES_S if cached else 0.0)
+            charged_s += sum(m.cost_s for m in cached) + (PROBES_S if cached else 0.0)
             last_cost_s = max((m.cost_s for m in cached), default=0.0)
         unmeasured = [i for i in _contenders(candidates, ranked) if not rows[i]["measured"]]
         if not unmeasured:
@@ -317,9 +320,10 @@ def _measure_contenders(cfg, candidates, cache: CalibrationCache, mesh: Mesh, bu
 def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: float, train_tokens: int,
                 val_tokens: int, cache: CalibrationCache, user_keys: set[str], memory_limit: int,
                 mesh: Mesh | None = None, log: Callable[[str], None] = lambda s: None,
-                clock: Callable[[], float] = time.time) -> Plan:
+                clock: Callable[[], float] = time.time, corpus: str | None = None) -> Plan:
     """Chooses the model, global batch and step count that fill the time left before `deadline`
-    on `mesh` (default: one device); `memory_limit` is one device's memory."""
+    on `mesh` (default: one device); `memory_limit` is one device's memory. With `corpus` (the
+    data's fingerprint), the start-up charged is the longest any run on it paid here (`startup_s`)."""
     mesh = mesh or sharding.single_device_mesh()
     candidates, subset_fraction = _candidates(cfg, user_keys, budget_s, mesh, memory_limit)
     limit = MEMORY_HEADROOM * memory_limit
@@ -328,8 +332,12 @@ def budget_plan(cfg: ml_collections.ConfigDict, *, budget_s: float, deadline: fl
         return _Budget(budget_s, deadline - clock(), train_tokens * subset_fraction, val_tokens)
 
     started = clock()
+    startup_s = budget_s - (deadline - started)
+    if corpus is not None:
+        startup_s = cache.startup_s(corpus, startup_s)
     rows = _measure_contenders(cfg, candidates, cache, mesh, budget, limit, log=log,
-                               allowance_s=PLANNING_SHARE * budget_s, spent=lambda: clock() - started)
+                               allowance_s=PLANNING_SHARE * budget_s, spent=lambda: clock() - started,
+                               startup_s=startup_s)
     ranked = _ranking(rows, limit, cfg.budget.tokens_per_param)
     # The leader if it was measured; else (the allowance ran out) the best measured candidate:
     # a promise never rests on an extrapolation.
