@@ -25,7 +25,6 @@ from pufferfish_jax.budget.hardware import CpuInfo, best_peak, probe
 from pufferfish_jax.configure import check, commands, edit, overrides
 from pufferfish_jax.display import console, err_console, plan_table
 from pufferfish_jax.errors import ConfigError, UserError
-from pufferfish_jax.export import write as export_write
 from pufferfish_jax.generate import Sampling
 from pufferfish_jax.model.transformer import count_params
 from pufferfish_jax.prompting import is_interactive
@@ -238,6 +237,10 @@ def cmd_inspect(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
+    # Imported here: gguf and safetensors are export's own needs, so a machine without them (a GPU
+    # image with its own packages, say) still trains, plans and generates.
+    from pufferfish_jax.export import write as export_write
+
     parser = _checkpoint_parser("pufferfish export", "Write a checkpoint for transformers (hf) or llama.cpp (gguf).")
     parser.add_argument("out", help="folder to write (hf; a previous export in it is replaced), or a .gguf file or a "
                                     "folder for model.gguf (gguf)")

@@ -3,6 +3,8 @@ or between folders), the faces' shared library is session.py (pipelines never im
 modules and functions stay small enough to read."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +116,14 @@ def test_train_imports_no_planner_and_pipelines_no_cli():
             assert not any(t.startswith("pufferfish_jax.budget") for t in targets), module
         if module.startswith("pipelines"):
             assert "pufferfish_jax.cli" not in targets, module
+
+
+def test_the_commands_load_without_the_export_formats_library():
+    """gguf is `export`'s alone: an image without it (the GPU machine's had none) must still train."""
+    code = ("import sys, pufferfish_jax.cli, pipelines.__main__; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'gguf'))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_modules_and_functions_stay_small():
