@@ -29,7 +29,8 @@ from pufferfish_jax import config as config_lib
 from pufferfish_jax import rundir, session
 from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.data.corpora import corpus_fingerprint
-from pufferfish_jax.data.pipeline import prepare_data, tokenizer_for, unigram_bpb
+from pufferfish_jax.data.pipeline import unigram_bpb
+from pufferfish_jax.data.prepare import prepare_data, tokenizer_for
 from pufferfish_jax.data.prepare import scan_split, sided_documents
 from pufferfish_jax.data.tokenizer import tokenizer_fingerprint
 from pufferfish_jax.display import console, plan_table

@@ -27,7 +27,8 @@ from pufferfish_jax import sharding
 from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.planner import Plan
 from pufferfish_jax.data import background, growing
-from pufferfish_jax.data.pipeline import PreparedData, eval_batches, num_windows_available, train_batches, unigram_bpb
+from pufferfish_jax.data.cache import PreparedData
+from pufferfish_jax.data.pipeline import eval_batches, num_windows_available, train_batches, unigram_bpb
 from pufferfish_jax.display import TrainDisplay, memory_usage
 from pufferfish_jax.errors import CheckpointError, TrainingDiverged
 from pufferfish_jax.model.spec import ModelSpec

@@ -1,5 +1,7 @@
 """A run dir's own records read back as untrusted input: config.json and plan.json.
 
+A run dir holds config.json (the resolved config), plan.json (what the planner chose),
+tokenizer.json, metrics.jsonl, checkpoints/ and, once the run has finished, outcome.json.
 A run dir may have been copied from another machine, edited by hand or damaged, so nothing in it
 is used unchecked: each file must be a regular file inside the run dir (a symbolic link could make
 us read anything on the disk), the config goes through the config schema, and the plan through

@@ -3,9 +3,6 @@
 prepare (data, then a plan), train (fresh or resumed), restore a checkpoint, evaluate text. Each
 function returns values and reports progress only through a `log` callback; printing, argument
 parsing and exit codes belong to the faces. Nothing here imports a face.
-
-A run dir holds config.json (the resolved config), plan.json (what the planner chose),
-tokenizer.json, metrics.jsonl, checkpoints/ and, once the run has finished, outcome.json.
 """
 
 from __future__ import annotations
@@ -33,10 +30,12 @@ from pufferfish_jax.budget.calibrate import CalibrationCache
 from pufferfish_jax.budget.hardware import probe
 from pufferfish_jax.budget.planner import Plan, apply_plan, budget_plan, fixed_steps_plan
 from pufferfish_jax.data import background
+from pufferfish_jax.data.cache import PreparedData
 from pufferfish_jax.data.corpora import load_documents
 from pufferfish_jax.data.files import Log, no_log
 from pufferfish_jax.data.growing import read_schedule
-from pufferfish_jax.data.pipeline import PreparedData, encode_documents, prepare_data, unigram_bpb
+from pufferfish_jax.data.pipeline import unigram_bpb
+from pufferfish_jax.data.prepare import encode_documents, prepare_data
 from pufferfish_jax.errors import ConfigError, DataError
 from pufferfish_jax.export import hf_import
 from pufferfish_jax.model.spec import ModelSpec

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tarfile
 import zipfile
@@ -23,8 +20,8 @@ from pufferfish_jax.budget.planner import BATCH_SIZES
 from pufferfish_jax.data import builtin, corpora, prepare, tokenizer
 from pufferfish_jax.data.corpora import load_documents, split_documents
 from pufferfish_jax.errors import DataError
-from pufferfish_jax.data.pipeline import (batch_at, eval_batches, num_windows_available, prepare_data,
-                                          train_batches, unigram_bpb)
+from pufferfish_jax.data.pipeline import batch_at, eval_batches, num_windows_available, train_batches, unigram_bpb
+from pufferfish_jax.data.prepare import prepare_data
 from pufferfish_jax.data.tokenizer import eos_id, load_or_train_tokenizer, train_tokenizer
 
 def docs_fixture(n: int = 40) -> list[str]:

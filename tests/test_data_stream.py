@@ -18,7 +18,7 @@ from conftest import sentences
 
 from pufferfish_jax.data import prepare, readers
 from pufferfish_jax.data.corpora import load_documents, split_documents
-from pufferfish_jax.data.pipeline import encode_documents, prepare_data
+from pufferfish_jax.data.prepare import encode_documents, prepare_data
 from pufferfish_jax.data.tokenizer import eos_id, tokenizer_fingerprint, train_tokenizer
 from pufferfish_jax.errors import DataError
 

@@ -19,7 +19,7 @@ from test_data_stream import data_cfg, docs_of, stream_docs, write_jsonl
 
 from pufferfish_jax.data import background, cache, growing, prepare
 from pufferfish_jax.data import partial as partial_lib
-from pufferfish_jax.data.pipeline import prepare_data
+from pufferfish_jax.data.prepare import prepare_data
 from pufferfish_jax.errors import CheckpointError
 
 STREAM_KEYS = dict(stream_min_bytes=1, stream_shard_tokens=300, stream_margin=2.0, stream_steps_per_shard=0.0)
@@ -89,7 +89,7 @@ def test_the_worker_process_writes_the_one_shot_entry_and_waits_while_paused(tmp
     source.resume()
     source.wait_for(2**62)
     assert source.done and not list((tmp_path / "bg/tokens").glob("*.growing*"))
-    one_shot = prepare_data(cfg, tmp_path / "whole")
+    prepare_data(cfg, tmp_path / "whole")  # the one-shot preparation of the same corpus
     for name in ("train.bin", "val.bin", "json"):
         assert (tmp_path / "bg/tokens" / f"{data.fingerprint}.{name}").read_bytes() == \
                (tmp_path / "whole/tokens" / f"{data.fingerprint}.{name}").read_bytes(), name
@@ -122,7 +122,7 @@ def test_a_run_that_stops_mid_preparation_leaves_a_partial_stream_the_next_run_c
     assert any(f"continuing the {kept['tokens']:,}" in line for line in logs)
     second.growing.wait_for(2**62)
     assert second.growing.done and not stream.exists() and not record_path.exists()
-    one_shot = prepare_data(cfg, tmp_path / "whole")
+    prepare_data(cfg, tmp_path / "whole")  # the one-shot preparation of the same corpus
     for name in ("train.bin", "val.bin", "json"):
         assert (tmp_path / "bg/tokens" / f"{first.fingerprint}.{name}").read_bytes() == \
                (tmp_path / "whole/tokens" / f"{first.fingerprint}.{name}").read_bytes(), name

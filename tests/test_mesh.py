@@ -158,7 +158,7 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch, session_cache):
             "model.dtype=float32", "train.batch_size=4", "train.log_every=1", "train.eval_tokens=64"]
     env = {**_subprocess_env(1), "PUFFERFISH_CACHE": str(private_cache(tmp_path / "cache", session_cache))}
     # Data preparation first, so the three runs below find the token cache ready.
-    from pufferfish_jax.data.pipeline import prepare_data
+    from pufferfish_jax.data.prepare import prepare_data
 
     prepare_data(apply_overrides(defaults(), args[1:]).data, tmp_path / "cache")
     coordinator = f"localhost:{_free_port()}"

@@ -13,7 +13,6 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz
 from pufferfish_jax.config import apply_overrides, defaults
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.model.transformer import Transformer, count_params, init_variables
-from pufferfish_jax.session import params_digest
 from pufferfish_jax.train.muon import dimension_numbers, muon_direction, param_labels
 from pufferfish_jax.train.state import make_optimizer
 

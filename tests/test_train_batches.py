@@ -27,7 +27,8 @@ from rich.console import Console
 from pufferfish_jax import config as config_lib
 from pufferfish_jax import session, sharding
 from pufferfish_jax.budget.planner import BATCH_SIZES
-from pufferfish_jax.data.pipeline import prepare_data, train_batches
+from pufferfish_jax.data.pipeline import train_batches
+from pufferfish_jax.data.prepare import prepare_data
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.train.state import create_state, make_optimizer
 from pufferfish_jax.train.step import make_train_step

@@ -100,7 +100,7 @@ def child(mode: str, corpus: str, cache: str) -> dict:
     cfg.corpus = corpus
     start = time.perf_counter()
     if mode in ("stream", "warm"):
-        from pufferfish_jax.data.pipeline import prepare_data
+        from pufferfish_jax.data.prepare import prepare_data
         data = prepare_data(cfg, Path(cache))
         tokens, text_bytes = int(data.train_tokens.size + data.val_tokens.size), data.train_bytes + data.val_bytes
     else:
@@ -113,7 +113,7 @@ def child(mode: str, corpus: str, cache: str) -> dict:
 def whole_corpus_path(cfg, cache: Path) -> tuple[int, int]:
     """The preparation before streaming: all documents, all training text, all tokens in memory."""
     from pufferfish_jax.data.corpora import load_documents, split_documents
-    from pufferfish_jax.data.pipeline import encode_documents
+    from pufferfish_jax.data.prepare import encode_documents
     from pufferfish_jax.data.tokenizer import train_tokenizer
     docs = load_documents(cfg.corpus, cache)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.val_min_tokens)

@@ -97,7 +97,7 @@ def warm_data(corpus: str, variants: list[str]) -> None:
     budget counts data preparation, and a tokenizer trained inside one seed's budget would cost that
     seed alone (the cache serves the rest)."""
     from pufferfish_jax import config as config_lib
-    from pufferfish_jax.data.pipeline import prepare_data
+    from pufferfish_jax.data.prepare import prepare_data
 
     for name in variants:
         data_keys = [o for o in variant(name)[0] if o.startswith("data.")]

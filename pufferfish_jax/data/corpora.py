@@ -23,7 +23,6 @@ import numpy as np
 from pufferfish_jax.data import builtin, readers
 from pufferfish_jax.data.files import Log, no_log
 from pufferfish_jax.data.hub import parse_hf, read_hf
-from pufferfish_jax.data.readers import chunk_text  # noqa: F401  (re-exported: the .txt chunking rule)
 from pufferfish_jax.errors import DataError
 
 

@@ -2,7 +2,7 @@
 
 Training batches are a pure function of (seed, step): resuming at step k needs no replay and no
 saved iterator state. Preparing the token streams lives in prepare.py and the token cache in
-cache.py; their names are re-exported here for the callers that import them from this module.
+cache.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from pufferfish_jax.data.cache import PreparedData, token_dtype  # noqa: F401  (re-exported)
-from pufferfish_jax.data.prepare import encode_documents, prepare_data, tokenizer_for  # noqa: F401
 from pufferfish_jax.errors import DataError
 
 
