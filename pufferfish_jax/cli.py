@@ -237,8 +237,8 @@ def cmd_inspect(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    # Imported here: gguf and safetensors are export's own needs, so a machine without them (a GPU
-    # image with its own packages, say) still trains, plans and generates.
+    # Imported here: gguf is export's own need, so a machine without it (a GPU image with its own
+    # packages, say) still trains, plans and generates.
     from pufferfish_jax.export import write as export_write
 
     parser = _checkpoint_parser("pufferfish export", "Write a checkpoint for transformers (hf) or llama.cpp (gguf).")
