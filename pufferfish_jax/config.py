@@ -52,9 +52,9 @@ SCHEMA: tuple[tuple[str, Any, str], ...] = (
     ("train.steps", 0, "Optimizer steps; 0 = as many as the budget allows."),
     ("train.batch_size", 16, "Sequences per optimizer step (split over grad_accum micro-batches)."),
     ("train.grad_accum", 1, "Micro-batches accumulated per optimizer step."),
-    ("train.optimizer", "adamw", "adamw | muon (Muon on the hidden matrices, AdamW at train.lr on embeddings, head, norms, routers)."),
-    ("train.lr", 3e-3, "Peak learning rate (AdamW)."),
-    ("train.muon_lr", 0.02, "optimizer=muon: peak learning rate of the Muon matrices (follows the same schedule)."),
+    ("train.optimizer", "muon", "muon | adamw (muon: Muon on the hidden matrices, AdamW at train.lr on embeddings, head, norms, routers; docs/recipe.md)."),
+    ("train.lr", 0.0, "Peak AdamW learning rate (under muon, of the embeddings, head, norms, routers); 0 = the optimizer's measured default (adamw 3e-3, muon 6e-3)."),
+    ("train.muon_lr", 0.01, "optimizer=muon: peak learning rate of the Muon matrices (follows the same schedule)."),
     ("train.muon_beta", 0.95, "optimizer=muon: Muon's (Nesterov) momentum."),
     ("train.muon_weight_decay", 0.0, "optimizer=muon: decoupled weight decay of the Muon matrices."),
     ("train.schedule", "wsd", "Learning-rate schedule: wsd (warmup, constant, linear warmdown to zero; docs/recipe.md) | cosine (decay to min_lr_ratio)."),
@@ -237,7 +237,19 @@ def from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
 # its data split, hence its tokenizer and token cache, stay the ones it was trained on, and a
 # resumed run keeps the schedule it began with.
 BEFORE_KEY_EXISTED: dict[str, Any] = {"data.val_min_tokens": 0, "data.tokenizer_sample_bytes": 0,
-                                      "data.scan_max_bytes": 0, "train.schedule": "cosine"}
+                                      "data.scan_max_bytes": 0, "train.schedule": "cosine",
+                                      "train.optimizer": "adamw"}
+
+# The peak AdamW rate that `train.lr=0` stands for, per optimizer: under Muon the AdamW group is
+# only the embedding, head, norms and routers, which took twice the rate that is best for a whole
+# model on AdamW (docs/recipe.md). One value per optimizer, so that `train.optimizer=adamw` alone
+# gives back the measured AdamW recipe.
+LR_BY_OPTIMIZER: dict[str, float] = {"adamw": 3e-3, "muon": 6e-3}
+
+
+def peak_lr(train_cfg: ml_collections.ConfigDict) -> float:
+    """The peak AdamW learning rate a run uses: train.lr, or its optimizer's default when it is 0."""
+    return train_cfg.lr or LR_BY_OPTIMIZER[train_cfg.get("optimizer", "adamw")]
 
 
 def from_saved(tree: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -285,8 +297,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"{key}={value} must be a finite number")
     for key in ("train.lr", "train.beta1", "train.beta2", "train.weight_decay", "train.grad_clip",
                 "train.checkpoint_every_s", "train.eval_every", "train.eval_tokens", "data.max_chars"):
-        if flat[key] < 0 or (key == "train.lr" and flat[key] == 0):
-            raise ConfigError(f"{key}={flat[key]} must be {'positive' if key == 'train.lr' else 'non-negative'}")
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]} must be non-negative")
     for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "data.vocab_size"):
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be positive")
@@ -315,8 +327,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"train.init_from={t.init_from!r}: expected hf:FOLDER or hf:OWNER/NAME (a Hugging Face Llama)")
     if not 0 < t.warmdown_fraction <= 1:
         raise ConfigError(f"train.warmdown_fraction={t.warmdown_fraction} must be in (0, 1]")
-    if t.lr <= 0 or t.muon_lr <= 0 or not 0 <= t.muon_beta < 1:
-        raise ConfigError("train.lr and train.muon_lr must be positive and train.muon_beta in [0, 1)")
+    if t.muon_lr <= 0 or not 0 <= t.muon_beta < 1:
+        raise ConfigError("train.muon_lr must be positive and train.muon_beta in [0, 1)")
     if t.resume not in ("auto", "never") and not t.resume.isdigit():
         raise ConfigError(f"train.resume={t.resume!r}: expected auto, never or a checkpoint step number")
     sizes = {f"mesh.{axis}": cfg.mesh[axis] for axis in ("data", "fsdp", "tensor")}

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from pufferfish_jax import sharding
 from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.planner import Plan
+from pufferfish_jax.config import peak_lr
 from pufferfish_jax.data import background, growing
 from pufferfish_jax.data.cache import PreparedData
 from pufferfish_jax.data.pipeline import eval_batches, num_windows_available, train_batches, unigram_bpb
@@ -203,7 +204,7 @@ class _Run:
             kept = (f"the last good checkpoint is step {self.saved_step}" if self.saved_step is not None
                     else "no checkpoint was saved yet")
             raise TrainingDiverged(f"loss became {loss} at step {done_step + 1}; {kept} in {self.run_dir}; "
-                                   f"lower train.lr (was {self.cfg.train.lr:g}) or set train.grad_clip")
+                                   f"lower train.lr (was {peak_lr(self.cfg.train):g}) or set train.grad_clip")
         if (done_step + 1) % self.cfg.train.log_every == 0:
             step_s = self.step_s()
             tokens_per_s = self.tokens_per_step / step_s if self.intervals else None

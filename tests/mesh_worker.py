@@ -33,12 +33,13 @@ STEPS, BATCH = 5, 8
 
 
 def config(grad_accum: int = 1, *extra: str) -> ml_collections.ConfigDict:
-    """Tiny, float32, every size divisible by the mesh axes that split it (vocab, heads, mlp by 2; embed by 8)."""
+    """Tiny, float32, every size divisible by the mesh axes that split it (vocab, heads, mlp by 2; embed by 8);
+    AdamW unless `extra` says otherwise (Muon has its own case below)."""
     return apply_overrides(defaults(), [
         "steps=5", "model.vocab_size=96", "model.seq_len=16", "model.num_layers=1", "model.d_model=32",
         "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden=64", "model.dtype=float32",
         "model.tie_embeddings=false", f"train.batch_size={BATCH}", f"train.grad_accum={grad_accum}", "train.lr=0.01",
-        *extra])
+        "train.optimizer=adamw", *extra])
 
 
 def mesh_of(shape, devices=None):

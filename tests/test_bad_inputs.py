@@ -101,8 +101,8 @@ def test_bad_data(capsys, files, tmp_path, name, fragment):
     (["model.attention=splash"], "model.attention=splash needs a TPU"),
     (["train.lr=nan"], "train.lr=nan must be a finite number"),
     (["train.lr=inf"], "must be a finite number"),
-    (["train.lr=-0.001"], "train.lr=-0.001 must be positive"),
-    (["train.lr=0"], "must be positive"),
+    (["train.lr=-0.001"], "train.lr=-0.001 must be non-negative"),
+    (["train.muon_lr=0"], "train.muon_lr must be positive"),
     (["train.weight_decay=-1"], "must be non-negative"),
     (["nosuchkey=1"], "unknown config key"),
     (["data.val_source={files}/tiny.txt"], "fewer than one eval window"),  # a held-out file too small
@@ -306,7 +306,7 @@ def test_disk_full_while_caching_a_corpus_leaves_nothing_half_written(capsys, tr
 
 
 def test_diverging_loss_keeps_the_last_good_checkpoint(capsys, files, tmp_path):
-    _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", *TINY_MODEL, "train.lr=1e6",
+    _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", *TINY_MODEL, "train.optimizer=adamw", "train.lr=1e6",
                     "train.grad_clip=0", f"run_dir={tmp_path / 'run'}"], "loss became", code=1)
 
 

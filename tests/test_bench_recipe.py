@@ -60,8 +60,8 @@ def test_variants_run_seed_by_seed_so_drift_hits_every_arm_alike(monkeypatch):
 
 
 def test_every_variant_runs_on_the_baseline_recipe_whatever_the_defaults(monkeypatch):
-    """The default schedule is WSD now; the reference stays the issue's starting recipe (cosine),
-    and every single change is that recipe plus the change."""
+    """The defaults are WSD and Muon now; the reference stays the issue's starting recipe (AdamW at
+    3e-3, cosine), every single change is that recipe plus the change, and `default` is today's."""
     from pufferfish_jax import config as config_lib
 
     seen = {}
@@ -69,8 +69,11 @@ def test_every_variant_runs_on_the_baseline_recipe_whatever_the_defaults(monkeyp
     monkeypatch.setattr(tool.core, "machine", lambda: dict(model="cpu", usable_cores=2, flags=[], jax="-", backend="cpu"))
     monkeypatch.setattr(tool, "interleaved", lambda args, out, budget, variants, pin: seen.update(variants) or [])
     monkeypatch.setattr(tool, "print_table", lambda *args: None)
-    assert tool.bench(tool.parse_args(["--budgets", "2m", "--variants", "wsd,muon", "--pin", "model.d_model=64"])) == 0
+    assert tool.bench(tool.parse_args(["--budgets", "2m", "--variants", "wsd,muon,default",
+                                       "--pin", "model.d_model=64"])) == 0
     resolved = {name: config_lib.from_command_line(["steps=1", *overrides])[0].train for name, overrides in seen.items()}
-    assert {name: (t.schedule, t.optimizer) for name, t in resolved.items()} == {
-        "baseline": ("cosine", "adamw"), "wsd": ("wsd", "adamw"), "muon": ("cosine", "muon")}
-    assert config_lib.defaults().train.schedule == "wsd"
+    assert {name: (t.schedule, t.optimizer, config_lib.peak_lr(t), t.muon_lr) for name, t in resolved.items()} == {
+        "baseline": ("cosine", "adamw", 0.003, 0.01), "wsd": ("wsd", "adamw", 0.003, 0.01),
+        "muon": ("cosine", "muon", 0.006, 0.01), "default": ("wsd", "muon", 0.006, 0.01)}
+    today = config_lib.defaults().train
+    assert (today.schedule, today.optimizer, config_lib.peak_lr(today)) == ("wsd", "muon", 0.006)

@@ -105,7 +105,7 @@ def test_muon_updates_exactly_the_hidden_matrices():
 
 
 def test_an_orthogonalized_random_matrix_has_singular_values_near_one():
-    train_cfg = apply_overrides(defaults(), ["train.optimizer=muon", "train.muon_lr=3e-3"]).train  # ratio 1
+    train_cfg = apply_overrides(defaults(), ["train.optimizer=muon", "train.lr=0.01", "train.muon_lr=0.01"]).train  # ratio 1
     g = {"w_up": jax.random.normal(jax.random.key(0), (64, 128)) * 1e-3}  # scale-free: tiny gradients too
     direction = muon_direction(train_cfg)
     update = jax.jit(lambda g: direction.update(g, direction.init(g), g)[0])(g)
@@ -132,7 +132,7 @@ def test_3d_weights_are_orthogonalized_as_matrices_and_each_expert_alone():
 
 
 def test_adamw_keeps_the_state_layout_checkpoints_hold():
-    cfg, _, params, _ = _model(forward=False)
+    cfg, _, params, _ = _model("train.optimizer=adamw", forward=False)
     state = make_optimizer(cfg.train).init(params)
     assert isinstance(state[0], optax.EmptyState) and isinstance(state[1], optax.ScaleByAdamState)
     assert jax.tree.structure(state[1].mu) == jax.tree.structure(params)
@@ -149,8 +149,8 @@ def test_step_timings_keep_their_keys_and_muon_and_costly_options_get_their_own(
     assert not any(name in key for name in ("qk_norm", "zero_init_out", "logit_softcap", '"mlp"'))  # as before
     assert _shape_key(replace(spec, zero_init_out=True), 8) == key  # costs nothing
     assert len({key, _shape_key(replace(spec, qk_norm=True), 8), _shape_key(replace(spec, mlp="relu2"), 8)}) == 3
-    mesh, train = sharding.single_device_mesh(), apply_overrides(defaults(), ["train.optimizer=muon"]).train
-    assert family_key(spec, train, mesh) != family_key(spec, defaults().train, mesh)
+    mesh, adamw = sharding.single_device_mesh(), apply_overrides(defaults(), ["train.optimizer=adamw"]).train
+    assert family_key(spec, defaults().train, mesh) != family_key(spec, adamw, mesh)
 
 
 def test_export_refuses_the_options_llama_cannot_compute_and_keeps_zero_init():

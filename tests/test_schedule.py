@@ -1,5 +1,6 @@
 """Learning-rate schedule and weight-decay mask."""
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -40,3 +41,26 @@ def test_wsd_by_steps_holds_the_peak_then_decays_linearly_to_zero():
     # A budgeted run says where its warmdown began; math.inf: not yet (the peak, whatever the progress).
     assert learning_rate(0.95, cfg, math.inf) == pytest.approx(1e-3)
     assert learning_rate(0.75, cfg, 0.5) == pytest.approx(0.5e-3) and learning_rate(1.0, cfg, 1.0) == 0.0
+
+
+def test_lr_zero_is_the_optimizers_measured_rate_and_the_resolved_config_records_it():
+    from pufferfish_jax.budget.planner import apply_plan, fixed_steps_plan
+    from pufferfish_jax.config import peak_lr
+
+    adamw = apply_overrides(defaults(), ["train.optimizer=adamw", "train.schedule=wsd"]).train
+    muon = apply_overrides(defaults(), ["train.optimizer=muon", "train.schedule=wsd"]).train
+    assert defaults().train.lr == 0 and (peak_lr(adamw), peak_lr(muon)) == (3e-3, 6e-3)
+    assert learning_rate(0.5, adamw) == pytest.approx(3e-3) and learning_rate(0.5, muon) == pytest.approx(6e-3)
+    assert peak_lr(apply_overrides(defaults(), ["train.lr=1e-3"]).train) == 1e-3  # a rate the user gives wins
+    cfg = apply_overrides(defaults(), ["train.optimizer=muon", "model.num_layers=1", "model.d_model=32",
+                                       "model.num_heads=2", "model.num_kv_heads=1", "model.vocab_size=64", "steps=10"])
+    assert apply_plan(cfg, fixed_steps_plan(cfg, train_tokens=10_000)).train.lr == 6e-3  # config.json says what the run used
+
+
+def test_a_run_saved_before_the_optimizer_key_resumes_on_adamw():
+    from pufferfish_jax import config as config_lib
+
+    tree = json.loads(config_lib.to_json(config_lib.defaults()))
+    del tree["train"]["optimizer"]
+    assert config_lib.from_saved(tree).train.optimizer == "adamw"
+    assert config_lib.defaults().train.optimizer == "muon"

@@ -9,8 +9,8 @@ Shapes: by default the planner's choice (its Python API, on this machine's calib
 `just plan budget=B` would) for each of `--budgets`, duplicates merged; `--shapes` names them
 instead (layers x d_model x seq_len x batch; heads from the planner's ladder). Data: the built-in
 `wiki` corpus through our data path (tokenizer, token cache, `train_batches` at seed 0), the same
-batches for every run. Ours is the step `just train` runs (make_optimizer, init_state,
-make_train_step: AdamW, grad clip, decay mask, donated state) in float32 and in bfloat16. PyTorch
+batches for every run. Ours is the step `just train train.optimizer=adamw` runs (make_optimizer,
+init_state, make_train_step: AdamW, grad clip, decay mask, donated state) in float32 and in bfloat16. PyTorch
 (tools/bench_train_torch.py) is the same architecture from *our* initial parameters, with AdamW
 `foreach=True`, eager and under `torch.compile`, each in float32 and in our bfloat16 policy
 (bfloat16 residual stream and matmul inputs, float32 accumulation, norms, RoPE, loss and master
@@ -75,6 +75,7 @@ def model_spec(shape: tuple[int, int, int, int], vocab: int, dtype: str):
         heads = (n, max(1, n // 2) if n % 2 == 0 else n)
     cfg = config_lib.defaults()
     cfg.model.vocab_size, cfg.model.seq_len, cfg.model.dtype = vocab, seq_len, dtype
+    cfg.train.optimizer = "adamw"  # torch's side is AdamW; Muon's extra cost: bench_recipe.py --step-cost
     return spec_for(cfg, (layers, d_model, *heads)), cfg.train
 
 

@@ -37,7 +37,7 @@ from pufferfish_jax.budget import deadline as deadline_lib
 from pufferfish_jax.budget.calibrate import PROBES_S, CalibrationCache, Measurement, flops_per_step
 from pufferfish_jax.budget.loss_model import batch_efficiency, effective_tokens, predicted_loss
 from pufferfish_jax.budget.memory import memory_bytes
-from pufferfish_jax.config import MODEL_SHAPE_KEYS
+from pufferfish_jax.config import MODEL_SHAPE_KEYS, peak_lr
 from pufferfish_jax.errors import ConfigError
 from pufferfish_jax.model.transformer import count_params, flops_per_token
 from pufferfish_jax.model.spec import DTYPES, ModelSpec
@@ -368,9 +368,11 @@ def _epoch_cap(cfg: ml_collections.ConfigDict, tokens_per_step: int, unique_toke
 
 
 def apply_plan(cfg: ml_collections.ConfigDict, plan: Plan) -> ml_collections.ConfigDict:
-    """The resolved config: the user's config with the planner's choices written in."""
+    """The resolved config: the user's config with the planner's choices written in, and the
+    learning rate `train.lr=0` stands for, so that the saved config says what the run used."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     for key, value in plan.model.items():
         cfg.model[key] = value
     cfg.train.batch_size = plan.batch_size
+    cfg.train.lr = peak_lr(cfg.train)
     return cfg

@@ -9,8 +9,8 @@ head, the norms and the MoE routers stay on AdamW. optax's `optax.contrib.muon` 
 the same pieces (`scale_by_muon`, `scale_by_shape`) into an `optax.multi_transform` over our labels.
 
 The learning rate stays outside, as for AdamW (train/state.py): the step multiplies every update
-by the scheduled `lr`, whose peak is `train.lr`; the Muon branch is pre-scaled by
-`muon_lr / lr`, so its rate follows the same schedule with peak `train.muon_lr`.
+by the scheduled `lr`, whose peak is the AdamW group's (`config.peak_lr`); the Muon branch is
+pre-scaled by `muon_lr / peak`, so its rate follows the same schedule with peak `train.muon_lr`.
 
 Our attention weights are 3-D ([D, N, H], [N, H, D]) and the experts' 3-D ([E, D, F]);
 `MuonDimensionNumbers` says which axes are the matrix's rows (reduction) and columns (output);
@@ -25,6 +25,8 @@ import ml_collections
 import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import scale_by_shape  # what optax.contrib.muon chains after scale_by_muon; not re-exported
+
+from pufferfish_jax.config import peak_lr
 
 # Leaf names of the matrices Muon updates; any other leaf (embedding, lm_head, scale, router) is AdamW's.
 MUON_LEAVES = ("w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down")
@@ -67,12 +69,12 @@ def _dimension_numbers_tree(updates):
 def muon_direction(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The Muon branch without the learning rate: Nesterov momentum, Newton-Schulz
     orthogonalization, optax's shape scaling sqrt(max(1, fan_out / fan_in)), decoupled weight decay,
-    and the muon_lr / lr ratio (see the module docstring)."""
+    and the muon_lr / peak ratio (see the module docstring)."""
     return optax.chain(
         scale_by_muon(beta=train_cfg.muon_beta, weight_dimension_numbers=_dimension_numbers_tree),
         scale_by_shape(weight_dimension_numbers=_dimension_numbers_tree),
         optax.add_decayed_weights(train_cfg.muon_weight_decay),
-        optax.scale(train_cfg.muon_lr / train_cfg.lr),
+        optax.scale(train_cfg.muon_lr / peak_lr(train_cfg)),
     )
 
 

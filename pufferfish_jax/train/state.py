@@ -20,6 +20,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from pufferfish_jax import sharding
+from pufferfish_jax.config import peak_lr
 from pufferfish_jax.model.moe import MOE_STATE
 from pufferfish_jax.model.spec import ModelSpec
 from pufferfish_jax.model.transformer import init_variables
@@ -148,7 +149,7 @@ def learning_rate(progress: float, train_cfg: ml_collections.ConfigDict, warmdow
     re-fits did, the last step has progress 1, so the run ends at the floor.
     """
     progress = min(max(progress, 0.0), 1.0)
-    peak, warmup = train_cfg.lr, train_cfg.warmup_fraction
+    peak, warmup = peak_lr(train_cfg), train_cfg.warmup_fraction
     rise = progress / warmup if progress < warmup else 1.0
     if train_cfg.get("schedule", "cosine") == "wsd":
         start = 1.0 - train_cfg.warmdown_fraction if warmdown_from is None else warmdown_from
@@ -156,6 +157,6 @@ def learning_rate(progress: float, train_cfg: ml_collections.ConfigDict, warmdow
         return peak * min(rise, 1.0 - done)
     if progress < warmup:
         return peak * rise
-    floor = train_cfg.lr * train_cfg.min_lr_ratio
+    floor = peak * train_cfg.min_lr_ratio
     decay = (progress - warmup) / max(1.0 - warmup, 1e-9)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * decay))
