@@ -77,3 +77,18 @@ def test_every_variant_runs_on_the_baseline_recipe_whatever_the_defaults(monkeyp
         "muon": ("cosine", "muon", 0.006, 0.01), "default": ("wsd", "muon", 0.006, 0.01)}
     today = config_lib.defaults().train
     assert (today.schedule, today.optimizer, config_lib.peak_lr(today)) == ("wsd", "muon", 0.006)
+
+
+def test_the_shape_is_the_baselines_plan_and_todays_default_plans_for_itself(monkeypatch):
+    """Single changes share the shape the planner picks for the issue's recipe; `default` runs as
+    `just train` would, planning its own (Muon's larger critical batch included), on a calibration
+    cache that planning it once beforehand has filled."""
+    planned, pins = [], {}
+    monkeypatch.setattr(tool, "warm_data", lambda corpus, variants: None)
+    monkeypatch.setattr(tool.core, "machine", lambda: dict(model="cpu", usable_cores=2, flags=[], jax="-", backend="cpu"))
+    monkeypatch.setattr(tool, "plan_shape", lambda budget, corpus, recipe: planned.append(recipe) or ["shape"])
+    monkeypatch.setattr(tool, "interleaved", lambda args, out, budget, variants, pin: pins.update(pin) or [])
+    monkeypatch.setattr(tool, "print_table", lambda *args: None)
+    assert tool.bench(tool.parse_args(["--budgets", "2m", "--variants", "wsd,default"])) == 0
+    assert planned == [tool.BASELINE_KEYS, []]
+    assert pins == {"baseline": ["shape"], "wsd": ["shape"], "default": []}

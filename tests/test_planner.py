@@ -431,3 +431,16 @@ def test_measured_compile_is_the_persistent_cache_read_back(tmp_path):
     assert 0 < m["read_back_s"] < m["cold_compile_s"]  # the run's compile was a cache hit ...
     assert 0.5 * m["read_back_s"] < m["compile_s"] < 2 * m["read_back_s"]  # ... and the plan's figure is its cost
     assert m["step_s"] > 0
+
+
+@pytest.mark.parametrize("budget_s", [120, 600])
+def test_muon_takes_larger_batches_than_adamw_on_the_same_machine(budget_s):
+    """Muon's critical batch is twice AdamW's (measured: docs/recipe.md), so on the same step
+    times the Muon plan takes a larger batch, and its score prefers a doubled batch where AdamW's
+    prefers the original."""
+    adamw, muon = (_plan(budget_s, **{"train.optimizer": name}) for name in ("adamw", "muon"))
+    assert muon.batch_size > adamw.batch_size
+    tokens, per_step = 1e6, 1024
+    for name, better in (("adamw", per_step), ("muon", 2 * per_step)):
+        scores = {b: loss_model.batch_efficiency(b, tokens, name) for b in (per_step, 2 * per_step)}
+        assert max(scores, key=scores.get) == better

@@ -6,11 +6,13 @@
                                  [--pin KEY=VALUE ...] [--out DIR] [--json PATH]
     python tools/bench_recipe.py --step-cost [2x128:8192:16:256] [--steps 10]
 
-For each budget: the planner chooses the shape once (in this process,
-as `just plan` would); that shape (layers, width, heads, batch, dtype, context) is then pinned on
+For each budget: the planner chooses the shape once for the baseline recipe (in this process, as
+`just plan` would); that shape (layers, width, heads, batch, dtype, context) is then pinned on
 the command line of every run, so every variant trains the same model for the same budget and
 only the recipe differs (the planner still fits the step count to the clock). `--pin` gives the
-shape instead of planning it. Every run is a real `python -m pufferfish_jax train budget=B`
+shape instead of planning it. Two rows are planned by each run itself, as `just train` would plan
+them: `default` (today's recipe, whose planner knows Muon's larger critical batch) and
+`best_replan`. Every run is a real `python -m pufferfish_jax train budget=B`
 subprocess timed from launch to exit (tools/bench_planner_core.train_run), seeds 0..N-1.
 
 Each run is scored twice: the final val bpb on the corpus's held-out split (outcome.json), and the
@@ -84,16 +86,18 @@ def on_baseline(overrides: list[str]) -> list[str]:
     return [*VARIANTS[BASELINE][0], *overrides]
 
 
-def plan_shape(budget: str, corpus: str) -> list[str]:
-    """The planner's shape at this budget, as pinning overrides (the recipe does not change a
-    step's cost, except for Muon's, which is the point of pinning)."""
+def plan_shape(budget: str, corpus: str, recipe: list[str]) -> list[str]:
+    """The planner's shape at this budget for `recipe`'s overrides, as pinning overrides. Planning
+    also fills the calibration cache for that recipe's step, so a timed run that plans for itself
+    measures nothing, as a second `just train` on the same machine would."""
     from pufferfish_jax import config as config_lib, session
 
-    cfg, user_keys = config_lib.from_command_line([f"budget={budget}", f"data.corpus={corpus}"])
+    cfg, user_keys = config_lib.from_command_line([f"budget={budget}", f"data.corpus={corpus}", *recipe])
     _, plan = session.prepare(cfg, user_keys, time.time(), session.start(cfg))
-    recipe = core.plan_recipe(plan.to_dict())
-    console.print(f"[bold]{budget}[/]: the planner chose {core.recipe_label(dict(recipe, seq_len=plan.seq_len))}")
-    return core.recipe_overrides(dict(recipe, seq_len=plan.seq_len))
+    chosen = core.plan_recipe(plan.to_dict())
+    console.print(f"[bold]{budget}[/]: for {' '.join(recipe) or 'the defaults'}, the planner chose "
+                  f"{core.recipe_label(dict(chosen, seq_len=plan.seq_len))}")
+    return core.recipe_overrides(dict(chosen, seq_len=plan.seq_len))
 
 
 def warm_data(corpus: str, variants: list[str]) -> None:
@@ -280,10 +284,13 @@ def bench(args) -> int:
     warm_data(args.corpus, args.variants)
     rows, combos = [], {}
     for budget in budgets:
-        pin = args.pin if args.pin is not None else plan_shape(budget, args.corpus)
+        pin = args.pin if args.pin is not None else plan_shape(budget, args.corpus, on_baseline([]))
         singles = [v for v in args.variants if v not in COMBINED]
+        free = DEFAULT in singles and args.pin is None  # today's recipe as `just train` runs it: planned
+        if free:
+            plan_shape(budget, args.corpus, [])
         rows += interleaved(args, out, budget, {name: on_baseline(variant(name)[0]) for name in singles},
-                            {name: pin for name in singles})
+                            {name: [] if free and name == DEFAULT else pin for name in singles})
         if set(COMBINED) & set(args.variants):
             combos[budget] = winners(rows, budget, singles)
             overrides = on_baseline([o for name in combos[budget] for o in variant(name)[0]])

@@ -236,7 +236,7 @@ def _outlook(cfg: ml_collections.ConfigDict, spec: ModelSpec, batch_size: int, s
     if capped:
         steps, train_s = max_steps, max_steps * step.step_s
     tokens = steps * tokens_per_step
-    useful = effective_tokens(tokens, b.unique_tokens) * batch_efficiency(tokens_per_step, tokens)
+    useful = effective_tokens(tokens, b.unique_tokens) * batch_efficiency(tokens_per_step, tokens, cfg.train.optimizer)
     return dict(steps=steps, train_s=train_s, reserve_s=reserve, tokens=tokens, capped=capped,
                 loss=predicted_loss(count_params(spec), useful), ratio=tokens / count_params(spec, embedding=False))
 
