@@ -5,8 +5,8 @@
                                 [--steps 50] [--warmup 3] [--ours-dtypes float32,bfloat16]
                                 [--baselines eager,compile] [--fast] [--json FILE]
 
-Shapes: by default the planner's choice (its Python API, on this machine's calibration cache, as
-`just plan budget=B` would) for each of `--budgets`, duplicates merged; `--shapes` names them
+Shapes: by default the planner's choice for an AdamW run (its Python API, on this machine's
+calibration cache, as `just plan budget=B train.optimizer=adamw` would) for each of `--budgets`, duplicates merged; `--shapes` names them
 instead (layers x d_model x seq_len x batch; heads from the planner's ladder). Data: the built-in
 `wiki` corpus through our data path (tokenizer, token cache, `train_batches` at seed 0), the same
 batches for every run. Ours is the step `just train train.optimizer=adamw` runs (make_optimizer,
@@ -105,7 +105,8 @@ def worker_setup(args) -> dict:
 
     chosen: dict[str, dict] = {}
     for budget in args.budgets.split(",") if not args.shapes else [""]:
-        cfg, keys = config_lib.from_command_line([f"budget={budget}"] if budget else ["steps=1"])
+        # the shapes an AdamW run plans: the step compared is AdamW's (model_spec)
+        cfg, keys = config_lib.from_command_line([f"budget={budget}" if budget else "steps=1", "train.optimizer=adamw"])
         data, plan = session.prepare(cfg, keys, time.time(), session.start(cfg))
         if not budget:
             shapes = [parse_shape(s) for s in args.shapes.split(",")]

@@ -29,13 +29,13 @@ def effective_tokens(tokens: float, unique_tokens: float) -> float:
     return unique_tokens * (1 + REPEAT_HALF_LIFE * (1 - math.exp(-repeats / REPEAT_HALF_LIFE)))
 
 
-def batch_efficiency(tokens_per_step: float, tokens: float, optimizer: str = "adamw") -> float:
+def batch_efficiency(tokens_per_step: float, tokens: float, optimizer: str) -> float:
     """The fraction of a run's tokens that count, as a function of its batch.
 
     Above the critical batch B_c, tokens are wasted (McCandlish et al.: E = E_min (1 + B/B_c)).
     Far below it, gradient noise at a fixed learning rate costs more than the extra steps win: the
-    c / x term, with c = 1/4 putting the optimum at B_c / 2. Fitted here at ~1M tokens: batches of
-    512, 1024, 2048 and 4096 tokens scored 1.90, 1.87, 1.88 and 2.11 bpb in equal time.
+    c / x term, with c = 1/4 putting the optimum at B_c / 2. Fitted for AdamW at ~1M tokens: batches
+    of 512, 1024, 2048 and 4096 tokens scored 1.90, 1.87, 1.88 and 2.11 bpb in equal time.
     """
     x = tokens_per_step / (CRITICAL_BATCH_TOKENS_AT_1M[optimizer] * math.sqrt(max(tokens, 1.0) / 1e6))
     return 1 / (1 + x + 0.25 / x)
