@@ -306,8 +306,8 @@ def test_disk_full_while_caching_a_corpus_leaves_nothing_half_written(capsys, tr
 
 
 def test_diverging_loss_keeps_the_last_good_checkpoint(capsys, files, tmp_path):
-    _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", *TINY_MODEL, "train.optimizer=adamw", "train.lr=1e6",
-                    "train.grad_clip=0", f"run_dir={tmp_path / 'run'}"], "loss became", code=1)
+    _fails(capsys, ["train", "steps=40", f"data.corpus={files / 'ok.txt'}", *TINY_MODEL, "train.optimizer=adamw",
+                    "train.lr=1e6", "train.grad_clip=0", f"run_dir={tmp_path / 'run'}"], "loss became", code=1)
 
 
 @pytest.mark.parametrize("fault", [(errno.ENOSPC, "No space left on device"),  # disk full

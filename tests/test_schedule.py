@@ -54,7 +54,8 @@ def test_lr_zero_is_the_optimizers_measured_rate_and_the_resolved_config_records
     assert peak_lr(apply_overrides(defaults(), ["train.lr=1e-3"]).train) == 1e-3  # a rate the user gives wins
     cfg = apply_overrides(defaults(), ["train.optimizer=muon", "model.num_layers=1", "model.d_model=32",
                                        "model.num_heads=2", "model.num_kv_heads=1", "model.vocab_size=64", "steps=10"])
-    assert apply_plan(cfg, fixed_steps_plan(cfg, train_tokens=10_000)).train.lr == 6e-3  # config.json says what the run used
+    resolved = apply_plan(cfg, fixed_steps_plan(cfg, train_tokens=10_000))
+    assert resolved.train.lr == 6e-3  # so config.json says what the run used
 
 
 def test_a_run_saved_before_the_optimizer_key_resumes_on_adamw():

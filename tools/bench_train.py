@@ -6,7 +6,8 @@
                                 [--baselines eager,compile] [--fast] [--json FILE]
 
 Shapes: by default the planner's choice for an AdamW run (its Python API, on this machine's
-calibration cache, as `just plan budget=B train.optimizer=adamw` would) for each of `--budgets`, duplicates merged; `--shapes` names them
+calibration cache, as `just plan budget=B train.optimizer=adamw` would) for each of `--budgets`,
+duplicates merged; `--shapes` names them
 instead (layers x d_model x seq_len x batch; heads from the planner's ladder). Data: the built-in
 `wiki` corpus through our data path (tokenizer, token cache, `train_batches` at seed 0), the same
 batches for every run. Ours is the step `just train train.optimizer=adamw` runs (make_optimizer,
