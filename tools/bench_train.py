@@ -8,9 +8,10 @@
 Shapes: by default the planner's choice for an AdamW run (its Python API, on this machine's
 calibration cache, as `just plan budget=B train.optimizer=adamw` would) for each of `--budgets`,
 duplicates merged; `--shapes` names them instead (layers x d_model x seq_len x batch; heads from
-the planner's ladder). Data: the built-in `wiki` corpus through our data path (tokenizer, token cache, `train_batches` at seed 0), the same
-batches for every run. Ours is the step `just train train.optimizer=adamw` runs (make_optimizer,
-init_state, make_train_step: AdamW, grad clip, decay mask, donated state) in float32 and in bfloat16. PyTorch
+the planner's ladder). Data: the built-in `wiki` corpus through our data path (tokenizer, token
+cache, `train_batches` at seed 0), the same batches for every run. Ours is the step `just train
+train.optimizer=adamw` runs (make_optimizer, init_state, make_train_step: AdamW, grad clip, decay
+mask, donated state) in float32 and in bfloat16. PyTorch
 (tools/bench_train_torch.py) is the same architecture from *our* initial parameters, with AdamW
 `foreach=True`, eager and under `torch.compile`, each in float32 and in our bfloat16 policy
 (bfloat16 residual stream and matmul inputs, float32 accumulation, norms, RoPE, loss and master
